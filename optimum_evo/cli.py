@@ -1,0 +1,102 @@
+"""Command line: ``optimum-evo search ...`` and ``optimum-evo model-path NAME``.
+
+Examples::
+
+    optimum-evo search --model smollm2 --compression depth --target 0.25 --output out/depth
+    optimum-evo model-path gemma3
+    python -m optimum_evo search --model ./my-model --target 0.2 --preset paper --output out
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .data import BUILTIN_TEXTS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optimum-evo", description="EvoPress evolutionary dynamic compression.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("search", help="search per-unit compression levels, compress, evaluate and save")
+    add_search_arguments(s)
+
+    p = sub.add_parser("model-path", help="print the local folder of an embedded model (converted on first use)")
+    p.add_argument("name", nargs="?", default="smollm2", help="smollm2 (default) or gemma3")
+    return parser
+
+
+def add_search_arguments(s: argparse.ArgumentParser) -> None:
+    """Options shared by ``optimum-evo search`` and ``optimum-cli evopress``."""
+    s.add_argument("--model", default="smollm2", help="embedded name (smollm2, gemma3), local folder or Hub id")
+    s.add_argument("--compression", default="depth", help="depth")
+    s.add_argument("--target", type=float, default=0.25, help="fraction of sub-blocks to drop, in (0, 1)")
+    s.add_argument("--output", "--output-dir", dest="output_dir", required=True, help="output folder")
+    s.add_argument("--mode", default="separate", choices=["separate", "block"], help="depth units")
+    s.add_argument("--preset", default="fast", help="fast (CPU), paper or superfast")
+    s.add_argument("--generations", type=int, default=None, help="override the preset's generations")
+    s.add_argument("--offspring", type=int, default=None, help="override the preset's offspring")
+    s.add_argument("--calibration", default="brown",
+                   help=f"built-in text ({', '.join(k for k in BUILTIN_TEXTS if k != 'wikitext2')}), text file or dataset")
+    s.add_argument("--num-samples", type=int, default=128, help="calibration windows")
+    s.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    s.add_argument("--fitness", default="topk", choices=["topk", "full"], help="teacher cache mode")
+    s.add_argument("--top-k", type=int, default=512, help="K of the top-K KL")
+    s.add_argument("--evaluation", default="wikitext2", help="evaluation text")
+    s.add_argument("--eval-windows", type=int, default=40, help="evaluation windows (0 = whole text)")
+    s.add_argument("--eval-seq-len", type=int, default=512)
+    s.add_argument("--init", default="baselines", choices=["baselines", "random"], help="initial parent")
+    s.add_argument("--random-candidates", type=int, default=16)
+    s.add_argument("--compare-baselines", action="store_true", help="also evaluate the baselines")
+    s.add_argument("--search-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    s.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"])
+    s.add_argument("--no-prefix-reuse", dest="reuse_prefix", action="store_false")
+    s.add_argument("--no-save-model", dest="save_model", action="store_false")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def arguments_from_namespace(ns: argparse.Namespace):
+    from .pipeline import SearchArguments
+
+    return SearchArguments(
+        model=ns.model, compression=ns.compression, target=ns.target, output_dir=ns.output_dir, mode=ns.mode,
+        preset=ns.preset, generations=ns.generations, offspring=ns.offspring, calibration=ns.calibration,
+        num_samples=ns.num_samples, seq_len=ns.seq_len, fitness=ns.fitness, top_k=ns.top_k,
+        evaluation=ns.evaluation, eval_windows=ns.eval_windows or None, eval_seq_len=ns.eval_seq_len,
+        init=ns.init, random_candidates=ns.random_candidates, compare_baselines=ns.compare_baselines,
+        search_dtype=ns.search_dtype, eval_dtype=ns.eval_dtype, reuse_prefix=ns.reuse_prefix,
+        save_model=ns.save_model, seed=ns.seed, progress=not ns.quiet,
+    )
+
+
+def run_search_command(ns: argparse.Namespace) -> int:
+    from .pipeline import format_table, run_search
+
+    args = arguments_from_namespace(ns)
+    report = run_search(args)
+    print(format_table(report))
+    print(f"\nWrote {args.output_dir}/result.json, profile.png, fitness.png"
+          + (f" and the compressed model in {args.output_dir}/model" if args.save_model else ""))
+    return 0
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    ns = build_parser().parse_args(argv)
+    try:
+        if ns.command == "model-path":
+            from .models import embedded_model_path
+
+            print(embedded_model_path(ns.name))
+            return 0
+        return run_search_command(ns)
+    except (ValueError, FileNotFoundError, NotImplementedError, KeyError, ImportError) as e:
+        print(f"optimum-evo: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

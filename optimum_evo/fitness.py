@@ -1,0 +1,286 @@
+"""Fitness and evaluation: teacher cache, KL divergence to the dense model, perplexity.
+
+Teacher cache modes and their memory per cached token (V = vocabulary size, K = ``top_k``):
+
+=========  =====================================  ==============================================
+mode       stores                                 bytes per token
+=========  =====================================  ==============================================
+``full``   all teacher log-probs (float16)        ``2 V``  (SmolLM2: 98,304; Gemma-3: 524,288)
+``topk``   top-K log-probs (float32), their ids   ``8 K + 4`` (K=512: 4,100, whatever V is)
+           (int32) and the log of the rest mass
+=========  =====================================  ==============================================
+
+Top-K KL is the exact KL between the teacher and student distributions coarsened to
+``top-K tokens + one "rest" bucket``; it is a lower bound of the full KL and, for K >= 256, ranks
+candidates like the full KL.
+
+Example:
+    >>> teacher = TeacherCache.build(model, windows, mode="topk", top_k=512)   # doctest: +SKIP
+    >>> objective = KLObjective(model, windows, teacher, space)                # doctest: +SKIP
+    >>> perplexity(model, evaluation_windows("wikitext2", tok))                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .modeling import find_decoder_layout, logits_from_hidden
+
+CHUNK_TOKENS = 256  # rows of logits materialized at once
+
+
+def _final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    out = model.base_model(input_ids=input_ids, use_cache=False)
+    return out.last_hidden_state
+
+
+def _chunks(total: int, size: int = CHUNK_TOKENS):
+    for s in range(0, total, size):
+        yield slice(s, min(total, s + size))
+
+
+class TeacherCache:
+    """Dense-model next-token distributions on a fixed set of windows, computed once."""
+
+    def __init__(self, mode: str, values: torch.Tensor, indices: torch.Tensor | None = None,
+                 rest: torch.Tensor | None = None, vocab_size: int | None = None):
+        if mode not in ("topk", "full"):
+            raise ValueError(f"Teacher cache mode must be 'topk' or 'full', got {mode!r}.")
+        self.mode, self.values, self.indices, self.rest = mode, values, indices, rest
+        self.vocab_size = vocab_size or values.shape[-1]
+
+    @property
+    def num_windows(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def bytes_per_token(self) -> int:
+        per = self.values[0, 0].numel() * self.values.element_size()
+        if self.indices is not None:
+            per += self.indices[0, 0].numel() * self.indices.element_size() + self.rest.element_size()
+        return per
+
+    @classmethod
+    @torch.inference_mode()
+    def build(cls, model, windows: torch.Tensor, mode: str = "topk", top_k: int = 512,
+              progress: bool = True) -> "TeacherCache":
+        """Run the dense ``model`` on ``windows`` ([N, T] token ids) and keep its log-probs."""
+        if mode not in ("topk", "full"):
+            raise ValueError(f"Teacher cache mode must be 'topk' or 'full', got {mode!r}.")
+        n, t = windows.shape
+        vocab = model.get_output_embeddings().weight.shape[0]
+        if mode == "topk":
+            k = min(top_k, vocab)
+            values = torch.empty(n, t, k, dtype=torch.float32)
+            indices = torch.empty(n, t, k, dtype=torch.int32)
+            rest = torch.empty(n, t, dtype=torch.float32)
+        else:
+            values = torch.empty(n, t, vocab, dtype=torch.float16)
+            indices = rest = None
+        for i in tqdm(range(n), desc="Teacher cache", disable=not progress, dynamic_ncols=True):
+            hidden = _final_hidden(model, windows[i : i + 1])[0]
+            for sl in _chunks(t):
+                lp = F.log_softmax(logits_from_hidden(model, hidden[sl]).float(), dim=-1)
+                if mode == "topk":
+                    top, idx = lp.topk(k, dim=-1)
+                    values[i, sl], indices[i, sl] = top, idx.to(torch.int32)
+                    rest[i, sl] = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-7))
+                else:
+                    values[i, sl] = lp.to(torch.float16)
+        return cls(mode, values, indices, rest, vocab)
+
+    def save(self, path, manifest: dict) -> None:
+        """Write the cache as safetensors plus a JSON manifest (written last, atomically)."""
+        from safetensors.torch import save_file
+
+        from .search.checkpoint import atomic_write_json
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {"values": self.values}
+        if self.indices is not None:
+            tensors.update(indices=self.indices, rest=self.rest)
+        tmp = path / "teacher.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path / "teacher.safetensors")
+        atomic_write_json(path / "manifest.json", {**manifest, "mode": self.mode, "vocab_size": self.vocab_size})
+
+    @classmethod
+    def load(cls, path, manifest: dict) -> "TeacherCache | None":
+        """Load a cache saved with the same ``manifest``; ``None`` if missing, stale or corrupt."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        try:
+            saved = json.loads((path / "manifest.json").read_text())
+            if {k: saved.get(k) for k in manifest} != manifest:
+                return None
+            t = load_file(str(path / "teacher.safetensors"))
+            return cls(saved["mode"], t["values"], t.get("indices"), t.get("rest"), saved["vocab_size"])
+        except Exception:  # missing or corrupt: rebuild
+            return None
+
+    def kl(self, window: int, rows: slice, student_logits: torch.Tensor) -> torch.Tensor:
+        """Sum over ``rows`` of KL(teacher || student) for one window."""
+        lq = F.log_softmax(student_logits.float(), dim=-1)
+        if self.mode == "full":
+            lp = self.values[window, rows].float()
+            return (lp.exp() * (lp - lq)).sum()
+        lp = self.values[window, rows]
+        lq_top = lq.gather(-1, self.indices[window, rows].long())
+        kl_top = (lp.exp() * (lp - lq_top)).sum(-1)
+        rest_p = self.rest[window, rows]
+        rest_q = torch.log1p(-lq_top.exp().sum(-1).clamp(max=1 - 1e-7))
+        return (kl_top + rest_p.exp() * (rest_p - rest_q)).sum()
+
+
+@torch.inference_mode()
+def window_kl(model, input_ids: torch.Tensor, teacher: TeacherCache, window: int,
+              hidden: torch.Tensor | None = None) -> float:
+    """Mean per-token KL(teacher || model) on one cached window."""
+    if hidden is None:
+        hidden = _final_hidden(model, input_ids.unsqueeze(0))[0]
+    total = 0.0
+    for sl in _chunks(hidden.shape[0]):
+        total += float(teacher.kl(window, sl, logits_from_hidden(model, hidden[sl])))
+    return total / hidden.shape[0]
+
+
+@torch.inference_mode()
+def evaluate(model, windows: torch.Tensor, teacher: TeacherCache | None = None, progress: bool = True,
+             desc: str = "Evaluating") -> dict:
+    """Perplexity (exp of the mean next-token NLL over all windows) and, with a teacher cache of
+    the same windows, the mean per-token KL to the teacher."""
+    nll, count, kl = 0.0, 0, 0.0
+    for i in tqdm(range(windows.shape[0]), desc=desc, disable=not progress, dynamic_ncols=True):
+        ids = windows[i]
+        hidden = _final_hidden(model, ids.unsqueeze(0))[0]
+        for sl in _chunks(ids.numel()):
+            logits = logits_from_hidden(model, hidden[sl])
+            if teacher is not None:
+                kl += float(teacher.kl(i, sl, logits))
+            targets = ids[sl.start + 1 : sl.stop + 1]
+            logits = logits[: targets.numel()]
+            nll += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+            count += targets.numel()
+    out = {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
+    if teacher is not None:
+        out["kl"] = kl / windows.numel()
+    return out
+
+
+def perplexity(model, windows: torch.Tensor, progress: bool = True) -> float:
+    """WikiText-style perplexity over non-overlapping windows."""
+    return evaluate(model, windows, progress=progress)["perplexity"]
+
+
+class KLObjective:
+    """EvoPress fitness: mean per-token KL(dense || candidate) on calibration windows.
+
+    Reuses work between a parent and its children: the inputs of every decoder layer under the
+    current parent are cached per window, so a child that differs from the parent from layer ``d``
+    on only runs layers ``d..L-1``. The parent's own score on a window is cached too, which makes
+    its re-scoring at the last selection stage free when the window was seen before.
+
+    Args:
+        model: the model to score (its units are switched by ``space.apply``).
+        windows: ``[N, T]`` calibration token ids (the pool the engine samples from).
+        teacher: teacher cache of the same windows.
+        space: a model search space with ``apply(model, candidate)`` and ``layer_of_unit``.
+        reuse_prefix: turn the prefix reuse off (for measurements).
+    """
+
+    def __init__(self, model, windows: torch.Tensor, teacher: TeacherCache, space, reuse_prefix: bool = True):
+        if teacher.num_windows != windows.shape[0]:
+            raise ValueError("The teacher cache must cover the same windows as the objective.")
+        self.model, self.windows, self.teacher, self.space = model, windows, teacher, space
+        self.num_samples, self.tokens_per_sample = windows.shape
+        self.reuse_prefix = reuse_prefix
+        self.layers = find_decoder_layout(model).layers
+        self.num_layers = len(self.layers)
+        self.parent = None
+        self.states: dict = {}  # window -> list of layer inputs under the parent (prefix)
+        self.parent_scores: dict = {}
+        self.layers_run = 0  # decoder-layer forwards actually executed (for measurements)
+        self._plan = None
+
+    # -- prefix bookkeeping
+    def first_changed_layer(self, a, b) -> int:
+        diff = [self.space.layer_of_unit[u] for u, (x, y) in enumerate(zip(a, b)) if x != y]
+        return min(diff) if diff else self.num_layers
+
+    def set_parent(self, candidate) -> None:
+        candidate = tuple(candidate)
+        if self.parent is not None:
+            d = self.first_changed_layer(self.parent, candidate)
+            for w in self.states:
+                del self.states[w][d + 1 :]
+        self.parent = candidate
+        self.parent_scores = {}
+
+    @contextmanager
+    def _patched_layers(self):
+        originals = []
+        for i, layer in enumerate(self.layers):
+            originals.append(layer.forward)
+            layer.forward = self._make_forward(i, layer.forward)
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                del layer.forward
+
+    def _make_forward(self, i, orig):
+        def forward(hidden_states, *args, **kwargs):
+            start, inject, record_from, record_to, sink = self._plan
+            if i < start:
+                return hidden_states  # skipped: its output is replaced at layer `start`
+            if i == start and inject is not None:
+                hidden_states = inject
+            if record_from <= i <= record_to:
+                sink.append(hidden_states)
+            self.layers_run += 1
+            return orig(hidden_states, *args, **kwargs)
+
+        return forward
+
+    @torch.inference_mode()
+    def score(self, candidates: Sequence, sample_ids: Sequence[int]) -> list:
+        scores = []
+        with self._patched_layers():
+            for cand in candidates:
+                cand = tuple(cand)
+                self.space.apply(self.model, cand)
+                total = 0.0
+                for w in sample_ids:
+                    total += self._score_window(cand, int(w))
+                scores.append(total / len(sample_ids))
+        return scores
+
+    def _score_window(self, cand, w: int) -> float:
+        is_parent = cand == self.parent
+        if is_parent and w in self.parent_scores:
+            return self.parent_scores[w]
+        cached = self.states.setdefault(w, []) if self.reuse_prefix and self.parent is not None else []
+        d = self.first_changed_layer(cand, self.parent) if self.parent is not None else 0
+        have = len(cached) - 1  # inputs of layers 0..have are cached
+        if not self.reuse_prefix or self.parent is None:
+            self._plan = (0, None, 1, 0, [])
+        else:
+            start = min(d, have) if have >= 0 else 0
+            inject = cached[start] if have >= 0 else None
+            record_to = min(d, self.num_layers - 1)
+            self._plan = (start, inject, have + 1, record_to, cached)
+        value = window_kl(self.model, self.windows[w], self.teacher, w)
+        if is_parent:
+            self.parent_scores[w] = value
+        return value

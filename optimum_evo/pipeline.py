@@ -1,0 +1,301 @@
+"""The end-to-end job: load, calibrate, search, evaluate, compress, save, report.
+
+Example:
+    >>> from optimum_evo.pipeline import SearchArguments, run_search
+    >>> args = SearchArguments(model="smollm2", compression="depth", target=0.25, output_dir="out")
+    >>> result = run_search(args)                                  # doctest: +SKIP
+    >>> result["evopress"]["perplexity"]                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import BUILTIN_TEXTS, EVALUATION_ONLY, calibration_windows, evaluation_windows
+from .fitness import KLObjective, TeacherCache, evaluate
+from .models import resolve_model
+from .search import EvolutionarySearch, SearchConfig, random_candidate
+from .search.checkpoint import atomic_write_json
+from .search.config import PRESETS
+
+logger = logging.getLogger(__name__)
+
+COMPRESSIONS = ("depth",)
+PLANNED_COMPRESSIONS = ("sparsity", "quantization")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class SearchArguments:
+    """Everything a search run needs; invalid values fail here, before any model is loaded.
+
+    Args:
+        model: embedded name (``"smollm2"``, ``"gemma3"``), local folder or Hub id.
+        compression: ``"depth"``.
+        target: fraction of sub-blocks to drop, in (0, 1).
+        output_dir: where the compressed model, ``result.json``, plots and the checkpoint go.
+        mode: depth units, ``"separate"`` (attention and MLP) or ``"block"``.
+        preset: ``"fast"`` (CPU), ``"paper"`` (reference defaults) or ``"superfast"``.
+        generations, offspring: override the preset.
+        calibration: calibration text (built-in name, file, ...; see :mod:`optimum_evo.data`).
+        num_samples, seq_len: calibration pool of ``num_samples`` windows of ``seq_len`` tokens.
+        fitness: ``"topk"`` or ``"full"`` teacher cache; ``top_k`` its K.
+        evaluation: evaluation text (default WikiText-2 test); ``eval_windows`` windows of
+            ``eval_seq_len`` tokens (``None`` = the whole text).
+        init: ``"baselines"`` starts from the best of ShortGPT and sliding-window cosine (by KL),
+            ``"random"`` from the best of ``random_candidates`` random candidates (the paper).
+        compare_baselines: also evaluate ShortGPT, sliding-window cosine and best-of-N random.
+        search_dtype: dtype of the model scored during the search (``"auto"`` picks the faster
+            of float32 and bfloat16 on this machine); ``eval_dtype`` for the final evaluation.
+        reuse_prefix: reuse the parent's activations of the unchanged prefix of a child.
+        seed: seed of calibration sampling and of the search.
+    """
+
+    model: str = "smollm2"
+    compression: str = "depth"
+    target: float = 0.25
+    output_dir: str | None = None
+    mode: str = "separate"
+    preset: str = "fast"
+    generations: int | None = None
+    offspring: int | None = None
+    calibration: object = "brown"
+    num_samples: int = 128
+    seq_len: int = 512
+    fitness: str = "topk"
+    top_k: int = 512
+    evaluation: object = "wikitext2"
+    eval_windows: int | None = 40
+    eval_seq_len: int = 512
+    init: str = "baselines"
+    random_candidates: int = 16
+    compare_baselines: bool = False
+    search_dtype: str = "auto"
+    eval_dtype: str = "float32"
+    reuse_prefix: bool = True
+    save_model: bool = True
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.compression in PLANNED_COMPRESSIONS:
+            raise NotImplementedError(
+                f"compression={self.compression!r} is not available yet; this version supports {COMPRESSIONS}."
+            )
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"Unknown compression {self.compression!r}; choose one of {COMPRESSIONS}.")
+        if isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or not 0 < self.target < 1:
+            raise ValueError(
+                f"target must be a fraction in (0, 1) (e.g. 0.25 to drop a quarter of the sub-blocks), got {self.target!r}."
+            )
+        if self.mode not in ("separate", "block"):
+            raise ValueError(f"mode must be 'separate' or 'block', got {self.mode!r}.")
+        if self.preset not in PRESETS:
+            raise ValueError(f"Unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}.")
+        for name in ("num_samples", "seq_len", "top_k", "eval_seq_len", "random_candidates"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.seq_len < 2:
+            raise ValueError("seq_len must be at least 2 tokens.")
+        for name in ("generations", "offspring", "eval_windows"):
+            value = getattr(self, name)
+            if value is not None and int(value) < (0 if name == "generations" else 1):
+                raise ValueError(f"{name} must be positive, got {value!r}.")
+        if self.fitness not in ("topk", "full"):
+            raise ValueError(f"fitness must be 'topk' or 'full', got {self.fitness!r}.")
+        if self.init not in ("baselines", "random"):
+            raise ValueError(f"init must be 'baselines' or 'random', got {self.init!r}.")
+        if self.search_dtype not in ("auto", *DTYPES) or self.eval_dtype not in DTYPES:
+            raise ValueError(f"dtypes must be one of {list(DTYPES)} (search_dtype may also be 'auto').")
+        if isinstance(self.calibration, str) and self.calibration in EVALUATION_ONLY:
+            raise ValueError(
+                f"calibration={self.calibration!r} is the evaluation text; calibrate on "
+                f"{sorted(set(BUILTIN_TEXTS) - EVALUATION_ONLY)} or your own text."
+            )
+        if isinstance(self.calibration, (list, tuple)) and not any(str(t).strip() for t in self.calibration):
+            raise ValueError("The calibration text is empty: give at least one non-empty document.")
+        if isinstance(self.calibration, str) and Path(self.calibration).is_file() \
+                and not Path(self.calibration).read_text(errors="replace").strip():
+            raise ValueError(f"The calibration file {self.calibration!r} is empty.")
+
+    def search_config(self) -> SearchConfig:
+        return SearchConfig.from_preset(self.preset, self.compression, generations=self.generations,
+                                        offspring=self.offspring, seed=self.seed)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("calibration", "evaluation"):
+            if not isinstance(d[key], (str, type(None))):
+                d[key] = f"<{type(getattr(self, key)).__name__}>"
+        return d
+
+
+def fastest_dtype(size: int = 768, repeats: int = 6) -> torch.dtype:
+    """float32 or bfloat16, whichever multiplies matrices faster on this CPU (bf16 is ~2x faster
+    with AMX/AVX512-BF16 kernels and slower without them)."""
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(512, size, dtype=dtype)
+        b = torch.randn(size, 4 * size, dtype=dtype)
+        a @ b
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        timings[dtype] = time.perf_counter() - start
+    return min(timings, key=timings.get)
+
+
+def _hash_tensor(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _load_model(path: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.eval()
+
+
+def run_search(args: SearchArguments) -> dict:
+    """Run a full EvoPress job (see :class:`SearchArguments`) and return the result dict that is
+    also written to ``output_dir/result.json``."""
+    from transformers import AutoTokenizer
+
+    from .plotting import plot_depth_profile, plot_fitness
+    from .spaces.depth import DepthSpace, residual_states, shortgpt_candidate, sliding_window_cosine_candidate
+
+    t0 = time.perf_counter()
+    timings: dict = {}
+    out = Path(args.output_dir) if args.output_dir else None
+    path = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    calib = calibration_windows(args.calibration, tokenizer, args.num_samples, args.seq_len, args.seed)
+    eval_ids = evaluation_windows(args.evaluation, tokenizer, args.eval_seq_len, args.eval_windows)
+
+    eval_dtype = DTYPES[args.eval_dtype]
+    search_dtype = fastest_dtype() if args.search_dtype == "auto" else DTYPES[args.search_dtype]
+    model = _load_model(path, eval_dtype)
+    search_model = model if search_dtype == eval_dtype else copy.deepcopy(model).to(search_dtype)
+    space = DepthSpace(search_model, args.target, args.mode)
+    cfg = args.search_config().resolve_generations(space.level_space.num_units, 2 * space.num_drop)
+    logger.info("Search dtype %s, %d units, %d dropped per pool", search_dtype, space.level_space.num_units,
+                space.num_drop)
+
+    # Teacher cache (persisted in the output folder so a resumed run does not recompute it).
+    start = time.perf_counter()
+    manifest = {
+        "model": str(path), "config": hashlib.sha256(model.config.to_json_string().encode()).hexdigest()[:16],
+        "windows": _hash_tensor(calib), "mode": args.fitness, "top_k": args.top_k, "dtype": str(search_dtype),
+    }
+    teacher = TeacherCache.load(out / "cache" / "teacher", manifest) if out else None
+    if teacher is None:
+        teacher = TeacherCache.build(search_model, calib, args.fitness, args.top_k, progress=args.progress)
+        if out:
+            teacher.save(out / "cache" / "teacher", manifest)
+    timings["teacher_seconds"] = time.perf_counter() - start
+    objective = KLObjective(search_model, calib, teacher, space, reuse_prefix=args.reuse_prefix)
+
+    # Baselines, in the same code path (same space, same objective).
+    start = time.perf_counter()
+    states = residual_states(search_model, calib[: min(8, len(calib))], space)
+    baselines = {"shortgpt": shortgpt_candidate(space, states), "sliding_cosine": sliding_window_cosine_candidate(space, states)}
+    del states
+    timings["baseline_seconds"] = time.perf_counter() - start
+    rng = random.Random(args.seed + 1)
+    randoms = [random_candidate(space.level_space, baselines["shortgpt"], rng) for _ in range(args.random_candidates)]
+
+    best_random = None
+    if args.compare_baselines or args.init == "random":
+        start = time.perf_counter()
+        ids = sorted(random.Random(args.seed + 2).sample(range(len(calib)), min(len(calib), -(-cfg.init_tokens // args.seq_len))))
+        scores = objective.score(randoms, ids)
+        best_random = randoms[min(range(len(randoms)), key=lambda i: scores[i])]
+        baselines[f"random_best_of_{args.random_candidates}"] = best_random
+        timings["random_baseline_seconds"] = time.perf_counter() - start
+
+    initial = [baselines["shortgpt"], baselines["sliding_cosine"]] if args.init == "baselines" else randoms
+    engine = EvolutionarySearch(space.level_space, objective, cfg, checkpoint_dir=out / "checkpoint" if out else None,
+                                progress=args.progress)
+    start = time.perf_counter()
+    result = engine.run(initial)
+    timings["search_seconds"] = time.perf_counter() - start
+    best = result.best
+    space.restore(search_model)
+    del objective, teacher
+
+    # Evaluation on held-out text, in eval dtype.
+    eval_space = space if search_model is model else DepthSpace(model, args.target, args.mode)
+    eval_space.restore(model)
+    eval_teacher = TeacherCache.build(model, eval_ids, "topk", args.top_k, progress=False)
+    rows = {"dense": evaluate(model, eval_ids, eval_teacher, progress=args.progress, desc="Evaluating dense")}
+    rows["dense"]["parameters"] = eval_space.total_params
+    to_eval = {"evopress": best, **(baselines if args.compare_baselines else {})}
+    for name, cand in to_eval.items():
+        eval_space.apply(model, cand)
+        rows[name] = evaluate(model, eval_ids, eval_teacher, progress=args.progress, desc=f"Evaluating {name}")
+        rows[name].update(eval_space.describe(cand))
+    eval_space.restore(model)
+
+    description = eval_space.describe(best)
+    report = {
+        "model": str(path),
+        "arguments": args.to_dict(),
+        "search_config": cfg.to_dict(),
+        "search_dtype": str(search_dtype).replace("torch.", ""),
+        "num_layers": space.num_layers,
+        "profile": description,
+        "candidate": list(best),
+        "initial_candidates": {name: list(c) for name, c in baselines.items()},
+        "search": result.to_dict(),
+        "evaluation": {"text": args.to_dict()["evaluation"], "windows": int(eval_ids.shape[0]),
+                       "seq_len": args.eval_seq_len, "dtype": args.eval_dtype},
+        "results": rows,
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+    }
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.save_model:
+            record = eval_space.compress(model, best)
+            model.save_pretrained(out / "model")
+            tokenizer.save_pretrained(out / "model")
+            report["saved_model"] = {"path": str(out / "model"), **record}
+        plot_depth_profile(description, space.num_layers, out / "profile.png",
+                           title=f"EvoPress depth profile ({description['dropped_sub_blocks']} sub-blocks dropped)")
+        plot_fitness(result.history, out / "fitness.png",
+                     initial=min(result.initial_scores) if result.initial_scores else None)
+        report["timings"]["total_seconds"] = round(time.perf_counter() - t0, 1)
+        atomic_write_json(out / "result.json", report)
+    else:
+        report["timings"]["total_seconds"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def format_table(report: dict) -> str:
+    """Before/after table of a report: perplexity, KL, parameters and time."""
+    rows = report["results"]
+    times = report["timings"]
+    lines = [f"{'model':<24} {'ppl':>10} {'KL':>8} {'params (M)':>11} {'dropped':>8}",
+             "-" * 65]
+    for name, r in rows.items():
+        kl = f"{r['kl']:.4f}" if "kl" in r else "-"
+        dropped = str(r.get("dropped_sub_blocks", 0))
+        lines.append(f"{name:<24} {r['perplexity']:>10.2f} {kl:>8} {r['parameters'] / 1e6:>11.1f} {dropped:>8}")
+    lines.append("-" * 65)
+    lines.append(
+        f"search {times.get('search_seconds', 0):.0f} s ({report['search']['generations']} generations, "
+        f"{report['search']['tokens'] / 1e6:.2f}M candidate-tokens), teacher {times.get('teacher_seconds', 0):.0f} s, "
+        f"total {times.get('total_seconds', 0):.0f} s"
+    )
+    p = report["profile"]
+    lines.append(f"dropped attention: {p['dropped_attention']}")
+    lines.append(f"dropped MLP:       {p['dropped_mlp']}")
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""Search settings and presets.
+
+Example:
+    >>> cfg = SearchConfig.from_preset("fast", "depth")
+    >>> cfg.offspring, [(s.survivors, s.tokens) for s in cfg.stages]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One selection stage: score every remaining candidate on ``tokens`` fresh tokens and keep
+    the best ``survivors``. At the last stage the parent is re-scored on the same tokens."""
+
+    survivors: int
+    tokens: int
+
+    def __post_init__(self):
+        if self.survivors < 1:
+            raise ValueError(f"A stage must keep at least one survivor, got {self.survivors}.")
+        if self.tokens < 1:
+            raise ValueError(f"A stage must score on at least one token, got {self.tokens}.")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Settings of the (1 + lambda) evolutionary search.
+
+    Args:
+        generations: number of generations (``None`` = the preset's rule for the space size).
+        offspring: children created per generation (lambda).
+        stages: multi-step selection, e.g. ``(Stage(2, 2048), Stage(1, 32768))``. The last stage
+            must keep exactly one survivor.
+        init_tokens: tokens used to pick the best of several initial candidates.
+        max_switches: a mutation applies ``min(U{1..m}, U{1..m})`` level switches.
+        patience: stop after this many generations without a new parent (``None`` = never).
+        seed: seed of every random choice (mutations and minibatches).
+    """
+
+    generations: int | None = 100
+    offspring: int = 16
+    stages: tuple = (Stage(2, 2048), Stage(1, 16384))
+    init_tokens: int = 16384
+    max_switches: int = 3
+    patience: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        stages = tuple(s if isinstance(s, Stage) else Stage(*s) for s in self.stages)
+        object.__setattr__(self, "stages", stages)
+        if not stages:
+            raise ValueError("SearchConfig.stages needs at least one stage.")
+        if stages[-1].survivors != 1:
+            raise ValueError("The last selection stage must keep exactly 1 survivor (it competes with the parent).")
+        if self.offspring < 1:
+            raise ValueError(f"offspring must be >= 1, got {self.offspring}.")
+        if self.generations is not None and self.generations < 0:
+            raise ValueError(f"generations must be >= 0, got {self.generations}.")
+        if self.max_switches < 1:
+            raise ValueError(f"max_switches must be >= 1, got {self.max_switches}.")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {self.patience}.")
+
+    @classmethod
+    def from_preset(cls, preset: str, compression: str, **overrides) -> "SearchConfig":
+        """Build a config from a preset (``"paper"``, ``"fast"``, ``"superfast"``) for a compression
+        kind (``"depth"``, ``"sparsity"``, ``"quantization"``); keyword overrides win."""
+        if preset not in PRESETS:
+            raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+        table = PRESETS[preset]
+        if compression not in table:
+            raise ValueError(f"Unknown compression {compression!r}; choose one of {sorted(table)}.")
+        values = dict(table[compression])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def resolve_generations(self, num_units: int, num_changed: int) -> "SearchConfig":
+        """Fill ``generations=None`` with the paper's depth rule ``k (n - k) / 1.5``."""
+        if self.generations is not None:
+            return self
+        k, n = num_changed, num_units
+        return replace(self, generations=max(1, round(k * (n - k) / 1.5)))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["stages"] = [[s.survivors, s.tokens] for s in self.stages]
+        return d
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _stages(*pairs: Sequence[int]) -> tuple:
+    return tuple(Stage(s, t) for s, t in pairs)
+
+
+# Reference defaults from the EvoPress paper and CPU presets. Tokens are candidate-tokens per stage.
+PRESETS: dict = {
+    "paper": {
+        "depth": dict(generations=None, offspring=32, stages=_stages((2, 2048), (1, 32768)), init_tokens=32768),
+        "sparsity": dict(generations=400, offspring=64, stages=_stages((8, 2048), (2, 16384), (1, 65536)),
+                         init_tokens=65536),
+        "quantization": dict(generations=150, offspring=128, stages=_stages((16, 2048), (4, 16384), (1, 131072)),
+                             init_tokens=131072),
+    },
+    "superfast": {
+        kind: dict(generations=400, offspring=16, stages=_stages((1, 512), (1, 8192)), init_tokens=8192)
+        for kind in ("depth", "sparsity", "quantization")
+    },
+    # CPU presets: fewer tokens per decision, more generations; see docs/depth-benchmark.md.
+    "fast": {
+        "depth": dict(generations=60, offspring=16, stages=_stages((4, 1024), (1, 8192)), init_tokens=8192),
+        "sparsity": dict(generations=150, offspring=16, stages=_stages((4, 1024), (1, 8192)), init_tokens=8192),
+        "quantization": dict(generations=100, offspring=16, stages=_stages((4, 1024), (1, 8192)),
+                             init_tokens=8192),
+    },
+}

@@ -1,0 +1,289 @@
+"""The (1 + lambda) evolutionary engine with multi-step selection (EvoPress).
+
+Model-agnostic: it sees a :class:`~optimum_evo.search.space.LevelSpace` and an *objective*, any
+object with
+
+* ``num_samples`` (int): size of the calibration pool, in samples (sequences);
+* ``tokens_per_sample`` (int): tokens in one sample;
+* ``score(candidates, sample_ids) -> list[float]``: fitness of each candidate on those samples,
+  lower is better (e.g. KL divergence to the dense model);
+* optionally ``set_parent(candidate)``: told the current parent, so it can reuse work shared by
+  the parent and its children (e.g. activations of an unchanged prefix).
+
+Example:
+    >>> space = LevelSpace(("a", "b", "c", "d"), (2, 2, 2, 2), (0, 0, 0, 0))
+    >>> class Obj:
+    ...     num_samples, tokens_per_sample = 8, 1
+    ...     def score(self, cands, ids):
+    ...         return [float(c[0] + 2 * c[1]) for c in cands]
+    >>> cfg = SearchConfig(generations=10, offspring=4, stages=((1, 2),), init_tokens=2)
+    >>> EvolutionarySearch(space, Obj(), cfg, progress=False).run([(1, 1, 0, 0)]).best
+    (0, 0, 1, 1)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write_json, read_json, rng_state_from_json, rng_state_to_json
+from .config import SearchConfig
+from .mutation import mutate
+from .space import Candidate, LevelSpace
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "search_state.json"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class SearchResult:
+    """Outcome of a search: the best candidate, its last fitness and the full history."""
+
+    best: Candidate
+    fitness: float
+    history: list = field(default_factory=list)
+    initial_scores: list = field(default_factory=list)
+    generations: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    resumed_from: int | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "best": list(self.best),
+            "fitness": self.fitness,
+            "generations": self.generations,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "resumed_from": self.resumed_from,
+            "initial_scores": self.initial_scores,
+            "history": self.history,
+        }
+
+
+class EvolutionarySearch:
+    """Run EvoPress's evolutionary search.
+
+    Args:
+        space: the units, levels and switch groups.
+        objective: scores candidates (see module docstring).
+        config: generations, offspring, selection stages, seed.
+        checkpoint_dir: when given, the state is written atomically after every generation to
+            ``checkpoint_dir/search_state.json`` and a later ``run`` with the same settings resumes
+            from it (and ends exactly where an uninterrupted run ends).
+        progress: show a tqdm bar with the best fitness.
+        callback: called as ``callback(generation, state_dict)`` after each checkpoint.
+    """
+
+    def __init__(
+        self,
+        space: LevelSpace,
+        objective,
+        config: SearchConfig,
+        checkpoint_dir=None,
+        progress: bool = True,
+        callback: Callable | None = None,
+    ):
+        if config.generations is None:
+            raise ValueError("config.generations is None: call config.resolve_generations(...) first.")
+        self.space = space
+        self.objective = objective
+        self.config = config
+        self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+        self.progress = progress
+        self.callback = callback
+
+    # ------------------------------------------------------------------ helpers
+    def _num_samples(self, tokens: int) -> int:
+        per = max(1, int(self.objective.tokens_per_sample))
+        return max(1, min(int(self.objective.num_samples), math.ceil(tokens / per)))
+
+    def _minibatch(self, rng: random.Random, tokens: int) -> list:
+        k = self._num_samples(tokens)
+        return sorted(rng.sample(range(int(self.objective.num_samples)), k))
+
+    def _score(self, candidates: Sequence[Candidate], sample_ids: Sequence[int]) -> list:
+        scores = [float(s) for s in self.objective.score(list(candidates), list(sample_ids))]
+        if len(scores) != len(candidates):
+            raise RuntimeError(f"Objective returned {len(scores)} scores for {len(candidates)} candidates.")
+        return scores
+
+    def _set_parent(self, parent: Candidate) -> None:
+        hook = getattr(self.objective, "set_parent", None)
+        if hook is not None:
+            hook(parent)
+
+    def _make_offspring(self, parent: Candidate, rng: random.Random) -> list:
+        children: list = []
+        seen = {parent}
+        attempts = 0
+        max_attempts = 200 * self.config.offspring
+        while len(children) < self.config.offspring and attempts < max_attempts:
+            attempts += 1
+            child = mutate(parent, self.space, rng, self.config.max_switches)
+            if child in seen:  # duplicates (and the parent itself) are rejected
+                continue
+            seen.add(child)
+            children.append(child)
+        return children
+
+    def _state(self, generation, parent, fitness, rng, history, initial_scores, tokens, seconds, stale) -> dict:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "space": self.space.fingerprint(),
+            "config": self.config.fingerprint(),
+            "initial": self._initial_key,
+            "generation": generation,
+            "parent": list(parent),
+            "fitness": fitness,
+            "rng_state": rng_state_to_json(rng.getstate()),
+            "history": history,
+            "initial_scores": initial_scores,
+            "tokens": tokens,
+            "seconds": seconds,
+            "stale": stale,
+        }
+
+    def _load_checkpoint(self) -> dict | None:
+        if self.checkpoint_path is None:
+            return None
+        state = read_json(self.checkpoint_path)
+        if state is None:
+            return None
+        mismatch = []
+        if state.get("version") != CHECKPOINT_VERSION:
+            mismatch.append("checkpoint version")
+        if state.get("space") != self.space.fingerprint():
+            mismatch.append("search space (model, compression or target)")
+        if state.get("config") != self.config.fingerprint():
+            mismatch.append("search settings (preset, generations, offspring, stages or seed)")
+        if state.get("initial") != self._initial_key:
+            mismatch.append("initial candidates")
+        if mismatch:
+            raise ValueError(
+                f"The checkpoint {self.checkpoint_path} was written by a search with a different "
+                f"{', '.join(mismatch)}. Use another output directory, or delete the checkpoint to start afresh."
+            )
+        return state
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, initial: Sequence[Sequence[int]]) -> SearchResult:
+        """Search from the best of ``initial`` (all with the same budget) and return the result."""
+        if not initial:
+            raise ValueError("run() needs at least one initial candidate.")
+        initial = [self.space.validate(c) for c in initial]
+        sums = self.space.group_sums(initial[0])
+        for c in initial[1:]:
+            if self.space.group_sums(c) != sums:
+                raise ValueError("All initial candidates must have the same budget (per-group level sums).")
+        self._initial_key = [list(c) for c in initial]
+        cfg = self.config
+
+        state = self._load_checkpoint()
+        if state is not None:
+            rng = random.Random()
+            rng.setstate(rng_state_from_json(state["rng_state"]))
+            parent = tuple(state["parent"])
+            fitness = state["fitness"]
+            history = state["history"]
+            initial_scores = state["initial_scores"]
+            generation = state["generation"]
+            tokens = state["tokens"]
+            seconds_before = state["seconds"]
+            stale = state["stale"]
+            resumed_from = generation
+            logger.info("Resuming search at generation %d from %s", generation, self.checkpoint_path)
+        else:
+            rng = random.Random(cfg.seed)
+            start = time.perf_counter()
+            tokens = 0
+            if len(initial) > 1:
+                ids = self._minibatch(rng, cfg.init_tokens)
+                initial_scores = self._score(initial, ids)
+                tokens += len(initial) * len(ids) * self.objective.tokens_per_sample
+                best_i = min(range(len(initial)), key=lambda i: (initial_scores[i], i))
+            else:
+                initial_scores, best_i = [], 0
+            parent = initial[best_i]
+            fitness = initial_scores[best_i] if initial_scores else None
+            history, generation, stale, resumed_from = [], 0, 0, None
+            seconds_before = time.perf_counter() - start
+            self._checkpoint(generation, parent, fitness, rng, history, initial_scores, tokens, seconds_before, stale)
+
+        self._set_parent(parent)
+        start = time.perf_counter()
+        bar = tqdm(total=cfg.generations, initial=generation, desc="EvoPress search", disable=not self.progress,
+                   dynamic_ncols=True)
+        if fitness is not None:
+            bar.set_postfix(best=f"{fitness:.4f}")
+        while generation < cfg.generations and (cfg.patience is None or stale < cfg.patience):
+            candidates = self._make_offspring(parent, rng)
+            gen_tokens = 0
+            parent_score = None
+            for s_idx, stage in enumerate(cfg.stages):
+                last = s_idx == len(cfg.stages) - 1
+                ids = self._minibatch(rng, stage.tokens)
+                pool = candidates + [parent] if last else candidates
+                scores = self._score(pool, ids)
+                gen_tokens += len(pool) * len(ids) * self.objective.tokens_per_sample
+                if last:
+                    parent_score = scores[-1]
+                    child_scores = scores[:-1]
+                else:
+                    child_scores = scores
+                order = sorted(range(len(candidates)), key=lambda i: (child_scores[i], i))
+                keep = order[: stage.survivors]
+                candidates = [candidates[i] for i in keep]
+                best_child_score = child_scores[keep[0]] if keep else math.inf
+            changed = bool(candidates) and best_child_score < parent_score
+            if changed:
+                parent, fitness = candidates[0], best_child_score
+                stale = 0
+                self._set_parent(parent)
+            else:
+                fitness = parent_score
+                stale += 1
+            generation += 1
+            tokens += gen_tokens
+            seconds = seconds_before + time.perf_counter() - start
+            history.append({
+                "generation": generation,
+                "best_fitness": fitness,
+                "parent_changed": changed,
+                "tokens": gen_tokens,
+                "total_tokens": tokens,
+                "seconds": round(seconds, 3),
+            })
+            self._checkpoint(generation, parent, fitness, rng, history, initial_scores, tokens, seconds, stale)
+            bar.update(1)
+            bar.set_postfix(best=f"{fitness:.4f}")
+            if self.callback is not None:
+                self.callback(generation, history[-1])
+        bar.close()
+        return SearchResult(
+            best=parent,
+            fitness=fitness,
+            history=history,
+            initial_scores=initial_scores,
+            generations=generation,
+            tokens=tokens,
+            seconds=seconds_before + time.perf_counter() - start,
+            resumed_from=resumed_from,
+        )
+
+    def _checkpoint(self, generation, parent, fitness, rng, history, initial_scores, tokens, seconds, stale):
+        if self.checkpoint_path is None:
+            return
+        atomic_write_json(
+            self.checkpoint_path,
+            self._state(generation, parent, fitness, rng, history, initial_scores, tokens, seconds, stale),
+        )

@@ -1,0 +1,262 @@
+"""Depth pruning: drop attention and/or MLP sub-blocks of decoder layers.
+
+Units are the attention and MLP sub-blocks of every decoder layer (``mode="separate"``, two switch
+pools so the numbers of dropped attention and dropped MLP sub-blocks are both fixed) or whole
+blocks (``mode="block"``). Level 0 keeps a unit, level 1 drops it.
+
+Example:
+    >>> space = DepthSpace(model, target=0.25)                # 30 layers -> 7 attention + 7 MLP
+    >>> cand = space.candidate(attention=[20, 21, 22, 23, 24, 25, 26], mlp=[3, 4, 5, 6, 7, 8, 9])
+    >>> space.apply(model, cand)        # search-time: swap sub-blocks, generate() still works
+    >>> space.compress(model, cand)     # final: remove whole blocks, record partial drops in config
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..modeling import DroppedAttention, DroppedMLP, find_decoder_layout, num_parameters
+from ..search import LevelSpace
+
+MODES = ("separate", "block")
+CONFIG_KEY = "evopress_depth"
+
+
+class DepthSpace:
+    """Depth-pruning search space over the decoder layers of ``model``.
+
+    Args:
+        model: a causal LM with recognisable decoder layers.
+        target: fraction of sub-blocks (or blocks) to drop, in (0, 1); ``floor(target * L)``
+            units of each pool are dropped (0.25 of 30 layers: 7 attention + 7 MLP).
+        mode: ``"separate"`` (attention and MLP are separate units) or ``"block"``.
+    """
+
+    kind = "depth"
+
+    def __init__(self, model, target: float, mode: str = "separate"):
+        if mode not in MODES:
+            raise ValueError(f"Depth mode must be one of {MODES}, got {mode!r}.")
+        if not isinstance(target, (int, float)) or not 0 < float(target) < 1:
+            raise ValueError(f"Depth target must be a fraction in (0, 1) of the sub-blocks to drop, got {target!r}.")
+        self.layout = find_decoder_layout(model)
+        self.mode, self.target = mode, float(target)
+        self.num_layers = n = len(self.layout)
+        self.num_drop = math.floor(self.target * n + 1e-9)
+        if self.num_drop < 1:
+            raise ValueError(
+                f"Target {target} drops no unit of a model with {n} layers (floor({target} * {n}) = 0); "
+                f"use a target of at least {1 / n:.3f}."
+            )
+        layers = self.layout.layers
+        a, m = self.layout.attn_name, self.layout.mlp_name
+        self._originals = [(getattr(layer, a), getattr(layer, m)) for layer in layers]
+        self._state = [[False, False] for _ in range(n)]  # currently dropped (attn, mlp)
+        if mode == "separate":
+            names, groups, self.layer_of_unit = [], [], []
+            for i in range(n):
+                names += [f"{self.layout.path}.{i}.{a}", f"{self.layout.path}.{i}.{m}"]
+                groups += [0, 1]
+                self.layer_of_unit += [i, i]
+        else:
+            names = [f"{self.layout.path}.{i}" for i in range(n)]
+            groups = [0] * n
+            self.layer_of_unit = list(range(n))
+        self.level_space = LevelSpace(tuple(names), (2,) * len(names), tuple(groups))
+        self.attn_params = [num_parameters(o[0]) for o in self._originals]
+        self.mlp_params = [num_parameters(o[1]) for o in self._originals]
+        self.total_params = num_parameters(model)
+
+    # ------------------------------------------------------------ candidates
+    def candidate(self, attention=(), mlp=(), blocks=()) -> tuple:
+        """Build a candidate from dropped layer indices (``blocks`` drops attention and MLP)."""
+        attention, mlp = set(attention) | set(blocks), set(mlp) | set(blocks)
+        if self.mode == "separate":
+            levels = []
+            for i in range(self.num_layers):
+                levels += [int(i in attention), int(i in mlp)]
+        else:
+            if attention != mlp:
+                raise ValueError("In block mode attention and MLP drops must be the same layers.")
+            levels = [int(i in attention) for i in range(self.num_layers)]
+        cand = self.level_space.validate(levels)
+        expected = {0: self.num_drop, 1: self.num_drop} if self.mode == "separate" else {0: self.num_drop}
+        if self.level_space.group_sums(cand) != expected:
+            raise ValueError(f"A candidate must drop exactly {self.num_drop} units of each pool; got {self.drops(cand)}.")
+        return cand
+
+    def drops(self, cand) -> dict:
+        """Dropped layer indices: ``{"attention": [...], "mlp": [...]}``."""
+        if self.mode == "separate":
+            att = [i for i in range(self.num_layers) if cand[2 * i]]
+            mlp = [i for i in range(self.num_layers) if cand[2 * i + 1]]
+        else:
+            att = mlp = [i for i in range(self.num_layers) if cand[i]]
+        return {"attention": list(att), "mlp": list(mlp)}
+
+    def dropped_parameters(self, cand) -> int:
+        d = self.drops(cand)
+        return sum(self.attn_params[i] for i in d["attention"]) + sum(self.mlp_params[i] for i in d["mlp"])
+
+    def describe(self, cand) -> dict:
+        d = self.drops(cand)
+        dropped = self.dropped_parameters(cand)
+        return {
+            "dropped_attention": d["attention"],
+            "dropped_mlp": d["mlp"],
+            "dropped_sub_blocks": len(d["attention"]) + len(d["mlp"]),
+            "dropped_parameters": dropped,
+            "parameters": self.total_params - dropped,
+            "dropped_parameter_fraction": dropped / self.total_params,
+        }
+
+    # ------------------------------------------------------------ applying
+    def apply(self, model, cand) -> None:
+        """Switch sub-blocks in place so ``model`` computes candidate ``cand`` (reversible)."""
+        d = self.drops(cand)
+        att, mlp = set(d["attention"]), set(d["mlp"])
+        layers = self.layout.layers
+        for i, layer in enumerate(layers):
+            want = [i in att, i in mlp]
+            if want[0] != self._state[i][0]:
+                orig = self._originals[i][0]
+                setattr(layer, self.layout.attn_name, DroppedAttention(getattr(orig, "layer_idx", i)) if want[0] else orig)
+            if want[1] != self._state[i][1]:
+                setattr(layer, self.layout.mlp_name, DroppedMLP() if want[1] else self._originals[i][1])
+            self._state[i] = want
+
+    def restore(self, model) -> None:
+        """Put every original sub-block back (the dense model)."""
+        self.apply(model, (0,) * self.level_space.num_units)
+
+    def compress(self, model, cand) -> dict:
+        """Make ``cand`` permanent: whole dropped blocks are removed (config and layer indices
+        renumbered, so the saved model reloads with plain ``from_pretrained``); attention-only or
+        MLP-only drops are replaced by stand-ins and recorded in ``config.evopress_depth``."""
+        self.apply(model, cand)
+        d = self.drops(cand)
+        removed = sorted(set(d["attention"]) & set(d["mlp"]))
+        remove_layers(model, removed, self.layout)
+        kept = [i for i in range(self.num_layers) if i not in removed]
+        new_index = {old: new for new, old in enumerate(kept)}
+        record = {
+            "removed_layers": removed,
+            "original_num_layers": self.num_layers,
+            "dropped_attention": sorted(new_index[i] for i in d["attention"] if i not in removed),
+            "dropped_mlp": sorted(new_index[i] for i in d["mlp"] if i not in removed),
+        }
+        if record["dropped_attention"] or record["dropped_mlp"]:
+            setattr(model.config, CONFIG_KEY, record)
+        return record
+
+
+def remove_layers(model, drop: list, layout=None) -> None:
+    """Physically remove decoder blocks ``drop`` (indices): rebuild the ``ModuleList``, set
+    ``num_hidden_layers``, slice ``layer_types``/``mlp_layer_types`` and renumber ``layer_idx``."""
+    layout = layout or find_decoder_layout(model)
+    layers = layout.layers
+    drop = set(drop)
+    kept = [layer for i, layer in enumerate(layers) if i not in drop]
+    setattr(layout.parent, layout.attr, nn.ModuleList(kept))
+    layout_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for cfg in {id(model.config): model.config, id(layout_cfg): layout_cfg}.values():
+        if hasattr(cfg, "num_hidden_layers"):
+            cfg.num_hidden_layers = len(kept)
+        for key in ("layer_types", "mlp_layer_types"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, (list, tuple)) and len(value) == len(layers):
+                setattr(cfg, key, [v for i, v in enumerate(value) if i not in drop])
+    for new_idx, layer in enumerate(kept):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx") and isinstance(module.layer_idx, int):
+                module.layer_idx = new_idx
+
+
+def apply_saved_depth_profile(model) -> bool:
+    """Re-create the attention-/MLP-only drops recorded in ``model.config.evopress_depth`` after
+    loading a saved depth-pruned model. Returns whether anything was applied."""
+    record = getattr(model.config, CONFIG_KEY, None)
+    if not record:
+        return False
+    layout = find_decoder_layout(model)
+    for i in record.get("dropped_attention", []):
+        orig = getattr(layout.layers[i], layout.attn_name)
+        setattr(layout.layers[i], layout.attn_name, DroppedAttention(getattr(orig, "layer_idx", i)))
+    for i in record.get("dropped_mlp", []):
+        setattr(layout.layers[i], layout.mlp_name, DroppedMLP())
+    return True
+
+
+@torch.inference_mode()
+def residual_states(model, windows: torch.Tensor, space: DepthSpace) -> list:
+    """Residual stream of the dense model around every sub-block.
+
+    Returns a list of ``2L + 1`` tensors ``[tokens, hidden]`` (float32): input of layer 0, after
+    attention 0, after MLP 0 (= input of layer 1), ... The state after an attention sub-block is
+    the layer's output with its MLP dropped, which holds for pre-norm and sandwich-norm blocks.
+    """
+    space.restore(model)
+    layout = space.layout
+    n = space.num_layers
+    states = [[] for _ in range(2 * n + 1)]
+    originals = []
+
+    def make(i, layer, orig):
+        def forward(hidden_states, *args, **kwargs):
+            states[2 * i].append(hidden_states[0].float())
+            mlp = getattr(layer, layout.mlp_name)
+            setattr(layer, layout.mlp_name, DroppedMLP())
+            mid = orig(hidden_states, *args, **kwargs)
+            setattr(layer, layout.mlp_name, mlp)
+            out = orig(hidden_states, *args, **kwargs)
+            states[2 * i + 1].append(mid[0].float())
+            if i == n - 1:
+                states[2 * n].append(out[0].float())
+            return out
+
+        return forward
+
+    for i, layer in enumerate(layout.layers):
+        originals.append(layer.forward)
+        layer.forward = make(i, layer, layer.forward)
+    try:
+        for w in range(windows.shape[0]):
+            model.base_model(input_ids=windows[w : w + 1], use_cache=False)
+    finally:
+        for layer in layout.layers:
+            del layer.forward
+    return [torch.cat(s) for s in states]
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
+
+
+def shortgpt_candidate(space: DepthSpace, states: list) -> tuple:
+    """ShortGPT (Men et al. 2024): drop the units of lowest Block Influence ``1 - cos(in, out)``."""
+    n = space.num_layers
+    if space.mode == "block":
+        bi = [1 - _cosine(states[2 * i], states[2 * i + 2]) for i in range(n)]
+        drop = sorted(range(n), key=lambda i: bi[i])[: space.num_drop]
+        return space.candidate(blocks=drop)
+    bi_att = [1 - _cosine(states[2 * i], states[2 * i + 1]) for i in range(n)]
+    bi_mlp = [1 - _cosine(states[2 * i + 1], states[2 * i + 2]) for i in range(n)]
+    att = sorted(range(n), key=lambda i: bi_att[i])[: space.num_drop]
+    mlp = sorted(range(n), key=lambda i: bi_mlp[i])[: space.num_drop]
+    return space.candidate(attention=att, mlp=mlp)
+
+
+def sliding_window_cosine_candidate(space: DepthSpace, states: list) -> tuple:
+    """Gromov et al. 2024: drop the contiguous run of units whose input and output residual
+    states are most similar (smallest angular distance)."""
+    n, k = space.num_layers, space.num_drop
+    if space.mode == "block":
+        best = max(range(n - k + 1), key=lambda s: _cosine(states[2 * s], states[2 * (s + k)]))
+        return space.candidate(blocks=range(best, best + k))
+    width = 2 * k  # k attention + k MLP sub-blocks, whatever the start
+    best = max(range(2 * n - width + 1), key=lambda s: _cosine(states[s], states[s + width]))
+    units = range(best, best + width)
+    return space.candidate(attention=[u // 2 for u in units if u % 2 == 0], mlp=[u // 2 for u in units if u % 2 == 1])

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny randomly initialised decoder models of several architectures."""
+
+import pytest
+import torch
+from transformers import (
+    Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+    Qwen3Config, Qwen3ForCausalLM,
+)
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    kw = {**COMMON, **overrides}
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**kw))
+    elif arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=16, **kw))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=16, **kw))
+    elif arch == "gemma3":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"] * (kw["num_hidden_layers"] // 3),
+                                                   **kw))
+    else:
+        raise ValueError(arch)
+    # Random init makes near-uniform outputs; scale up so candidates differ clearly.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    return model.eval()
+
+
+ARCHS = ["llama", "qwen3", "mistral", "gemma3"]
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param

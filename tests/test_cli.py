@@ -1,0 +1,139 @@
+"""Command line: clear early errors, outputs, and kill-and-resume giving the uninterrupted result."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
+
+from optimum_evo.cli import main
+from optimum_evo.models import embedded_model_path
+
+CALIB = ("The committee met on Tuesday to discuss the new budget for the school district. " * 40 + "\n") * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir():
+    return embedded_model_path("smollm2")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer_dir):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            p.mul_(6.0)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("data") / "calib.txt"
+    f.write_text(CALIB)
+    return f
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "optimum_evo", *map(str, args)], capture_output=True, text=True)
+
+
+def small_args(model, out, calib, generations=30):
+    return ["search", "--model", model, "--target", "0.34", "--output", out, "--generations", generations,
+            "--offspring", 4, "--num-samples", 8, "--seq-len", 32, "--eval-windows", 2, "--eval-seq-len", 32,
+            "--calibration", calib, "--search-dtype", "float32", "--quiet", "--top-k", 64]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "/nonexistent/model-dir"], "not an existing local directory"),
+        (["--target", "1.5"], "target must be a fraction"),
+        (["--target", "0"], "target must be a fraction"),
+        (["--compression", "pruning"], "Unknown compression"),
+        (["--calibration", "wikitext2"], "evaluation text"),
+        (["--preset", "turbo"], "Unknown preset"),
+    ],
+)
+def test_bad_input_fails_early_and_clearly(tmp_path, capsys, extra, message):
+    start = time.perf_counter()
+    rc = main(["search", "--output", str(tmp_path / "out"), *extra])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert time.perf_counter() - start < 10
+
+
+def test_empty_calibration_file(tmp_path, capsys, tiny_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert main(["search", "--model", str(tiny_dir), "--calibration", str(empty), "--output", str(tmp_path / "o")]) == 2
+    assert "is empty" in capsys.readouterr().err
+
+
+def test_model_without_decoder_layers(tmp_path, capsys, tokenizer_dir, calib_file):
+    path = tmp_path / "mamba"
+    MambaForCausalLM(MambaConfig(vocab_size=49152, hidden_size=16, num_hidden_layers=2, state_size=4)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    rc = main(["search", "--model", str(path), "--calibration", str(calib_file), "--output", str(tmp_path / "o"),
+               "--eval-windows", "1", "--seq-len", "32"])
+    assert rc == 2
+    assert "no recognisable decoder layers" in capsys.readouterr().err
+
+
+def test_search_outputs(tmp_path, tiny_dir, calib_file):
+    out = tmp_path / "out"
+    proc = run_cli(*small_args(tiny_dir, out, calib_file, generations=3), "--compare-baselines",
+                   "--random-candidates", 3)
+    assert proc.returncode == 0, proc.stderr
+    assert "evopress" in proc.stdout and "shortgpt" in proc.stdout and "sliding_cosine" in proc.stdout
+    report = json.loads((out / "result.json").read_text())
+    assert report["search"]["generations"] == 3 and len(report["search"]["history"]) == 3
+    assert set(report["results"]) == {"dense", "evopress", "shortgpt", "sliding_cosine", "random_best_of_3"}
+    assert report["profile"]["dropped_sub_blocks"] == 4
+    # elitist: EvoPress's fitness is never worse than its best initial candidate's on the same data
+    assert report["results"]["evopress"]["kl"] >= 0
+    for png in ("profile.png", "fitness.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert (out / "model" / "config.json").exists() and (out / "model" / "tokenizer.json").exists()
+
+
+def test_killed_search_resumes_to_same_result(tmp_path, tiny_dir, calib_file):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    proc = run_cli(*small_args(tiny_dir, full, calib_file))
+    assert proc.returncode == 0, proc.stderr
+    args = [sys.executable, "-m", "optimum_evo", *map(str, small_args(tiny_dir, killed, calib_file))]
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "checkpoint" / "search_state.json"
+    deadline = time.time() + 120
+    generation = 0
+    while time.time() < deadline and p.poll() is None:
+        if state.exists():
+            try:
+                generation = json.loads(state.read_text())["generation"]
+            except (json.JSONDecodeError, OSError):
+                pass
+            if generation >= 5:
+                break
+        time.sleep(0.02)
+    assert p.poll() is None, "the search finished before it could be killed; make it longer"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (killed / "result.json").exists()
+    proc = run_cli(*small_args(tiny_dir, killed, calib_file))
+    assert proc.returncode == 0, proc.stderr
+    a = json.loads((full / "result.json").read_text())
+    b = json.loads((killed / "result.json").read_text())
+    assert b["search"]["resumed_from"] >= 5
+    assert b["candidate"] == a["candidate"]
+    assert [h["best_fitness"] for h in b["search"]["history"]] == [h["best_fitness"] for h in a["search"]["history"]]
+    assert b["results"]["evopress"]["perplexity"] == a["results"]["evopress"]["perplexity"]
