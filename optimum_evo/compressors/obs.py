@@ -1,0 +1,184 @@
+"""Layer-wise Optimal Brain Surgeon compressors: GPTQ (quantization) and SparseGPT (pruning).
+
+Both minimise ``||W X - W' X||^2`` over calibration inputs ``X`` of a linear layer, column block by
+column block, using the inverse Hessian ``H = 2 X X^T / n`` (float32 accumulation, damping
+``damp * mean(diag H)``), and compensating each column's error on the columns not yet processed.
+
+Example:
+    >>> h = HessianAccumulator(in_features=64)
+    >>> h.add(x)                        # x: [..., 64] inputs of the layer        # doctest: +SKIP
+    >>> q = gptq(layer.weight, h.hessian(), bits=3, group_size=128)             # doctest: +SKIP
+    >>> w_sparse = sparsegpt(layer.weight, h.hessian(), sparsity=0.6)           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .quantizer import dequantize_codes, find_params, quantize_codes
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n * sum x x^T`` over the rows of the inputs of a linear layer."""
+
+    def __init__(self, in_features: int):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self.n = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = math.sqrt(2 / self.n) * x
+        self.H += x.t() @ x
+
+    def hessian(self) -> torch.Tensor:
+        if self.n == 0:
+            raise ValueError("No calibration inputs were seen by this layer; check the calibration data.")
+        return self.H
+
+
+def _inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` and the dead-column mask."""
+    H = H.clone().float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0])
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True), dead
+
+
+@dataclass
+class QuantizedWeight:
+    """GPTQ output: integer codes, per-group scales and zeros, and the dequantized weight."""
+
+    codes: torch.Tensor  # [out, in] uint8, in original column order
+    scales: torch.Tensor  # [out, groups] float32
+    zeros: torch.Tensor  # [out, groups] float32 (integral values)
+    g_idx: torch.Tensor  # [in] group of every input column
+    bits: int
+    group_size: int
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.g_idx.long()
+        return dequantize_codes(self.codes.float(), self.scales[:, g], self.zeros[:, g])
+
+
+@torch.no_grad()
+def gptq(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = 128, sym: bool = False,
+         mse: bool = False, act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> QuantizedWeight:
+    """Quantize ``weight`` ([out, in]) to ``bits`` bits with GPTQ (Frantar et al. 2023).
+
+    ``group_size=None`` (or <= 0) uses one group per row. ``act_order`` processes columns by
+    decreasing Hessian diagonal; groups are then formed in processing order and ``g_idx`` records
+    each column's group.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}.")
+    W = weight.detach().float().clone()
+    rows, cols = W.shape
+    gs = cols if not group_size or group_size <= 0 else int(group_size)
+    W[:, torch.diag(H) == 0] = 0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    if act_order:
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv, _ = _inverse_hessian_cholesky(H, damp)
+    n_groups = math.ceil(cols / gs)
+    scales = torch.zeros(rows, n_groups)
+    zeros = torch.zeros(rows, n_groups)
+    Q = torch.zeros(rows, cols)
+    scale = zero = None
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % gs == 0:
+                g = col // gs
+                # group statistics from the error-compensated weights of the group
+                block = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs] if col + gs > i2 else W1[:, i : i + gs]
+                scale, zero = find_params(block, bits, sym=sym, mse=mse)
+                scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
+            w = W1[:, i]
+            q = quantize_codes(w.unsqueeze(1), scale, zero, bits)
+            Q1[:, i] = q[:, 0]
+            deq = dequantize_codes(q, scale, zero)[:, 0]
+            err = (w - deq) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    g_idx = torch.arange(cols) // gs
+    if act_order:
+        inv = torch.argsort(perm)
+        Q = Q[:, inv]
+        g_idx = g_idx[inv]
+    return QuantizedWeight(Q.to(torch.uint8), scales, zeros, g_idx.to(torch.int32), bits, gs)
+
+
+def _exact_counts(total: int, sizes: list) -> list:
+    """Split ``total`` pruned weights over blocks proportionally to ``sizes``, summing exactly."""
+    n = sum(sizes)
+    out, acc, done = [], 0, 0
+    for s in sizes:
+        acc += s
+        target = round(total * acc / n)
+        out.append(target - done)
+        done = target
+    return out
+
+
+@torch.no_grad()
+def sparsegpt(weight: torch.Tensor, H: torch.Tensor, sparsity: float, damp: float = 0.01,
+              block_size: int = 128) -> torch.Tensor:
+    """Prune ``weight`` ([out, in]) to exactly ``round(sparsity * numel)`` zeros with SparseGPT
+    (Frantar & Alistarh 2023): per column block, the weights of least saliency ``w^2 / [H^-1]_ii^2``
+    are removed and the error is compensated on the remaining columns. Returns a float32 tensor."""
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}.")
+    W = weight.detach().float().clone()
+    rows, cols = W.shape
+    Hinv, dead = _inverse_hessian_cholesky(H, damp)
+    W[:, dead] = 0
+    starts = list(range(0, cols, block_size))
+    sizes = [rows * (min(s + block_size, cols) - s) for s in starts]
+    counts = _exact_counts(round(sparsity * rows * cols), sizes)
+    for i1, k in zip(starts, counts):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        saliency = W1**2 / torch.diag(Hinv1).reshape(1, -1) ** 2
+        mask = torch.zeros_like(W1, dtype=torch.bool)
+        if k > 0:
+            mask.view(-1)[torch.topk(saliency.flatten(), k, largest=False).indices] = True
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            q = w.clone()
+            q[mask[:, i]] = 0
+            Q1[:, i] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W
+
+
+def magnitude_prune(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Baseline: zero the ``round(sparsity * numel)`` smallest-magnitude weights."""
+    W = weight.detach().float().clone()
+    k = round(sparsity * W.numel())
+    if k:
+        W.view(-1)[torch.topk(W.abs().flatten(), k, largest=False).indices] = 0
+    return W

@@ -1,0 +1,88 @@
+"""Uniform affine quantization grids (per output channel and group) and bit packing.
+
+A weight ``w`` of a group with scale ``s`` and zero-point ``z`` is stored as the integer code
+``q = clamp(round(w / s) + z, 0, 2**bits - 1)`` and read back as ``s * (q - z)``.
+
+Example:
+    >>> w = torch.randn(8, 256)
+    >>> scale, zero = find_params(w, bits=4, sym=False)
+    >>> q = quantize_codes(w, scale, zero, bits=4)
+    >>> torch.allclose(pack_codes(q, 4).numel() * 8, torch.tensor(q.numel() * 4))   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def find_params(w: torch.Tensor, bits: int, sym: bool = False, mse: bool = False, grid: int = 100,
+                max_shrink: float = 0.8, norm: float = 2.4):
+    """Scale and zero-point per row of ``w`` ([rows, cols]) for a ``bits``-bit grid.
+
+    ``sym``: zero-point fixed at the grid middle. ``mse``: shrink the min-max range to minimise
+    the ``norm``-error of the rounded row (GPTQ's ``mse`` option). Returns ``(scale, zero)``, each
+    ``[rows, 1]`` float32 (zero holds integral values).
+    """
+    w = w.float()
+    maxq = 2**bits - 1
+    xmin = w.min(dim=1, keepdim=True).values.clamp(max=0)
+    xmax = w.max(dim=1, keepdim=True).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    same = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(same, torch.full_like(xmin, -1), xmin)
+    xmax = torch.where(same, torch.ones_like(xmax), xmax)
+
+    def params(lo, hi):
+        scale = (hi - lo) / maxq
+        zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-lo / scale)
+        return scale, zero
+
+    scale, zero = params(xmin, xmax)
+    if mse:
+        best = torch.full((w.shape[0], 1), float("inf"))
+        for i in range(int(max_shrink * grid)):
+            p = 1 - i / grid
+            s, z = params(p * xmin, p * xmax)
+            err = (dequantize_codes(quantize_codes(w, s, z, bits), s, z) - w).abs_().pow_(norm).sum(1, keepdim=True)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s, scale)
+            zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (q - zero)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in ``[0, 2**bits)`` (any shape, last dim packed) into a flat uint8
+    tensor using exactly ``ceil(numel * bits / 8)`` bytes."""
+    flat = codes.reshape(-1).to(torch.int64)
+    n = flat.numel()
+    bit_index = torch.arange(bits, dtype=torch.int64)
+    bitstream = ((flat.unsqueeze(1) >> bit_index) & 1).reshape(-1)  # little-endian bits of each code
+    pad = (-bitstream.numel()) % 8
+    if pad:
+        bitstream = torch.cat([bitstream, bitstream.new_zeros(pad)])
+    weights = (1 << torch.arange(8, dtype=torch.int64))
+    packed = (bitstream.view(-1, 8) * weights).sum(1).to(torch.uint8)
+    assert packed.numel() == (n * bits + 7) // 8
+    return packed
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 bytes -> int codes of ``shape`` (``torch.uint8``)."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    bitstream = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(8, dtype=torch.int64)) & 1).reshape(-1)
+    bitstream = bitstream[: n * bits].view(n, bits)
+    codes = (bitstream << torch.arange(bits, dtype=torch.int64)).sum(1)
+    return codes.to(torch.uint8).view(*shape)
