@@ -5,9 +5,22 @@ Example:
     >>> report = run_search(SearchArguments(model="smollm2", target=0.25, output_dir="out"))  # doctest: +SKIP
 """
 
+import importlib
+
 __version__ = "0.1.0.dev0"
 
-from .models import embedded_model_path, resolve_model  # noqa: E402
-from .pipeline import SearchArguments, run_search  # noqa: E402
+_LAZY = {
+    "embedded_model_path": "optimum_evo.models",
+    "resolve_model": "optimum_evo.models",
+    "SearchArguments": "optimum_evo.pipeline",
+    "run_search": "optimum_evo.pipeline",
+}
 
-__all__ = ["__version__", "embedded_model_path", "resolve_model", "SearchArguments", "run_search"]
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name):
+    # Lazy: `import optimum_evo.search` must not pull in torch / transformers.
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'optimum_evo' has no attribute {name!r}")

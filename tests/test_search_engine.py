@@ -70,6 +70,24 @@ def test_budget_exact_under_any_mutation_sequence():
         space.validate(c)
 
 
+def test_budget_exact_with_unequal_step_costs():
+    # bit widths 2,3,4,5,6,8: the last step costs 2 bits; units of two sizes
+    bits = (2, 3, 4, 5, 6, 8)
+    costs = ((1, 1, 1, 1, 2),) * 8
+    space = LevelSpace(tuple(f"u{i}" for i in range(8)), (6,) * 8, (0, 0, 0, 0, 1, 1, 1, 1), costs)
+    rng = random.Random(3)
+    c = (1, 1, 1, 1, 4, 4, 2, 2)  # 3,3,3,3 / 6,6,4,4 bits
+    bitsum = lambda c: [sum(bits[x] for x in c[:4]), sum(bits[x] for x in c[4:])]  # noqa: E731
+    start, seen_top = bitsum(c), False
+    for _ in range(3000):
+        c = mutate(c, space, rng)
+        assert bitsum(c) == start
+        seen_top |= 5 in c
+    assert seen_top, "the 6 -> 8 bit step must be reachable"
+    with pytest.raises(ValueError, match="step_costs"):
+        LevelSpace(("a",), (3,), (0,), ((1,),))
+
+
 def test_switch_impossible_returns_same():
     space = LevelSpace(("a", "b"), (2, 2), (0, 1))  # each group has one unit: no switch possible
     assert level_switch((1, 0), space, random.Random(0)) == (1, 0)

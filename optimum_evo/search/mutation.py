@@ -1,8 +1,9 @@
 """Budget-preserving level-switch mutation (EvoPress).
 
 A mutation applies ``min(U{1..3}, U{1..3})`` switches (biased toward one switch). A switch picks a
-switch group, raises one of its units by one level and lowers another unit of the same group by
-one level. Per-group level sums, and therefore the global budget, are unchanged.
+switch group and a step cost, raises one of its units by one level of that cost and lowers another
+unit of the same group by one level of the same cost. Per-group costs, and therefore the global
+budget, are unchanged.
 """
 
 from __future__ import annotations
@@ -18,40 +19,45 @@ def num_switches(rng: random.Random, max_switches: int = 3) -> int:
     return min(rng.randint(1, max_switches), rng.randint(1, max_switches))
 
 
-def _switchable_groups(space: LevelSpace, levels: Sequence[int]) -> list:
-    """Groups with one unit that can go up and a *different* unit that can go down."""
-    ups: dict = {}
-    downs: dict = {}
-    for i, (g, level) in enumerate(zip(space.groups, levels)):
-        if level + 1 < space.num_levels[i]:
-            ups.setdefault(g, []).append(i)
-        if level > 0:
-            downs.setdefault(g, []).append(i)
-    out = []
-    for g in sorted(set(ups) & set(downs), key=str):
-        if len(set(ups[g]) | set(downs[g])) >= 2:  # then some up-unit differs from some down-unit
-            out.append(g)
-    return out
+def _move_cost(space: LevelSpace, levels, unit: int, direction: int):
+    """Cost of moving ``unit`` one level in ``direction`` (+1/-1), or ``None`` if impossible."""
+    level = levels[unit]
+    if direction > 0:
+        return space.step_cost(unit, level) if level + 1 < space.num_levels[unit] else None
+    return space.step_cost(unit, level - 1) if level > 0 else None
 
 
-def level_switch(levels: Sequence[int], space: LevelSpace, rng: random.Random) -> Candidate:
-    """One switch: one unit up one level, another unit of the same group down one level.
+def level_switch(levels: Sequence[int], space: LevelSpace, rng: random.Random, max_tries: int = 20) -> Candidate:
+    """One budget-preserving switch.
 
-    Returns ``levels`` unchanged (as a tuple) when no switch is possible.
+    A primary unit moves one level up (or down); other units of its group move the opposite way
+    until their step costs add up to exactly the primary step's cost. With unit costs this is the
+    classic switch (one unit up, another down); with a 2-bit step (6 -> 8 bits) it is compensated
+    by two 1-bit steps. Returns ``levels`` unchanged (as a tuple) when no switch is found.
     """
     levels = list(levels)
-    groups = _switchable_groups(space, levels)
-    if not groups:
-        return tuple(levels)
-    g = rng.choice(groups)
-    members = [i for i, gi in enumerate(space.groups) if gi == g]
-    while True:
-        up = rng.choice(members)
-        down = rng.choice(members)
-        if up != down and levels[up] + 1 < space.num_levels[up] and levels[down] > 0:
-            break
-    levels[up] += 1
-    levels[down] -= 1
+    groups = sorted(set(space.groups), key=str)
+    members = {g: [i for i, gi in enumerate(space.groups) if gi == g] for g in groups}
+    for _ in range(max_tries):
+        g = rng.choice(groups)
+        direction = rng.choice((1, -1))
+        primaries = [i for i in members[g] if _move_cost(space, levels, i, direction) is not None]
+        if not primaries:
+            continue
+        p = rng.choice(primaries)
+        trial = list(levels)
+        remaining = _move_cost(space, trial, p, direction)
+        trial[p] += direction
+        while remaining > 0:
+            options = [i for i in members[g] if i != p
+                       and (c := _move_cost(space, trial, i, -direction)) is not None and c <= remaining]
+            if not options:
+                break
+            j = rng.choice(options)
+            remaining -= _move_cost(space, trial, j, -direction)
+            trial[j] -= direction
+        if remaining == 0:
+            return tuple(trial)
     return tuple(levels)
 
 

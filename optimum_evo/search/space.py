@@ -30,12 +30,16 @@ class LevelSpace:
         unit_names: one readable name per unit (e.g. ``"layers.3.self_attn"``).
         num_levels: number of levels of each unit; a unit's level is in ``[0, num_levels[i] - 1]``.
         groups: switch group of each unit. A level switch moves two units of the same group in
-            opposite directions by one step; the per-group sums of levels are the budget.
+            opposite directions by one step of equal cost; the per-group costs are the budget.
+        step_costs: optional cost of each step of each unit (``step_costs[i][l]``: from level
+            ``l`` to ``l + 1``), e.g. ``(1, 1, 1, 1, 2)`` for bit widths 2,3,4,5,6,8. Without it
+            every step costs 1.
     """
 
     unit_names: tuple
     num_levels: tuple
     groups: tuple
+    step_costs: tuple | None = None
 
     def __post_init__(self):
         n = len(self.unit_names)
@@ -48,6 +52,19 @@ class LevelSpace:
             )
         if any(int(k) < 1 for k in self.num_levels):
             raise ValueError("Every unit needs at least one level.")
+        if self.step_costs is not None:
+            if len(self.step_costs) != n or any(len(c) != k - 1 for c, k in zip(self.step_costs, self.num_levels)):
+                raise ValueError("step_costs needs, for every unit, one cost per step (num_levels - 1 values).")
+            if any(c <= 0 for costs in self.step_costs for c in costs):
+                raise ValueError("Step costs must be positive.")
+
+    def step_cost(self, unit: int, level: int) -> int:
+        """Cost of raising ``unit`` from ``level`` to ``level + 1`` (1 without ``step_costs``)."""
+        return 1 if self.step_costs is None else self.step_costs[unit][level]
+
+    def cost(self, unit: int, level: int) -> int:
+        """Cumulative cost of ``unit`` at ``level`` (``level`` without ``step_costs``)."""
+        return level if self.step_costs is None else sum(self.step_costs[unit][:level])
 
     @property
     def num_units(self) -> int:
@@ -64,13 +81,14 @@ class LevelSpace:
         return levels
 
     def group_sums(self, levels: Sequence[int]) -> dict:
-        """Sum of levels per switch group: the quantity every mutation keeps constant."""
+        """Cost (by default the sum of levels) per switch group: what every mutation keeps constant."""
         sums: dict = {}
-        for g, level in zip(self.groups, levels):
-            sums[g] = sums.get(g, 0) + int(level)
+        for i, (g, level) in enumerate(zip(self.groups, levels)):
+            sums[g] = sums.get(g, 0) + self.cost(i, int(level))
         return sums
 
     def fingerprint(self) -> str:
         """A short hash identifying the space (stored in checkpoints)."""
-        payload = json.dumps([list(self.unit_names), list(self.num_levels), list(self.groups)])
+        costs = None if self.step_costs is None else [list(c) for c in self.step_costs]
+        payload = json.dumps([list(self.unit_names), list(self.num_levels), list(self.groups), costs])
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
