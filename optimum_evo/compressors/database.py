@@ -137,6 +137,9 @@ class LevelDatabase:
             w = decode_sparse(t, shape)
         return w.to(dtype)
 
+    def module_levels(self, module: str) -> list:
+        return self.modules[module]["levels"]
+
     def bytes_per_weight(self) -> dict:
         """Stored bytes per weight of each level, over all modules."""
         return {level_key(k): v for k, v in self.manifest["bytes_per_weight"].items()}
@@ -179,7 +182,9 @@ class LevelDatabase:
             model: the dense model (float32 recommended).
             windows: ``[N, T]`` calibration token ids.
             kind: ``"quantization"`` (levels = bit widths) or ``"sparsity"`` (levels = fractions).
-            levels: the levels to build.
+            levels: the levels to build, or a function ``(module name, shape) -> levels`` for
+                per-module levels (sparsity levels spaced by a fixed number of weights); pass the
+                levels' identity in ``identity`` then, so a changed spacing makes it stale.
             root: target folder (written in a temporary sibling, then moved into place).
             settings: compressor settings; quantization: ``group_size`` (128), ``sym`` (False),
                 ``mse`` (False), ``act_order`` (False), ``damp`` (0.01); sparsity: ``damp``.
@@ -195,13 +200,14 @@ class LevelDatabase:
         unknown = set(settings) - set(defaults)
         if unknown:
             raise ValueError(f"Unknown {kind} settings {sorted(unknown)}; known: {sorted(defaults)}.")
-        levels = sorted(levels)
+        per_module = callable(levels)
+        level_fn = levels if per_module else (lambda name, shape, _lv=sorted(levels): _lv)
         root = Path(root)
         build_dir = root.with_name(f".{root.name}.build-{os.getpid()}")
         shutil.rmtree(build_dir, ignore_errors=True)
         (build_dir / "layers").mkdir(parents=True)
         start = time.perf_counter()
-        entries, totals = {}, {level_key(lv): [0, 0] for lv in levels}  # bytes, weights
+        entries, totals = {}, {}  # module entries; level key -> [bytes, weights]
         for block in walk_blocks(model, windows, progress=progress, desc=f"Building {kind} database"):
             hessians = block.hessians()
             for name, linear in block.linears().items():
@@ -209,7 +215,8 @@ class LevelDatabase:
                 if modules is not None and not modules(full):
                     continue
                 tensors = {}
-                for lv in levels:
+                module_levels = sorted(level_fn(full, tuple(linear.weight.shape)))
+                for lv in module_levels:
                     if kind == "quantization":
                         enc = encode_quantized(gptq(linear.weight, hessians[name], bits=int(lv), **settings))
                     else:
@@ -217,16 +224,18 @@ class LevelDatabase:
                     for k, t in enc.items():
                         tensors[f"{level_key(lv)}::{k}"] = t.contiguous()
                     nbytes = sum(t.numel() * t.element_size() for t in enc.values())
-                    totals[level_key(lv)][0] += nbytes
-                    totals[level_key(lv)][1] += linear.weight.numel()
+                    acc = totals.setdefault("per-module" if per_module else level_key(lv), [0, 0])
+                    acc[0] += nbytes
+                    acc[1] += linear.weight.numel()
                 rel = f"layers/{full}.safetensors"
                 save_file(tensors, str(build_dir / rel))
-                entries[full] = {"shape": list(linear.weight.shape), "file": rel, "sha256": _sha256(build_dir / rel)}
+                entries[full] = {"shape": list(linear.weight.shape), "file": rel, "sha256": _sha256(build_dir / rel),
+                                 "levels": module_levels}
             block.advance()
         manifest = {
             "format": FORMAT_VERSION,
             "kind": kind,
-            "levels": levels,
+            "levels": "per-module" if per_module else sorted(levels),
             "settings": settings,
             **(identity or {}),
             "modules": entries,
@@ -243,7 +252,7 @@ class LevelDatabase:
     def open_or_build(cls, root, model, windows, kind, levels, settings=None, identity=None, modules=None,
                       progress=True) -> "LevelDatabase":
         """Reuse the database at ``root`` when it matches the request, else (re)build it."""
-        expected = {"kind": kind, "levels": sorted(levels), **(identity or {})}
+        expected = {"kind": kind, "levels": "per-module" if callable(levels) else sorted(levels), **(identity or {})}
         try:
             db = cls.open(root, expected)
             if settings is None or all(db.manifest["settings"].get(k) == v for k, v in settings.items()):

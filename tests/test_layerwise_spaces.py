@@ -1,0 +1,92 @@
+"""Quantization and sparsity spaces over a level database (tiny Llama)."""
+
+import random
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from optimum_evo.compressors.database import LevelDatabase
+from optimum_evo.fitness import KLObjective, TeacherCache
+from optimum_evo.search import mutate
+from optimum_evo.spaces.layerwise import QuantizationSpace, SparsitySpace
+
+WINDOWS = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def quant(tmp_path_factory):
+    model = tiny_model("llama", num_hidden_layers=2)
+    db = LevelDatabase.build(model, WINDOWS, "quantization", [2, 3, 4, 8], tmp_path_factory.mktemp("q") / "db",
+                             settings={"group_size": 32}, progress=False)
+    return model, db
+
+
+def test_quantization_budget_exact(quant):
+    model, db = quant
+    assert QuantizationSpace(model, db, 2.5).average_bits(QuantizationSpace(model, db, 2.5).uniform()) == 2.5
+    space = QuantizationSpace(model, db, 3.5)
+    start = space.uniform()
+    assert space.average_bits(start) == pytest.approx(3.5)
+    rng = random.Random(0)
+    c, seen8 = start, False
+    for _ in range(2000):
+        c = mutate(c, space.level_space, rng)
+        assert space.average_bits(c) == pytest.approx(3.5)
+        seen8 |= 3 in c
+    assert seen8, "the 4 -> 8 bit step (cost 4) must be reachable by compensating 1-bit steps"
+    d = space.describe(start)
+    assert d["effective_bits"] > d["average_bits"]  # scales and zeros counted
+    with pytest.raises(ValueError, match="outside"):
+        QuantizationSpace(model, db, 9)
+
+
+def test_apply_swaps_and_restores(quant):
+    model, db = quant
+    space = QuantizationSpace(model, db, 3)
+    dense = {n: model.get_submodule(n).weight.detach().clone() for n in db.modules}
+    cand = space.uniform()
+    space.apply(model, cand)
+    name = space.names[0]
+    assert torch.equal(model.get_submodule(name).weight, db.weight(name, 3))
+    space.restore(model)
+    assert all(torch.equal(model.get_submodule(n).weight, w) for n, w in dense.items())
+
+
+def test_objective_with_prefix_reuse_on_quantization(quant):
+    model, db = quant
+    space = QuantizationSpace(model, db, 3)
+    teacher = TeacherCache.build(model, WINDOWS, "topk", 32, progress=False)
+    a = KLObjective(model, WINDOWS, teacher, space)
+    b = KLObjective(model, WINDOWS, teacher, space, reuse_prefix=False)
+    parent = space.uniform()
+    a.set_parent(parent)
+    b.set_parent(parent)
+    rng = random.Random(0)
+    kids = [mutate(parent, space.level_space, rng) for _ in range(4)]
+    assert a.score(kids + [parent], [0, 2]) == b.score(kids + [parent], [0, 2])
+    assert min(a.score(kids, [0, 1])) > 0
+    space.restore(model)
+
+
+def test_sparsity_levels_and_exact_budget(tmp_path):
+    model = tiny_model("llama", num_hidden_layers=2)
+    target, step, max_offset = 0.5, 600, 3
+    levels = lambda name, shape: SparsitySpace.level_fractions(shape[0] * shape[1], target, step, max_offset)  # noqa: E731
+    db = LevelDatabase.build(model, WINDOWS, "sparsity", levels, tmp_path / "db", progress=False)
+    space = SparsitySpace(model, db, target, step, max_offset)
+    counts = [len(lv) for lv in space.unit_levels]
+    assert max(counts) == 7 and min(counts) < 7  # k/v projections (2048 weights) are too small for 3 steps
+    start = space.uniform()
+    base = space.pruned_weights(start)
+    assert base == sum(round(target * n) for n in space.numel)
+    rng = random.Random(0)
+    c = start
+    for _ in range(300):
+        c = mutate(c, space.level_space, rng)
+        assert space.pruned_weights(c) == base
+    space.apply(model, c)
+    zeros = sum(int((model.get_submodule(n).weight == 0).sum()) for n in space.names)
+    assert zeros == base
+    with pytest.raises(ValueError, match="do not match"):
+        SparsitySpace(model, db, target, 700, max_offset)
