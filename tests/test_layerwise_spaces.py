@@ -90,3 +90,36 @@ def test_sparsity_levels_and_exact_budget(tmp_path):
     assert zeros == base
     with pytest.raises(ValueError, match="do not match"):
         SparsitySpace(model, db, target, 700, max_offset)
+
+
+def test_knapsack_is_exact_and_optimal():
+    import itertools
+
+    from optimum_evo.spaces.layerwise import knapsack
+    rnd = random.Random(0)
+    costs = [[rnd.randint(0, 4) for _ in range(3)] for _ in range(5)]
+    errors = [[rnd.random() for _ in range(3)] for _ in range(5)]
+    budget = 9
+    best = min((c for c in itertools.product(range(3), repeat=5) if sum(costs[i][j] for i, j in enumerate(c)) == budget),
+               key=lambda c: sum(errors[i][j] for i, j in enumerate(c)))
+    assert tuple(knapsack(costs, errors, budget)) == best
+    with pytest.raises(ValueError, match="budget"):
+        knapsack(costs, errors, 100)
+
+
+def test_dp_and_owl_baselines_keep_budgets(quant, tmp_path):
+    from optimum_evo.spaces.layerwise import dp_candidate, owl_candidate
+    model, db = quant
+    space = QuantizationSpace(model, db, 3)
+    dp = dp_candidate(space)
+    assert space.average_bits(dp) == pytest.approx(3.0)
+    total_err = lambda c: sum(db.error(n, space.bits[j]) for n, j in zip(space.names, c))  # noqa: E731
+    assert total_err(dp) <= total_err(space.uniform()) + 1e-12
+    model2 = tiny_model("llama", num_hidden_layers=3)
+    levels = lambda name, shape: SparsitySpace.level_fractions(shape[0] * shape[1], 0.6, 400, 4)  # noqa: E731
+    sdb = LevelDatabase.build(model2, WINDOWS, "sparsity", levels, tmp_path / "db", progress=False)
+    sspace = SparsitySpace(model2, sdb, 0.6, 400, 4)
+    base = sspace.pruned_weights(sspace.uniform())
+    for cand in (dp_candidate(sspace), owl_candidate(sspace, 0.08, 5), owl_candidate(sspace, 0.2, 3)):
+        assert sspace.pruned_weights(cand) == base
+    assert owl_candidate(sspace, 0.2, 3) != sspace.uniform()

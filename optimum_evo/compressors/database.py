@@ -99,6 +99,12 @@ def decode_sparse(t: dict, shape) -> torch.Tensor:
     return w
 
 
+def relative_error(dense: torch.Tensor, compressed: torch.Tensor, H: torch.Tensor) -> float:
+    """Normalized layer reconstruction error ``||(W - W') X||^2 / ||W X||^2`` via ``H ~ X X^T``."""
+    d = dense - compressed
+    return float((d @ H * d).sum() / (dense @ H * dense).sum().clamp(min=1e-30))
+
+
 class LevelDatabase:
     """A level database folder (see the module docstring)."""
 
@@ -139,6 +145,14 @@ class LevelDatabase:
 
     def module_levels(self, module: str) -> list:
         return self.modules[module]["levels"]
+
+    def error(self, module: str, level) -> float:
+        """Normalized reconstruction error of ``module`` at ``level`` on the calibration data."""
+        return self.modules[module]["errors"][level_key(level)]
+
+    def act_norm(self, module: str) -> torch.Tensor:
+        """Calibration input norm per input feature (``sqrt(diag H)``), for OWL-style scores."""
+        return self.tensors(module, "stats")["act_norm"]
 
     def bytes_per_weight(self) -> dict:
         """Stored bytes per weight of each level, over all modules."""
@@ -214,13 +228,20 @@ class LevelDatabase:
                 full = f"{block.prefix}.{name}"
                 if modules is not None and not modules(full):
                     continue
-                tensors = {}
+                H = hessians[name]
+                dense = linear.weight.detach().float()
+                tensors = {"stats::act_norm": torch.sqrt(torch.diag(H).clamp(min=0)).contiguous()}
+                errors = {}
                 module_levels = sorted(level_fn(full, tuple(linear.weight.shape)))
                 for lv in module_levels:
                     if kind == "quantization":
-                        enc = encode_quantized(gptq(linear.weight, hessians[name], bits=int(lv), **settings))
+                        q = gptq(linear.weight, H, bits=int(lv), **settings)
+                        enc = encode_quantized(q)
+                        decoded = decode_quantized(enc, tuple(dense.shape), int(lv), q.group_size)
                     else:
-                        enc = encode_sparse(sparsegpt(linear.weight, hessians[name], float(lv), damp=settings["damp"]))
+                        enc = encode_sparse(sparsegpt(linear.weight, H, float(lv), damp=settings["damp"]))
+                        decoded = decode_sparse(enc, tuple(dense.shape))
+                    errors[level_key(lv)] = relative_error(dense, decoded, H)
                     for k, t in enc.items():
                         tensors[f"{level_key(lv)}::{k}"] = t.contiguous()
                     nbytes = sum(t.numel() * t.element_size() for t in enc.values())
@@ -230,7 +251,7 @@ class LevelDatabase:
                 rel = f"layers/{full}.safetensors"
                 save_file(tensors, str(build_dir / rel))
                 entries[full] = {"shape": list(linear.weight.shape), "file": rel, "sha256": _sha256(build_dir / rel),
-                                 "levels": module_levels}
+                                 "levels": module_levels, "errors": errors}
             block.advance()
         manifest = {
             "format": FORMAT_VERSION,

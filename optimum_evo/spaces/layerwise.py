@@ -177,3 +177,85 @@ class SparsitySpace(DatabaseSpace):
         return {"sparsity": self.pruned_weights(cand) / sum(self.numel),
                 "min_layer_sparsity": min(self.unit_levels[i][idx] for i, idx in enumerate(cand)),
                 "max_layer_sparsity": max(self.unit_levels[i][idx] for i, idx in enumerate(cand))}
+
+
+# --------------------------------------------------------------------------- baselines
+def knapsack(costs: list, errors: list, budget: int) -> list:
+    """Exact-budget dynamic programming: choose one option per unit (``costs[i][j]`` >= 0 integer,
+    ``errors[i][j]``) so that the costs sum to exactly ``budget`` with the least total error.
+    Returns the chosen option index per unit; ``ValueError`` if the budget cannot be met."""
+    import numpy as np
+
+    inf = np.inf
+    dp = np.full(budget + 1, inf)
+    dp[0] = 0.0
+    choice = []
+    for unit_costs, unit_errors in zip(costs, errors):
+        new = np.full(budget + 1, inf)
+        arg = np.full(budget + 1, -1, dtype=np.int16)
+        for j, (c, e) in enumerate(zip(unit_costs, unit_errors)):
+            if c > budget:
+                continue
+            cand = np.full(budget + 1, inf)
+            cand[c:] = dp[: budget + 1 - c] + e
+            better = cand < new
+            new[better] = cand[better]
+            arg[better] = j
+        dp = new
+        choice.append(arg)
+    if not np.isfinite(dp[budget]):
+        raise ValueError("No assignment meets the budget exactly.")
+    out, b = [], budget
+    for unit_costs, arg in zip(reversed(costs), reversed(choice)):
+        j = int(arg[b])
+        out.append(j)
+        b -= unit_costs[j]
+    return out[::-1]
+
+
+def dp_candidate(space: DatabaseSpace) -> tuple:
+    """SPDY-style baseline: minimise the sum of per-layer normalized reconstruction errors (from
+    the database) under the exact budget of ``space.uniform()``, by dynamic programming."""
+    errors = [[space.db.error(n, lv) for lv in space.unit_levels[i]] for i, n in enumerate(space.names)]
+    if isinstance(space, QuantizationSpace):
+        unit = math.gcd(*space.numel)
+        costs = [[space.numel[i] // unit * b for b in space.bits] for i in range(len(space.names))]
+    else:  # sparsity: equal step in weights, so the level index is the cost
+        costs = [list(range(len(lv))) for lv in space.unit_levels]
+    start = space.uniform()
+    budget = sum(costs[i][j] for i, j in enumerate(start))
+    return tuple(knapsack(costs, errors, budget))
+
+
+def owl_candidate(space: "SparsitySpace", lam: float, m: float, layer_of_unit=None) -> tuple:
+    """OWL (Yin et al. 2024): blocks with more outliers (``|W| * ||x||`` above ``m`` times its mean)
+    get lower sparsity, spread over ``target +- lam``; mapped to the nearest level and repaired to
+    the exact budget."""
+    layers = space.layer_of_unit if layer_of_unit is None else layer_of_unit
+    n_layers = max(layers) + 1
+    ratios = []
+    for layer in range(n_layers):
+        metrics = []
+        for i, n in enumerate(space.names):
+            if layers[i] == layer:
+                w = space._dense[i].float().abs() * space.db.act_norm(n).float().unsqueeze(0)
+                metrics.append(w.flatten())
+        metric = torch.cat(metrics)
+        ratios.append(float((metric > m * metric.mean()).float().mean()))
+    r = torch.tensor(ratios)
+    spread = r.max() - r.min()
+    r = (r - r.min()) / spread * (2 * lam) if spread > 0 else torch.zeros_like(r)
+    layer_sparsity = space.target - (r - r.mean())  # more outliers -> less sparsity
+    cand = []
+    for i, levels in enumerate(space.unit_levels):
+        want = float(layer_sparsity[layers[i]])
+        cand.append(min(range(len(levels)), key=lambda j: abs(levels[j] - want)))
+    # repair to the exact budget: sum of level indices equals the uniform candidate's
+    excess = sum(cand) - sum(space.uniform())
+    while excess != 0:
+        d = 1 if excess > 0 else -1  # move units down (less sparse) when over budget
+        movable = [i for i in range(len(cand)) if 0 <= cand[i] - d < len(space.unit_levels[i])]
+        i = max(movable, key=lambda i: d * (space.unit_levels[i][cand[i]] - float(layer_sparsity[layers[i]])))
+        cand[i] -= d
+        excess -= d
+    return tuple(cand)
