@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
 def add_search_arguments(s: argparse.ArgumentParser) -> None:
     """Options shared by ``optimum-evo search`` and ``optimum-cli evopress``."""
     s.add_argument("--model", default="smollm2", help="embedded name (smollm2, gemma3), local folder or Hub id")
-    s.add_argument("--compression", default="depth", help="depth")
-    s.add_argument("--target", type=float, default=0.25, help="fraction of sub-blocks to drop, in (0, 1)")
+    s.add_argument("--compression", default="depth", help="depth, sparsity or quantization")
+    s.add_argument("--target", type=float, default=0.25,
+                   help="depth: fraction of sub-blocks to drop; sparsity: fraction of weights; quantization: average bits")
     s.add_argument("--output", "--output-dir", dest="output_dir", required=True, help="output folder")
     s.add_argument("--mode", default="separate", choices=["separate", "block"], help="depth units")
     s.add_argument("--preset", default="fast", help="fast (CPU), paper or superfast")
@@ -53,6 +54,12 @@ def add_search_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--search-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     s.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"])
     s.add_argument("--no-prefix-reuse", dest="reuse_prefix", action="store_false")
+    s.add_argument("--levels", default=None, help="quantization bit widths, comma-separated (default 2,3,4,5,6,8)")
+    s.add_argument("--group-size", type=int, default=128, help="GPTQ group size (0 = per row)")
+    s.add_argument("--sparsity-step", type=float, default=0.05,
+                   help="sparsity level spacing, as a fraction of the median linear's weights")
+    s.add_argument("--max-offset", type=int, default=5, help="sparsity levels either side of the target")
+    s.add_argument("--database-dir", default=None, help="level database folder (default: a shared cache)")
     s.add_argument("--no-save-model", dest="save_model", action="store_false")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -68,8 +75,19 @@ def arguments_from_namespace(ns: argparse.Namespace):
         evaluation=ns.evaluation, eval_windows=ns.eval_windows or None, eval_seq_len=ns.eval_seq_len,
         init=ns.init, random_candidates=ns.random_candidates, compare_baselines=ns.compare_baselines,
         search_dtype=ns.search_dtype, eval_dtype=ns.eval_dtype, reuse_prefix=ns.reuse_prefix,
+        levels=_int_list(ns.levels), group_size=ns.group_size, sparsity_step=ns.sparsity_step,
+        max_offset=ns.max_offset, database_dir=ns.database_dir,
         save_model=ns.save_model, seed=ns.seed, progress=not ns.quiet,
     )
+
+
+def _int_list(text):
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError as e:
+        raise ValueError(f"--levels must be comma-separated integers such as 2,3,4, got {text!r}.") from e
 
 
 def run_search_command(ns: argparse.Namespace) -> int:

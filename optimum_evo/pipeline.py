@@ -30,9 +30,9 @@ from .search.config import PRESETS
 
 logger = logging.getLogger(__name__)
 
-COMPRESSIONS = ("depth",)
-PLANNED_COMPRESSIONS = ("sparsity", "quantization")
+COMPRESSIONS = ("depth", "sparsity", "quantization")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 
 
 @dataclass
@@ -41,8 +41,9 @@ class SearchArguments:
 
     Args:
         model: embedded name (``"smollm2"``, ``"gemma3"``), local folder or Hub id.
-        compression: ``"depth"``.
-        target: fraction of sub-blocks to drop, in (0, 1).
+        compression: ``"depth"``, ``"sparsity"`` or ``"quantization"``.
+        target: depth: fraction of sub-blocks to drop; sparsity: fraction of weights to prune
+            (over the searched linears); quantization: average bits (e.g. 3.0, 2.5).
         output_dir: where the compressed model, ``result.json``, plots and the checkpoint go.
         mode: depth units, ``"separate"`` (attention and MLP) or ``"block"``.
         preset: ``"fast"`` (CPU), ``"paper"`` (reference defaults) or ``"superfast"``.
@@ -59,6 +60,11 @@ class SearchArguments:
         search_dtype: dtype of the model scored during the search (``"auto"`` picks the faster
             of float32 and bfloat16 on this machine); ``eval_dtype`` for the final evaluation.
         reuse_prefix: reuse the parent's activations of the unchanged prefix of a child.
+        levels: quantization bit widths (default 2,3,4,5,6,8); ``group_size`` of GPTQ.
+        sparsity_step: sparsity levels are spaced by this fraction of the median linear's weights,
+            ``max_offset`` steps either side of the target.
+        database_dir: level database folder (default: a cache folder keyed by model, calibration
+            and settings, reused by later runs).
         seed: seed of calibration sampling and of the search.
     """
 
@@ -84,21 +90,36 @@ class SearchArguments:
     search_dtype: str = "auto"
     eval_dtype: str = "float32"
     reuse_prefix: bool = True
+    levels: tuple | None = None
+    group_size: int = 128
+    sparsity_step: float = 0.05
+    max_offset: int = 5
+    database_dir: str | None = None
     save_model: bool = True
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self):
-        if self.compression in PLANNED_COMPRESSIONS:
-            raise NotImplementedError(
-                f"compression={self.compression!r} is not available yet; this version supports {COMPRESSIONS}."
-            )
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"Unknown compression {self.compression!r}; choose one of {COMPRESSIONS}.")
-        if isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or not 0 < self.target < 1:
-            raise ValueError(
-                f"target must be a fraction in (0, 1) (e.g. 0.25 to drop a quarter of the sub-blocks), got {self.target!r}."
-            )
+        if isinstance(self.target, bool) or not isinstance(self.target, (int, float)):
+            raise ValueError(f"target must be a number, got {self.target!r}.")
+        if self.compression == "quantization":
+            self.levels = tuple(sorted(int(b) for b in (self.levels or DEFAULT_BITS)))
+            if not all(1 <= b <= 8 for b in self.levels) or len(set(self.levels)) != len(self.levels):
+                raise ValueError(f"levels must be distinct bit widths in 1..8, got {self.levels}.")
+            if not self.levels[0] <= self.target <= self.levels[-1]:
+                raise ValueError(
+                    f"target must be an average bit width within the levels {self.levels} "
+                    f"(e.g. 3.0 or 2.5), got {self.target!r}."
+                )
+            if self.group_size < 0:
+                raise ValueError(f"group_size must be >= 0 (0 = one group per row), got {self.group_size}.")
+        elif not 0 < self.target < 1:
+            what = "the sub-blocks to drop" if self.compression == "depth" else "the weights to prune"
+            raise ValueError(f"target must be a fraction in (0, 1) of {what} (e.g. 0.25), got {self.target!r}.")
+        if not 0 < self.sparsity_step < 1 or self.max_offset < 1:
+            raise ValueError("sparsity_step must be in (0, 1) and max_offset >= 1.")
         if self.mode not in ("separate", "block"):
             raise ValueError(f"mode must be 'separate' or 'block', got {self.mode!r}.")
         if self.preset not in PRESETS:
@@ -167,13 +188,105 @@ def _load_model(path: str, dtype: torch.dtype):
     return model.eval()
 
 
+def _database_root(args: SearchArguments, identity: dict) -> Path:
+    if args.database_dir:
+        return Path(args.database_dir)
+    from .models import default_cache_root
+
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return default_cache_root().parent / "databases" / f"{args.compression}-{key}"
+
+
+def _layerwise_setup(args, path, model, search_model, calib, progress):
+    """Open or build the level database and make the search space (sparsity / quantization)."""
+    import statistics
+
+    from .compressors.calibrate import linear_modules
+    from .compressors.database import LevelDatabase
+    from .modeling import find_decoder_layout
+    from .spaces.layerwise import QuantizationSpace, SparsitySpace
+
+    identity = {"model": str(path), "config": _config_hash(model), "calibration": _hash_tensor(calib),
+                "weights": _weights_hash(model)}
+    if args.compression == "quantization":
+        levels, settings = list(args.levels), {"group_size": args.group_size}
+    else:
+        layout = find_decoder_layout(model)
+        sizes = [m.weight.numel() for layer in layout.layers for m in linear_modules(layer).values()]
+        step = max(1, round(args.sparsity_step * statistics.median(sizes)))
+        identity["sparsity_levels"] = {"target": args.target, "step": step, "max_offset": args.max_offset}
+        levels = lambda name, shape: SparsitySpace.level_fractions(shape[0] * shape[1], args.target, step,  # noqa: E731
+                                                                   args.max_offset)
+        settings = None
+    root = _database_root(args, {**identity, "kind": args.compression, "levels": str(args.levels),
+                                 "settings": settings})
+    start = time.perf_counter()
+    db = LevelDatabase.open_or_build(root, model, calib, args.compression, levels, settings, identity,
+                                     progress=progress)
+    build = time.perf_counter() - start
+
+    def make_space(m):
+        if args.compression == "quantization":
+            return QuantizationSpace(m, db, args.target)
+        info = identity["sparsity_levels"]
+        return SparsitySpace(m, db, args.target, info["step"], info["max_offset"])
+
+    return db, make_space(search_model), make_space, build
+
+
+def _config_hash(model) -> str:
+    return hashlib.sha256(model.config.to_json_string().encode()).hexdigest()[:16]
+
+
+def _weights_hash(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().flatten()[:: max(1, p.numel() // 4096)].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _depth_baselines(space, search_model, calib) -> dict:
+    from .spaces.depth import residual_states, shortgpt_candidate, sliding_window_cosine_candidate
+
+    states = residual_states(search_model, calib[: min(8, len(calib))], space)
+    baselines = {"shortgpt": shortgpt_candidate(space, states), "sliding_cosine": sliding_window_cosine_candidate(space, states)}
+    if space.mode == "separate":  # the classic whole-block variants fit the same budget
+        baselines["shortgpt_blocks"] = shortgpt_candidate(space, states, blocks=True)
+        baselines["sliding_cosine_blocks"] = sliding_window_cosine_candidate(space, states, blocks=True)
+    return baselines
+
+
+def _best_by_kl(objective, candidates: dict, calib, tokens: int, seed: int, progress: bool, desc: str):
+    """Score named candidates on one seeded minibatch; return (best name, scores)."""
+    n = min(len(calib), max(1, -(-tokens // calib.shape[1])))
+    ids = sorted(random.Random(seed).sample(range(len(calib)), n))
+    scores = {name: objective.score([c], ids)[0]
+              for name, c in tqdm(candidates.items(), desc=desc, disable=not progress, dynamic_ncols=True)}
+    return min(scores, key=scores.get), scores
+
+
+def _layerwise_baselines(args, space, objective, calib, cfg) -> dict:
+    from .spaces.layerwise import dp_candidate, owl_candidate
+
+    baselines = {"uniform": space.uniform(), "dp": dp_candidate(space)}
+    if args.compression == "sparsity":
+        grid = {f"owl(lambda={lam},M={m})": owl_candidate(space, lam, m)
+                for lam in (0.02, 0.05, 0.08, 0.1, 0.15, 0.2) for m in (3, 5, 7, 10)}
+        grid = {k: v for k, v in grid.items() if v not in list(grid.values())[: list(grid).index(k)]}
+        best, _ = _best_by_kl(objective, grid, calib, 2048, args.seed + 3, args.progress, "OWL grid")
+        baselines["owl"] = grid[best]
+        baselines["owl_setting"] = best
+    return baselines
+
+
 def run_search(args: SearchArguments) -> dict:
     """Run a full EvoPress job (see :class:`SearchArguments`) and return the result dict that is
     also written to ``output_dir/result.json``."""
     from transformers import AutoTokenizer
 
-    from .plotting import plot_depth_profile, plot_fitness
-    from .spaces.depth import DepthSpace, residual_states, shortgpt_candidate, sliding_window_cosine_candidate
+    from .plotting import plot_depth_profile, plot_fitness, plot_layer_levels
+    from .spaces.depth import DepthSpace
 
     t0 = time.perf_counter()
     timings: dict = {}
@@ -187,17 +300,23 @@ def run_search(args: SearchArguments) -> dict:
     search_dtype = fastest_dtype() if args.search_dtype == "auto" else DTYPES[args.search_dtype]
     model = _load_model(path, eval_dtype)
     search_model = model if search_dtype == eval_dtype else copy.deepcopy(model).to(search_dtype)
-    space = DepthSpace(search_model, args.target, args.mode)
-    cfg = args.search_config().resolve_generations(space.level_space.num_units, 2 * space.num_drop)
-    logger.info("Search dtype %s, %d units, %d dropped per pool", search_dtype, space.level_space.num_units,
-                space.num_drop)
+    db = None
+    if args.compression == "depth":
+        space = DepthSpace(search_model, args.target, args.mode)
+
+        def make_space(m):
+            return space if m is search_model else DepthSpace(m, args.target, args.mode)
+
+        cfg = args.search_config().resolve_generations(space.level_space.num_units, 2 * space.num_drop)
+    else:
+        db, space, make_space, timings["database_seconds"] = _layerwise_setup(
+            args, path, model, search_model, calib, args.progress)
+        cfg = args.search_config()
 
     # Teacher cache (persisted in the output folder so a resumed run does not recompute it).
     start = time.perf_counter()
-    manifest = {
-        "model": str(path), "config": hashlib.sha256(model.config.to_json_string().encode()).hexdigest()[:16],
-        "windows": _hash_tensor(calib), "mode": args.fitness, "top_k": args.top_k, "dtype": str(search_dtype),
-    }
+    manifest = {"model": str(path), "config": _config_hash(model), "windows": _hash_tensor(calib),
+                "mode": args.fitness, "top_k": args.top_k, "dtype": str(search_dtype)}
     teacher = TeacherCache.load(out / "cache" / "teacher", manifest) if out else None
     if teacher is None:
         teacher = TeacherCache.build(search_model, calib, args.fitness, args.top_k, progress=args.progress)
@@ -208,25 +327,21 @@ def run_search(args: SearchArguments) -> dict:
 
     # Baselines, in the same code path (same space, same objective).
     start = time.perf_counter()
-    states = residual_states(search_model, calib[: min(8, len(calib))], space)
-    baselines = {"shortgpt": shortgpt_candidate(space, states), "sliding_cosine": sliding_window_cosine_candidate(space, states)}
-    if args.mode == "separate":  # the classic whole-block variants fit the same budget
-        baselines["shortgpt_blocks"] = shortgpt_candidate(space, states, blocks=True)
-        baselines["sliding_cosine_blocks"] = sliding_window_cosine_candidate(space, states, blocks=True)
-    del states
+    if args.compression == "depth":
+        baselines = _depth_baselines(space, search_model, calib)
+    else:
+        baselines = _layerwise_baselines(args, space, objective, calib, cfg)
+    notes = {k: baselines.pop(k) for k in [k for k in baselines if k.endswith("_setting")]}
     timings["baseline_seconds"] = time.perf_counter() - start
-    heuristics = list(dict.fromkeys(baselines.values()))  # ShortGPT and cosine variants, deduplicated
-    rng = random.Random(args.seed + 1)
-    randoms = [random_candidate(space.level_space, baselines["shortgpt"], rng) for _ in range(args.random_candidates)]
-
-    best_random = None
+    heuristics = list(dict.fromkeys(baselines.values()))  # deduplicated, in order
+    reference = next(iter(baselines.values()))
+    randoms = space_random(space, reference, args.random_candidates, args.seed + 1)
     if args.compare_baselines or args.init == "random":
         start = time.perf_counter()
-        ids = sorted(random.Random(args.seed + 2).sample(range(len(calib)), min(len(calib), -(-cfg.init_tokens // args.seq_len))))
-        scores = [objective.score([c], ids)[0]
-                  for c in tqdm(randoms, desc="Best-of-N random baseline", disable=not args.progress, dynamic_ncols=True)]
-        best_random = randoms[min(range(len(randoms)), key=lambda i: scores[i])]
-        baselines[f"random_best_of_{args.random_candidates}"] = best_random
+        named = {f"random_{i}": c for i, c in enumerate(randoms)}
+        best, _ = _best_by_kl(objective, named, calib, cfg.init_tokens, args.seed + 2, args.progress,
+                              "Best-of-N random baseline")
+        baselines[f"random_best_of_{args.random_candidates}"] = named[best]
         timings["random_baseline_seconds"] = time.perf_counter() - start
 
     initial = heuristics if args.init == "baselines" else randoms
@@ -242,45 +357,65 @@ def run_search(args: SearchArguments) -> dict:
     del objective, teacher
 
     # Evaluation on held-out text, in eval dtype.
-    eval_space = space if search_model is model else DepthSpace(model, args.target, args.mode)
+    eval_space = make_space(model)
     eval_space.restore(model)
     eval_teacher = TeacherCache.build(model, eval_ids, "topk", args.top_k, progress=False)
     rows = {"dense": evaluate(model, eval_ids, eval_teacher, progress=args.progress, desc="Evaluating dense")}
-    rows["dense"]["parameters"] = eval_space.total_params
     to_eval = {"evopress": best, **(baselines if args.compare_baselines else {})}
     for name, cand in to_eval.items():
         eval_space.apply(model, cand)
         rows[name] = evaluate(model, eval_ids, eval_teacher, progress=args.progress, desc=f"Evaluating {name}")
         rows[name].update(eval_space.describe(cand))
     eval_space.restore(model)
+    total_params = sum(p.numel() for p in model.parameters())
+    for r in rows.values():
+        r.setdefault("parameters", total_params)
 
     description = eval_space.describe(best)
     report = {
         "model": str(path),
+        "compression": args.compression,
         "arguments": args.to_dict(),
         "search_config": cfg.to_dict(),
         "search_dtype": str(search_dtype).replace("torch.", ""),
-        "num_layers": space.num_layers,
+        "num_layers": len(eval_space.layout) if args.compression == "depth" else None,
         "profile": description,
         "candidate": list(best),
         "initial_candidates": {name: list(c) for name, c in baselines.items()},
+        "baseline_settings": notes,
         "search": {**result.to_dict(), "work": search_stats},
         "evaluation": {"text": args.to_dict()["evaluation"], "windows": int(eval_ids.shape[0]),
                        "seq_len": args.eval_seq_len, "dtype": args.eval_dtype},
         "results": rows,
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
+    if db is not None:
+        report["database"] = {"path": str(db.root), "bytes_per_weight": db.bytes_per_weight(),
+                              "disk_bytes": sum(f.stat().st_size for f in db.root.rglob("*") if f.is_file()),
+                              "build_seconds": db.manifest.get("build_seconds")}
+        report["levels"] = eval_space.profile(best)
     if out:
         out.mkdir(parents=True, exist_ok=True)
+        if args.compression == "depth":
+            num_layers = report["num_layers"]
+            plot_depth_profile(description, num_layers, out / "profile.png",
+                               title=f"EvoPress depth profile ({description['dropped_sub_blocks']} sub-blocks dropped)")
+        else:
+            ylabel = "bits" if args.compression == "quantization" else "sparsity"
+            plot_layer_levels(report["levels"], out / "profile.png", ylabel,
+                              title=f"EvoPress {args.compression} profile (target {args.target})")
+        plot_fitness(result.history, out / "fitness.png",
+                     initial=min(result.initial_scores) if result.initial_scores else None)
         if args.save_model:
-            record = eval_space.compress(model, best)
+            if args.compression == "depth":
+                record = eval_space.compress(model, best)
+            else:
+                eval_space.apply(model, best)
+                record = {"evopress_levels": report["levels"]}
+                model.config.evopress_levels = report["levels"]
             model.save_pretrained(out / "model")
             tokenizer.save_pretrained(out / "model")
             report["saved_model"] = {"path": str(out / "model"), **record}
-        plot_depth_profile(description, space.num_layers, out / "profile.png",
-                           title=f"EvoPress depth profile ({description['dropped_sub_blocks']} sub-blocks dropped)")
-        plot_fitness(result.history, out / "fitness.png",
-                     initial=min(result.initial_scores) if result.initial_scores else None)
         report["timings"]["total_seconds"] = round(time.perf_counter() - t0, 1)
         atomic_write_json(out / "result.json", report)
     else:
@@ -288,23 +423,38 @@ def run_search(args: SearchArguments) -> dict:
     return report
 
 
+def space_random(space, reference, n: int, seed: int) -> list:
+    rng = random.Random(seed)
+    return [random_candidate(space.level_space, reference, rng) for _ in range(n)]
+
+
+def _budget_text(report: dict, r: dict) -> str:
+    kind = report.get("compression", "depth")
+    if kind == "quantization":
+        return f"{r['average_bits']:.2f} bit" if "average_bits" in r else "16 bit"
+    if kind == "sparsity":
+        return f"{r['sparsity']:.1%}" if "sparsity" in r else "0%"
+    return f"{r.get('dropped_sub_blocks', 0)} dropped"
+
+
 def format_table(report: dict) -> str:
-    """Before/after table of a report: perplexity, KL, parameters and time."""
+    """Before/after table of a report: perplexity, KL, parameters / budget and time."""
     rows = report["results"]
     times = report["timings"]
-    lines = [f"{'model':<24} {'ppl':>10} {'KL':>8} {'params (M)':>11} {'dropped':>8}",
-             "-" * 65]
+    lines = [f"{'model':<24} {'ppl':>10} {'KL':>8} {'params (M)':>11} {'budget':>12}", "-" * 69]
     for name, r in rows.items():
         kl = f"{r['kl']:.4f}" if "kl" in r else "-"
-        dropped = str(r.get("dropped_sub_blocks", 0))
-        lines.append(f"{name:<24} {r['perplexity']:>10.2f} {kl:>8} {r['parameters'] / 1e6:>11.1f} {dropped:>8}")
-    lines.append("-" * 65)
+        lines.append(f"{name:<24} {r['perplexity']:>10.2f} {kl:>8} {r['parameters'] / 1e6:>11.1f} "
+                     f"{_budget_text(report, r):>12}")
+    lines.append("-" * 69)
     lines.append(
         f"search {times.get('search_seconds', 0):.0f} s ({report['search']['generations']} generations, "
-        f"{report['search']['tokens'] / 1e6:.2f}M candidate-tokens), teacher {times.get('teacher_seconds', 0):.0f} s, "
-        f"total {times.get('total_seconds', 0):.0f} s"
+        f"{report['search']['tokens'] / 1e6:.2f}M candidate-tokens), teacher {times.get('teacher_seconds', 0):.0f} s"
+        + (f", database {times['database_seconds']:.0f} s" if "database_seconds" in times else "")
+        + f", total {times.get('total_seconds', 0):.0f} s"
     )
     p = report["profile"]
-    lines.append(f"dropped attention: {p['dropped_attention']}")
-    lines.append(f"dropped MLP:       {p['dropped_mlp']}")
+    if "dropped_attention" in p:
+        lines.append(f"dropped attention: {p['dropped_attention']}")
+        lines.append(f"dropped MLP:       {p['dropped_mlp']}")
     return "\n".join(lines)

@@ -56,3 +56,24 @@ def plot_fitness(history: list, path, initial: float | None = None, title: str =
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_layer_levels(levels: dict, path, ylabel: str, title: str = "Per-layer levels") -> Path:
+    """Level (bits or sparsity) of every searched linear, in model order, one colour per kind of
+    projection."""
+    plt = _plt()
+    names = list(levels)
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+    colours = {k: plt.get_cmap("tab10")(i % 10) for i, k in enumerate(kinds)}
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.06), 3.2))
+    ax.bar(range(len(names)), [levels[n] for n in names], color=[colours[n.rsplit(".", 1)[-1]] for n in names])
+    for k, c in colours.items():
+        ax.bar([], [], color=c, label=k)
+    ax.legend(fontsize=6, ncol=min(len(kinds), 7), loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    ax.set_xlabel("linear layers in model order")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -215,16 +215,20 @@ def knapsack(costs: list, errors: list, budget: int) -> list:
 
 def dp_candidate(space: DatabaseSpace) -> tuple:
     """SPDY-style baseline: minimise the sum of per-layer normalized reconstruction errors (from
-    the database) under the exact budget of ``space.uniform()``, by dynamic programming."""
+    the database) under the exact budget of ``space.uniform()``, by dynamic programming (one
+    knapsack per switch group)."""
     errors = [[space.db.error(n, lv) for lv in space.unit_levels[i]] for i, n in enumerate(space.names)]
-    if isinstance(space, QuantizationSpace):
-        unit = math.gcd(*space.numel)
-        costs = [[space.numel[i] // unit * b for b in space.bits] for i in range(len(space.names))]
-    else:  # sparsity: equal step in weights, so the level index is the cost
-        costs = [list(range(len(lv))) for lv in space.unit_levels]
     start = space.uniform()
-    budget = sum(costs[i][j] for i, j in enumerate(start))
-    return tuple(knapsack(costs, errors, budget))
+    out = list(start)
+    # One knapsack per switch group, so the result has the search space's exact budget (for
+    # quantization: the same average bits inside every group of equal-size layers).
+    for g in sorted(set(space.level_space.groups), key=str):
+        members = [i for i, gi in enumerate(space.level_space.groups) if gi == g]
+        costs = [[space.level_space.cost(i, j) for j in range(len(space.unit_levels[i]))] for i in members]
+        budget = sum(space.level_space.cost(i, start[i]) for i in members)
+        for i, j in zip(members, knapsack(costs, [errors[i] for i in members], budget)):
+            out[i] = j
+    return tuple(out)
 
 
 def owl_candidate(space: "SparsitySpace", lam: float, m: float, layer_of_unit=None) -> tuple:
