@@ -65,11 +65,12 @@ def plot_layer_levels(levels: dict, path, ylabel: str, title: str = "Per-layer l
     names = list(levels)
     kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
     colours = {k: plt.get_cmap("tab10")(i % 10) for i, k in enumerate(kinds)}
-    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.06), 3.2))
+    fig, ax = plt.subplots(figsize=(max(7, len(names) * 0.06), 3.2))
     ax.bar(range(len(names)), [levels[n] for n in names], color=[colours[n.rsplit(".", 1)[-1]] for n in names])
-    for k, c in colours.items():
-        ax.bar([], [], color=c, label=k)
-    ax.legend(fontsize=6, ncol=min(len(kinds), 7), loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in colours.items()], fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_xlabel("linear layers in model order")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

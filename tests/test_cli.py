@@ -61,6 +61,8 @@ def small_args(model, out, calib, generations=30):
         (["--target", "1.5"], "target must be a fraction"),
         (["--target", "0"], "target must be a fraction"),
         (["--compression", "pruning"], "Unknown compression"),
+        (["--compression", "quantization", "--target", "12"], "average bit width"),
+        (["--compression", "sparsity", "--target", "1.2"], "fraction"),
         (["--calibration", "wikitext2"], "evaluation text"),
         (["--preset", "turbo"], "Unknown preset"),
     ],
@@ -137,3 +139,28 @@ def test_killed_search_resumes_to_same_result(tmp_path, tiny_dir, calib_file):
     assert b["candidate"] == a["candidate"]
     assert [h["best_fitness"] for h in b["search"]["history"]] == [h["best_fitness"] for h in a["search"]["history"]]
     assert b["results"]["evopress"]["perplexity"] == a["results"]["evopress"]["perplexity"]
+
+
+@pytest.mark.parametrize("kind, extra, check", [
+    ("quantization", ["--target", "2.5", "--levels", "2,3,4", "--group-size", "32"],
+     lambda r: r["average_bits"] == pytest.approx(2.5)),
+    ("sparsity", ["--target", "0.6", "--max-offset", "2"], lambda r: r["sparsity"] == pytest.approx(0.6, abs=1e-4)),
+])
+def test_layerwise_search_builds_then_reuses_database(tmp_path, tiny_dir, calib_file, kind, extra, check):
+    db = tmp_path / "db"
+    common = ["search", "--model", tiny_dir, "--compression", kind, *extra, "--generations", 2, "--offspring", 3,
+              "--num-samples", 6, "--seq-len", 32, "--eval-windows", 2, "--eval-seq-len", 32, "--calibration",
+              calib_file, "--search-dtype", "float32", "--quiet", "--top-k", 64, "--database-dir", db]
+    first = run_cli(*common, "--output", tmp_path / "a", "--compare-baselines", "--random-candidates", 2)
+    assert first.returncode == 0, first.stderr
+    report = json.loads((tmp_path / "a" / "result.json").read_text())
+    expected = {"dense", "evopress", "uniform", "dp", "random_best_of_2"} | ({"owl"} if kind == "sparsity" else set())
+    assert set(report["results"]) == expected
+    for name in expected - {"dense"}:
+        assert check(report["results"][name]), name
+    assert all(v < 2 for v in report["database"]["bytes_per_weight"].values())
+    manifest = (db / "manifest.json").stat().st_mtime_ns
+    second = run_cli(*common, "--output", tmp_path / "b")
+    assert second.returncode == 0, second.stderr
+    assert (db / "manifest.json").stat().st_mtime_ns == manifest, "the database must be reused, not rebuilt"
+    assert json.loads((tmp_path / "b" / "result.json").read_text())["timings"]["database_seconds"] < 5
