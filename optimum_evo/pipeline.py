@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -266,7 +266,7 @@ def _best_by_kl(objective, candidates: dict, calib, tokens: int, seed: int, prog
     return min(scores, key=scores.get), scores
 
 
-def _layerwise_baselines(args, space, objective, calib, cfg) -> dict:
+def _layerwise_baselines(args, space, objective, calib) -> dict:
     from .spaces.layerwise import dp_candidate, owl_candidate
 
     baselines = {"uniform": space.uniform(), "dp": dp_candidate(space)}
@@ -330,7 +330,7 @@ def run_search(args: SearchArguments) -> dict:
     if args.compression == "depth":
         baselines = _depth_baselines(space, search_model, calib)
     else:
-        baselines = _layerwise_baselines(args, space, objective, calib, cfg)
+        baselines = _layerwise_baselines(args, space, objective, calib)
     notes = {k: baselines.pop(k) for k in [k for k in baselines if k.endswith("_setting")]}
     timings["baseline_seconds"] = time.perf_counter() - start
     heuristics = list(dict.fromkeys(baselines.values()))  # deduplicated, in order
