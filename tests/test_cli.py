@@ -100,7 +100,8 @@ def test_search_outputs(tmp_path, tiny_dir, calib_file):
     assert "evopress" in proc.stdout and "shortgpt" in proc.stdout and "sliding_cosine" in proc.stdout
     report = json.loads((out / "result.json").read_text())
     assert report["search"]["generations"] == 3 and len(report["search"]["history"]) == 3
-    assert set(report["results"]) == {"dense", "evopress", "shortgpt", "sliding_cosine", "random_best_of_3"}
+    assert set(report["results"]) == {"dense", "evopress", "shortgpt", "sliding_cosine", "shortgpt_blocks",
+                                      "sliding_cosine_blocks", "random_best_of_3"}
     assert report["profile"]["dropped_sub_blocks"] == 4
     # elitist: EvoPress's fitness is never worse than its best initial candidate's on the same data
     assert report["results"]["evopress"]["kl"] >= 0
