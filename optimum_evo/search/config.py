@@ -116,8 +116,8 @@ PRESETS: dict = {
     # CPU presets: fewer tokens per decision, more generations; see docs/depth-benchmark.md.
     "fast": {
         "depth": dict(generations=50, offspring=16, stages=_stages((2, 512), (1, 4096)), init_tokens=8192),
-        "sparsity": dict(generations=150, offspring=16, stages=_stages((4, 1024), (1, 8192)), init_tokens=8192),
-        "quantization": dict(generations=100, offspring=16, stages=_stages((4, 1024), (1, 8192)),
-                             init_tokens=8192),
+        # Not yet validated on the benchmark (see the issue note): same stage shape as depth.
+        "sparsity": dict(generations=60, offspring=16, stages=_stages((2, 512), (1, 4096)), init_tokens=8192),
+        "quantization": dict(generations=60, offspring=16, stages=_stages((2, 512), (1, 4096)), init_tokens=8192),
     },
 }
