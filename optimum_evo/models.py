@@ -65,6 +65,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple, Union
 
+from .utils import sha256_file
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -248,12 +250,6 @@ def _source_files(model: EmbeddedModel) -> list:
     return paths
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _materialize_gguf(model: EmbeddedModel, workdir: Path) -> Path:
@@ -261,7 +257,7 @@ def _materialize_gguf(model: EmbeddedModel, workdir: Path) -> Path:
     sources = _source_files(model)
     if len(sources) == 1:
         gguf_path = sources[0]
-        digest = _sha256(gguf_path)
+        digest = sha256_file(gguf_path)
     else:
         gguf_path = workdir / model.gguf_file
         hasher = hashlib.sha256()

@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -41,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..search.checkpoint import atomic_write_json
+from ..utils import sha256_file
 from .calibrate import walk_blocks
 from .obs import gptq, sparsegpt
 from .quantizer import dequantize_codes, pack_codes, unpack_codes
@@ -53,12 +53,6 @@ class StaleDatabaseError(ValueError):
     """The database on disk does not match the request, or is corrupt."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def level_key(level) -> str:
@@ -181,7 +175,7 @@ class LevelDatabase:
         if verify:
             for name, info in manifest["modules"].items():
                 path = root / info["file"]
-                if not path.exists() or _sha256(path) != info["sha256"]:
+                if not path.exists() or sha256_file(path) != info["sha256"]:
                     raise StaleDatabaseError(f"The level database at {root} is corrupt: {info['file']} "
                                              "is missing or fails its checksum.")
         return cls(root, manifest)
@@ -250,7 +244,7 @@ class LevelDatabase:
                     acc[1] += linear.weight.numel()
                 rel = f"layers/{full}.safetensors"
                 save_file(tensors, str(build_dir / rel))
-                entries[full] = {"shape": list(linear.weight.shape), "file": rel, "sha256": _sha256(build_dir / rel),
+                entries[full] = {"shape": list(linear.weight.shape), "file": rel, "sha256": sha256_file(build_dir / rel),
                                  "levels": module_levels, "errors": errors}
             block.advance()
         manifest = {
