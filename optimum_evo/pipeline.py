@@ -273,7 +273,10 @@ def _layerwise_baselines(args, space, objective, calib) -> dict:
     if args.compression == "sparsity":
         grid = {f"owl(lambda={lam},M={m})": owl_candidate(space, lam, m)
                 for lam in (0.02, 0.05, 0.08, 0.1, 0.15, 0.2) for m in (3, 5, 7, 10)}
-        grid = {k: v for k, v in grid.items() if v not in list(grid.values())[: list(grid).index(k)]}
+        first_name = {}
+        for name, cand in grid.items():  # identical profiles from different settings: score once
+            first_name.setdefault(cand, name)
+        grid = {name: cand for cand, name in first_name.items()}
         best, _ = _best_by_kl(objective, grid, calib, 2048, args.seed + 3, args.progress, "OWL grid")
         baselines["owl"] = grid[best]
         baselines["owl_setting"] = best

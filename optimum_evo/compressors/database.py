@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -45,14 +46,14 @@ from .calibrate import walk_blocks
 from .obs import gptq, sparsegpt
 from .quantizer import dequantize_codes, pack_codes, unpack_codes
 
+logger = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
 KINDS = ("quantization", "sparsity")
 
 
 class StaleDatabaseError(ValueError):
     """The database on disk does not match the request, or is corrupt."""
-
-
 
 
 def level_key(level) -> str:
@@ -274,7 +275,5 @@ class LevelDatabase:
                 return db
         except StaleDatabaseError as e:
             if Path(root).exists():
-                import logging
-
-                logging.getLogger(__name__).warning("%s Rebuilding it.", e)
+                logger.warning("%s Rebuilding it.", e)
         return cls.build(model, windows, kind, levels, root, settings, identity, modules, progress)

@@ -12,12 +12,11 @@ Example:
 from __future__ import annotations
 
 import math
-import random
 
 import torch
 
 from ..modeling import find_decoder_layout
-from ..search import LevelSpace, random_candidate
+from ..search import LevelSpace
 
 
 class DatabaseSpace:
@@ -70,10 +69,6 @@ class DatabaseSpace:
             if self._current[i] is not None:
                 m.weight.copy_(self._dense[i])
                 self._current[i] = None
-
-    def random_candidates(self, reference, n: int, seed: int = 0) -> list:
-        rng = random.Random(seed)
-        return [random_candidate(self.level_space, reference, rng) for _ in range(n)]
 
     def profile(self, cand) -> dict:
         return {name: self.unit_levels[i][idx] for i, (name, idx) in enumerate(zip(self.names, cand))}
@@ -152,20 +147,18 @@ class SparsitySpace(DatabaseSpace):
     def __init__(self, model, db, target: float, step: int, max_offset: int, cache: bool = True):
         self.target, self.step, self.max_offset = target, step, max_offset
         names = list(db.modules)
-        unit_levels = []
+        unit_levels, self._centers = [], []
         for n in names:
             numel = math.prod(db.modules[n]["shape"])
             expected = self.level_fractions(numel, target, step, max_offset)
             stored = db.module_levels(n)
-            if [round(x * numel) for x in stored] != [round(x * numel) for x in expected]:
+            counts = [round(x * numel) for x in stored]
+            if counts != [round(x * numel) for x in expected]:
                 raise ValueError(f"The sparsity database levels of {n!r} do not match target={target}, step={step}; "
                                  "rebuild it with these settings.")
             unit_levels.append(stored)
+            self._centers.append(counts.index(round(target * numel)))
         super().__init__(model, db, unit_levels, [0] * len(names), None, cache)
-        self._centers = []
-        for n, lv in zip(names, unit_levels):
-            numel = math.prod(db.modules[n]["shape"])
-            self._centers.append([round(x * numel) for x in lv].index(round(target * numel)))
 
     def uniform(self) -> tuple:
         return tuple(self._centers)
@@ -231,22 +224,28 @@ def dp_candidate(space: DatabaseSpace) -> tuple:
     return tuple(out)
 
 
+def _outlier_ratios(space: DatabaseSpace, m: float, layers: tuple) -> list:
+    """Per decoder block, the fraction of ``|W| * ||x||`` above ``m`` times its mean (cached per
+    space, since the OWL grid asks for the same ``m`` with several lambdas)."""
+    cache = space.__dict__.setdefault("_outlier_ratio_cache", {})
+    if (m, layers) not in cache:
+        ratios = []
+        for layer in range(max(layers) + 1):
+            metric = torch.cat([
+                (space._dense[i].float().abs() * space.db.act_norm(n).float().unsqueeze(0)).flatten()
+                for i, n in enumerate(space.names) if layers[i] == layer
+            ])
+            ratios.append(float((metric > m * metric.mean()).float().mean()))
+        cache[(m, layers)] = ratios
+    return cache[(m, layers)]
+
+
 def owl_candidate(space: "SparsitySpace", lam: float, m: float, layer_of_unit=None) -> tuple:
     """OWL (Yin et al. 2024): blocks with more outliers (``|W| * ||x||`` above ``m`` times its mean)
     get lower sparsity, spread over ``target +- lam``; mapped to the nearest level and repaired to
     the exact budget."""
     layers = space.layer_of_unit if layer_of_unit is None else layer_of_unit
-    n_layers = max(layers) + 1
-    ratios = []
-    for layer in range(n_layers):
-        metrics = []
-        for i, n in enumerate(space.names):
-            if layers[i] == layer:
-                w = space._dense[i].float().abs() * space.db.act_norm(n).float().unsqueeze(0)
-                metrics.append(w.flatten())
-        metric = torch.cat(metrics)
-        ratios.append(float((metric > m * metric.mean()).float().mean()))
-    r = torch.tensor(ratios)
+    r = torch.tensor(_outlier_ratios(space, m, tuple(layers)))
     spread = r.max() - r.min()
     r = (r - r.min()) / spread * (2 * lam) if spread > 0 else torch.zeros_like(r)
     layer_sparsity = space.target - (r - r.mean())  # more outliers -> less sparsity
