@@ -1,0 +1,267 @@
+"""Layer classes of a compressed EvoPress model.
+
+:class:`EvoPressQuantLinear` is a linear layer whose weight is stored **packed** at its own bit width
+(mixed bits across modules), in the level database's format (:mod:`optimum_evo.compressors.database`):
+
+===========  ===============================  ==================================================
+buffer       dtype, shape                     content
+===========  ===============================  ==================================================
+``qweight``  uint8, ``[ceil(out*in*bits/8)]``  integer codes ``[out, in]``, row-major, bit-packed
+                                              LSB first (:func:`~optimum_evo.compressors.quantizer.pack_codes`)
+``scales``   float16, ``[out, groups]``        one scale per output row and input group
+``qzeros``   uint8, ``[ceil(out*groups*bits/8)]``  integer zero-points ``[out, groups]``, bit-packed
+``g_idx``    int32, ``[in]`` (act-order only)  group of each input column (default ``col // group_size``)
+===========  ===============================  ==================================================
+
+A weight is read back as ``scales[:, g] * (codes - zeros[:, g])`` (in float32, then cast to the
+input's dtype), exactly what the search scored. The layout is this project's own bit stream, *not*
+GPTQ's int32 ``qweight`` packing: exporters convert through :meth:`EvoPressQuantLinear.quantized_data`.
+
+The class subclasses :class:`torch.nn.Linear` (without calling its ``__init__``) and has
+``weight = None``, so PEFT's LoRA dispatcher wraps it like any linear with no custom registration;
+``qweight`` tells PEFT the device, ``compute_dtype`` the adapter dtype. Merging a LoRA adapter into
+it is not possible in place (the weight is packed); dequantize with :meth:`EvoPressQuantLinear.to_linear`
+first.
+
+Sparse linears stay plain :class:`torch.nn.Linear` holding exact zeros; dropped attention / MLP
+sub-blocks are :class:`optimum_evo.modeling.DroppedAttention` / :class:`~optimum_evo.modeling.DroppedMLP`.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> dense = nn.Linear(256, 64, bias=False)
+    >>> q = EvoPressQuantLinear.from_linear(dense, bits=3, group_size=128)   # round-to-nearest
+    >>> q.qweight.numel() == 64 * 256 * 3 // 8
+    True
+    >>> y = q(torch.randn(2, 256))
+    >>> data = q.quantized_data()            # codes [64, 256] uint8, scales/zeros [64, 2], g_idx [256]
+    >>> (data.bits, data.group_size, tuple(data.codes.shape))
+    (3, 128, (64, 256))
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ...compressors.obs import QuantizedWeight
+from ...compressors.quantizer import dequantize_codes, find_params, quantize_codes
+
+__all__ = ["EvoPressQuantLinear", "unpack_bits", "packed_bytes"]
+
+
+def packed_bytes(numel: int, bits: int) -> int:
+    """Bytes of ``numel`` codes of ``bits`` bits packed back to back."""
+    return (numel * bits + 7) // 8
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
+    """Unpack codes written by :func:`~optimum_evo.compressors.quantizer.pack_codes` (same result as
+    its ``unpack_codes``, uint8 of ``shape``), working in uint8 on the tensor's own device so it is
+    cheap enough to run in every forward."""
+    n = math.prod(int(d) for d in shape)
+    device = packed.device
+    if bits == 8:
+        return packed[:n].view(*shape).clone()
+    if 8 % bits == 0:  # 1, 2, 4 bits: codes never straddle a byte
+        per_byte = 8 // bits
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
+        codes = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(-1)[:n].view(*shape) if per_byte > 1 else codes.view(*shape)
+    bitstream = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=device)) & 1
+    bitstream = bitstream.reshape(-1)[: n * bits].view(n, bits)
+    codes = torch.zeros(n, dtype=torch.uint8, device=device)
+    for b in range(bits):
+        codes |= bitstream[:, b] << b
+    return codes.view(*shape)
+
+
+class EvoPressQuantLinear(nn.Linear):
+    """A packed ``bits``-bit linear layer (see the module docstring for the storage format).
+
+    Args:
+        in_features, out_features: the dense layer's shape (weight ``[out_features, in_features]``).
+        bits: bit width of the codes, 1..8.
+        group_size: input columns per scale / zero-point group (``<= 0`` or ``None``: one group per row).
+        bias: whether the layer has a bias (kept dense, in ``dtype``).
+        act_order: whether a ``g_idx`` buffer maps input columns to groups (GPTQ act-order).
+        device, dtype: of the buffers / bias (``dtype`` is the bias's and the default compute dtype;
+            the scales are always float16).
+        cache_dequantized: keep the dequantized weight between forwards (faster, dense-size memory).
+
+    The buffers are empty after construction (this is how the model skeleton is built before a
+    checkpoint's packed tensors are loaded into it); build a filled layer with
+    :meth:`from_quantized`, :meth:`from_packed` or :meth:`from_linear`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = 128,
+                 bias: bool = False, act_order: bool = False, device=None, dtype=None,
+                 cache_dequantized: bool = False):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: no dense weight is ever allocated
+        if not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise ValueError(f"bits must be an integer in 1..8, got {bits!r}.")
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}.")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.bits = bits
+        self.group_size = self.in_features if not group_size or group_size <= 0 else int(group_size)
+        self.num_groups = math.ceil(self.in_features / self.group_size)
+        self.act_order = bool(act_order)
+        self.compute_dtype = dtype or torch.get_default_dtype()
+        self.cache_dequantized = cache_dequantized
+        self._cache = None
+        self.register_parameter("weight", None)
+        self.register_buffer("qweight", torch.zeros(packed_bytes(self.out_features * self.in_features, bits),
+                                                    dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(self.out_features, self.num_groups, dtype=torch.float16,
+                                                   device=device))
+        self.register_buffer("qzeros", torch.zeros(packed_bytes(self.out_features * self.num_groups, bits),
+                                                   dtype=torch.uint8, device=device))
+        if self.act_order:
+            self.register_buffer("g_idx", (torch.arange(self.in_features, device=device) // self.group_size)
+                                 .to(torch.int32))
+        else:
+            self.register_buffer("g_idx", None)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=self.compute_dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_packed(cls, tensors: dict, in_features: int, out_features: int, bits: int, group_size: int | None,
+                    bias: torch.Tensor | None = None, act_order: bool | None = None, device=None, dtype=None,
+                    **kwargs) -> "EvoPressQuantLinear":
+        """A layer from a level database entry (:func:`~optimum_evo.compressors.database.encode_quantized`
+        format: ``codes``, ``scales``, ``zeros`` and optionally ``g_idx``), e.g.
+        ``EvoPressQuantLinear.from_packed(db.tensors(name, 3), 576, 1536, 3, 128)``."""
+        act_order = ("g_idx" in tensors) if act_order is None else act_order
+        device = device if device is not None else tensors["codes"].device
+        layer = cls(in_features, out_features, bits, group_size, bias=bias is not None, act_order=act_order,
+                    device=device, dtype=dtype or (bias.dtype if bias is not None else None), **kwargs)
+        expected = {"codes": layer.qweight.shape, "scales": layer.scales.shape, "zeros": layer.qzeros.shape}
+        for key, shape in expected.items():
+            if tuple(tensors[key].shape) != tuple(shape):
+                raise ValueError(f"Packed {key!r} has shape {tuple(tensors[key].shape)}, expected {tuple(shape)} for a "
+                                 f"{bits}-bit [{out_features}, {in_features}] layer with group size {layer.group_size}.")
+        with torch.no_grad():
+            layer.qweight.copy_(tensors["codes"])
+            layer.scales.copy_(tensors["scales"])
+            layer.qzeros.copy_(tensors["zeros"])
+            if layer.act_order and "g_idx" in tensors:
+                layer.g_idx.copy_(tensors["g_idx"])
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedWeight, bias: torch.Tensor | None = None, act_order: bool | None = None,
+                       device=None, dtype=None, **kwargs) -> "EvoPressQuantLinear":
+        """A layer from a :class:`~optimum_evo.compressors.obs.QuantizedWeight` (GPTQ's output)."""
+        from ...compressors.database import encode_quantized
+
+        out_features, in_features = q.codes.shape
+        tensors = encode_quantized(q)
+        if act_order and "g_idx" not in tensors:
+            tensors["g_idx"] = q.g_idx.to(torch.int32)
+        return cls.from_packed(tensors, in_features, out_features, q.bits, q.group_size, bias=bias,
+                               act_order=act_order, device=device, dtype=dtype, **kwargs)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = 128, sym: bool = False,
+                    **kwargs) -> "EvoPressQuantLinear":
+        """Round-to-nearest quantization of a dense ``linear`` (per row and group, min-max range).
+        The search uses GPTQ levels from the database instead; this is for tests and quick use."""
+        w = linear.weight.detach().float().cpu()
+        rows, cols = w.shape
+        gs = cols if not group_size or group_size <= 0 else int(group_size)
+        n_groups = math.ceil(cols / gs)
+        scales, zeros, codes = torch.zeros(rows, n_groups), torch.zeros(rows, n_groups), torch.zeros(rows, cols)
+        for g in range(n_groups):
+            block = w[:, g * gs:(g + 1) * gs]
+            s, z = find_params(block, bits, sym=sym)
+            scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+            codes[:, g * gs:(g + 1) * gs] = quantize_codes(block, s, z, bits)
+        q = QuantizedWeight(codes.to(torch.uint8), scales, zeros, (torch.arange(cols) // gs).to(torch.int32), bits, gs)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        kwargs.setdefault("dtype", linear.weight.dtype)
+        layer = cls.from_quantized(q, bias=bias, **kwargs)
+        return layer.to(linear.weight.device)
+
+    # ------------------------------------------------------------------ reading
+    def quantized_data(self) -> QuantizedWeight:
+        """The quantized weight, unpacked, for exporters: a
+        :class:`~optimum_evo.compressors.obs.QuantizedWeight` with ``codes`` (uint8 ``[out, in]``),
+        ``scales`` (float32 holding the stored float16 values, ``[out, groups]``), ``zeros`` (float32
+        holding integers, ``[out, groups]``), ``g_idx`` (int32 ``[in]``, always present), ``bits`` and
+        ``group_size``. ``dequantize()`` of it equals :meth:`dequantize_weight` in float32."""
+        codes = unpack_bits(self.qweight, self.bits, (self.out_features, self.in_features))
+        zeros = unpack_bits(self.qzeros, self.bits, (self.out_features, self.num_groups)).float()
+        return QuantizedWeight(codes, self.scales.float(), zeros, self._g_idx().to(torch.int32), self.bits,
+                               self.group_size)
+
+    def _g_idx(self) -> torch.Tensor:
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return torch.arange(self.in_features, device=self.qweight.device) // self.group_size
+
+    def _cache_key(self, dtype):
+        tensors = [self.qweight, self.scales, self.qzeros] + ([self.g_idx] if self.g_idx is not None else [])
+        return (dtype, self.qweight.device, *((t.data_ptr(), t._version) for t in tensors))
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight ``[out, in]`` (computed in float32, returned in ``dtype``, default
+        ``compute_dtype``); bit-identical to the level database's decoded weight."""
+        dtype = dtype or self.compute_dtype
+        if self._cache is not None and self._cache[0] == self._cache_key(dtype):
+            return self._cache[1]
+        codes = unpack_bits(self.qweight, self.bits, (self.out_features, self.in_features)).float()
+        zeros = unpack_bits(self.qzeros, self.bits, (self.out_features, self.num_groups)).float()
+        g = self._g_idx()
+        w = dequantize_codes(codes, self.scales.float()[:, g], zeros[:, g]).to(dtype)
+        self._cache = (self._cache_key(dtype), w) if self.cache_dequantized else None
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dequantize_weight(x.dtype), bias)
+
+    @torch.no_grad()
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A dense :class:`torch.nn.Linear` with the dequantized weight (e.g. before merging LoRA)."""
+        dtype = dtype or self.compute_dtype
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(self.dequantize_weight(dtype).clone())
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().to(dtype).clone())
+        return linear
+
+    def storage_bytes(self) -> int:
+        """Bytes of the stored weight (codes, scales, zeros, g_idx; bias excluded)."""
+        tensors = [self.qweight, self.scales, self.qzeros] + ([self.g_idx] if self.g_idx is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # ------------------------------------------------------------------ torch plumbing
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` / `.half()` cast floating buffers: keep the scales float16 (they
+        # are data, not compute precision) by moving them as an int16 view, which only changes device.
+        scales = self._buffers.pop("scales", None)
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            if scales is not None:
+                self._buffers["scales"] = fn(scales.view(torch.int16)).view(torch.float16)
+        probe = fn(torch.empty(0, dtype=self.compute_dtype))
+        if probe.is_floating_point():
+            self.compute_dtype = probe.dtype
+        self._cache = None
+        return result
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}"
+                + (", act_order=True" if self.act_order else ""))
