@@ -1,0 +1,325 @@
+"""Closed-form low-rank error correction of compressed linear layers (EoRA-style).
+
+For a compressed linear with dense weight ``W`` and compressed weight ``W_c`` (sparse, or
+quantized and dequantized), we look for a rank-``r`` correction ``B A`` so that the corrected layer
+``W_c + B A`` reproduces the dense layer's outputs on calibration inputs:
+
+``min_{rank(M) <= r}  || X_d W^T - X_c (W_c + M)^T ||_F``
+
+* ``inputs="dense"`` (EoRA, Liu et al. 2024): ``X_c = X_d`` are the dense model's inputs, the
+  target is the residual ``D = W - W_c`` and the loss is ``tr(E H E^T)`` with ``E = D - M`` and
+  ``H = X^T X``. With ``H = Q diag(l) Q^T`` and ``S = Q diag(sqrt l)``, the best rank-``r`` ``M``
+  is the truncated SVD of ``D S`` mapped back by ``S^-1`` (the residual projected on the
+  activation eigenspace).
+* ``inputs="compressed"``: layers are processed block by block on the *compressed* model whose
+  earlier blocks are already corrected, and each layer is asked to reproduce the *dense* model's
+  outputs from its own (compressed) inputs. The unconstrained solution is
+  ``M* = W G H^-1 - W_c`` with ``G = X_d^T X_c``, ``H = X_c^T X_c``; the rank-``r`` solution is the
+  truncated SVD of ``M* S`` (reduced-rank regression), so a layer also compensates the error
+  that reaches it from the layers before it.
+* ``method="svd"``: plain truncated SVD of ``D`` (activation-blind ablation).
+
+Example:
+    >>> A, B = low_rank_correction(residual, H, rank=16, method="eora")   # doctest: +SKIP
+    >>> adapters = closed_form_adapters(compressed, dense, windows, rank=16)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..compressors.calibrate import linear_modules, walk_blocks
+from ..modeling import find_decoder_layout
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("eora", "svd")
+INPUTS = ("dense", "compressed")
+
+
+@dataclass
+class Adapter:
+    """A rank-``r`` correction ``B @ A`` of one linear (``A``: ``[r, in]``, ``B``: ``[out, r]``)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        return self.B @ self.A
+
+
+def compressed_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a compressed linear actually computes with, as a float tensor.
+
+    Uses ``module.dequantize()`` when the layer has one (packed quantized layers), else
+    ``module.weight`` (sparse weights with zeros, or quantized weights loaded dequantized).
+    """
+    deq = getattr(module, "dequantize", None)
+    if callable(deq):
+        return deq().detach().float()
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has neither a tensor `weight` nor a `dequantize()` method; "
+                        "cannot read its compressed weight.")
+    return w.detach().float()
+
+
+def _whitening(H: torch.Tensor, damp: float):
+    """``S`` and ``S^-1`` with ``S S^T = H + damp * mean(diag H) I`` from the eigendecomposition."""
+    H = H.double()
+    lam, Q = torch.linalg.eigh(H)
+    floor = damp * float(torch.diagonal(H).mean().clamp(min=1e-12))
+    lam = lam.clamp(min=0) + floor
+    s = lam.sqrt()
+    return Q * s.unsqueeze(0), (Q / s.unsqueeze(0)).t()
+
+
+@torch.no_grad()
+def low_rank_correction(residual: torch.Tensor, H: torch.Tensor | None, rank: int, method: str = "eora",
+                        damp: float = 0.01) -> Adapter:
+    """Best rank-``rank`` ``B @ A`` approximating ``residual`` (``[out, in]``).
+
+    Args:
+        residual: the matrix to approximate, ``W - W_c`` (or ``M*`` for compressed inputs).
+        H: ``X^T X`` (any positive scale) of the layer's inputs; required for ``"eora"``.
+        rank: adapter rank (clipped to ``min(out, in)``).
+        method: ``"eora"`` (error weighted by the activations: minimises ``tr(E H E^T)``) or
+            ``"svd"`` (plain Frobenius norm).
+        damp: eigenvalues are floored at ``damp * mean(diag H)`` so that directions the
+            calibration inputs never visit do not blow up ``S^-1``.
+
+    Returns:
+        an :class:`Adapter` with the singular values split evenly between ``A`` and ``B`` (the
+        balanced factorization trains best).
+
+    Example:
+        >>> D = torch.randn(8, 6); H = torch.eye(6)
+        >>> ad = low_rank_correction(D, H, rank=6)
+        >>> bool(torch.allclose(ad.delta(), D, atol=1e-4))
+        True
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}.")
+    D = residual.double()
+    r = min(rank, *D.shape)
+    if method == "eora":
+        if H is None:
+            raise ValueError("method='eora' needs the input statistics H = X^T X of the layer.")
+        S, S_inv = _whitening(H, damp)
+        U, sigma, Vh = torch.linalg.svd(D @ S, full_matrices=False)
+        Vh = Vh[:r] @ S_inv
+    else:
+        U, sigma, Vh = torch.linalg.svd(D, full_matrices=False)
+        Vh = Vh[:r]
+    root = sigma[:r].sqrt()
+    B = U[:, :r] * root.unsqueeze(0)
+    A = root.unsqueeze(1) * Vh
+    return Adapter(A.float().contiguous(), B.float().contiguous())
+
+
+def resolve_ranks(names, rank: int, rank_pattern: dict | None = None) -> dict:
+    """Rank of every module name: ``rank_pattern`` keys are matched like peft's ``rank_pattern``
+    (regular expression matched at the end of the name, after a dot); unmatched names get
+    ``rank``. A rank of 0 leaves the module uncorrected.
+
+    Example:
+        >>> resolve_ranks(["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"], 8, {"down_proj": 32})
+        {'model.layers.0.mlp.down_proj': 32, 'model.layers.0.self_attn.q_proj': 8}
+    """
+    from peft.utils.other import get_pattern_key
+
+    if rank < 0 or any(int(v) < 0 for v in (rank_pattern or {}).values()):
+        raise ValueError("ranks must be >= 0 (0 = leave the module uncorrected).")
+    out = {}
+    for n in names:
+        key = get_pattern_key(list(rank_pattern or {}), n)
+        out[n] = int(rank_pattern[key]) if rank_pattern and key in rank_pattern else int(rank)
+    return out
+
+
+class _Stats:
+    """Running ``H = Xc^T Xc`` and, for compressed inputs, ``G = Xd^T Xc`` of one linear (float64)."""
+
+    def __init__(self, n: int, cross: bool):
+        self.H = torch.zeros(n, n, dtype=torch.float64)
+        self.G = torch.zeros(n, n, dtype=torch.float64) if cross else None
+        self.rows = 0
+
+    def add(self, xc: torch.Tensor, xd: torch.Tensor | None = None):
+        xc = xc.reshape(-1, xc.shape[-1]).double()
+        self.H += xc.t() @ xc
+        if self.G is not None:
+            self.G += xd.reshape(-1, xd.shape[-1]).double().t() @ xc
+        self.rows += xc.shape[0]
+
+
+@contextmanager
+def _capture_inputs(linears: dict, sink: dict):
+    handles = [m.register_forward_hook(lambda mod, args, out, n=n: sink.__setitem__(n, args[0].detach()))
+               for n, m in linears.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _added_corrections(linears: dict, adapters: dict):
+    """Forward hooks adding ``x A^T B^T`` to the outputs of the given linears (works for any
+    linear-like layer, packed ones included)."""
+    def hook(mod, args, out, ad):
+        x = args[0]
+        return out + (x.to(ad.A.dtype) @ ad.A.t() @ ad.B.t()).to(out.dtype)
+
+    handles = [m.register_forward_hook(lambda mod, args, out, ad=adapters[n]: hook(mod, args, out, ad))
+               for n, m in linears.items() if n in adapters]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _check_same_structure(compressed, dense) -> None:
+    lc, ld = find_decoder_layout(compressed), find_decoder_layout(dense)
+    if len(lc) != len(ld):
+        raise ValueError(
+            f"The compressed model has {len(lc)} decoder blocks and the dense model {len(ld)}: closed-form "
+            "correction needs the same layers (depth-pruned models have no per-linear residual to correct)."
+        )
+    for i, (a, b) in enumerate(zip(lc.layers, ld.layers)):
+        la, lb = linear_modules(a), linear_modules(b)
+        if list(la) != list(lb):
+            raise ValueError(f"Block {i} has linears {list(la)} in the compressed model and {list(lb)} in the dense one.")
+        for n in la:
+            if compressed_weight(la[n]).shape != lb[n].weight.shape:
+                raise ValueError(f"{lc.path}.{i}.{n}: compressed weight shape differs from the dense weight's.")
+
+
+@torch.no_grad()
+def closed_form_adapters(compressed, dense, windows: torch.Tensor, rank: int = 16, rank_pattern: dict | None = None,
+                         method: str = "eora", inputs: str = "dense", damp: float = 0.01, min_residual: float = 0.0,
+                         progress: bool = True) -> dict:
+    """Rank-``r`` corrections of every compressed linear of the decoder blocks.
+
+    Args:
+        compressed: the compressed model (not modified).
+        dense: the dense model with the same architecture.
+        windows: ``[N, T]`` calibration token ids (never the evaluation text).
+        rank, rank_pattern: global rank and per-module overrides (see :func:`resolve_ranks`).
+        method: ``"eora"`` or ``"svd"`` (see the module docstring).
+        inputs: ``"dense"`` or ``"compressed"`` activation statistics (see the module docstring).
+        damp: eigenvalue floor, relative to the mean input energy.
+        min_residual: linears whose relative residual ``||W - W_c|| / ||W||`` is at most this are
+            skipped (with the default 0, only exactly unchanged linears are skipped).
+
+    Returns:
+        ``{full module name: Adapter}``.
+
+    Example:
+        >>> ads = closed_form_adapters(compressed, dense, windows, rank=16)   # doctest: +SKIP
+        >>> ads["model.layers.0.self_attn.q_proj"].A.shape                   # doctest: +SKIP
+        torch.Size([16, 576])
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if inputs not in INPUTS:
+        raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}.")
+    _check_same_structure(compressed, dense)
+    layout = find_decoder_layout(compressed)
+    names = [f"{layout.path}.{i}.{n}" for i, layer in enumerate(layout.layers) for n in linear_modules(layer)]
+    ranks = resolve_ranks(names, rank, rank_pattern)
+    adapters: dict = {}
+    needs_stats = method == "eora" or inputs == "compressed"
+    if not needs_stats:  # plain SVD: no calibration pass at all
+        for i, (lc, ld) in enumerate(zip(layout.layers, find_decoder_layout(dense).layers)):
+            dl = linear_modules(ld)
+            for n, m in linear_modules(lc).items():
+                full = f"{layout.path}.{i}.{n}"
+                D = dl[n].weight.detach().float() - compressed_weight(m)
+                if ranks[full] and _significant(D, dl[n].weight, min_residual):
+                    adapters[full] = low_rank_correction(D, None, ranks[full], "svd")
+        return adapters
+
+    cross = inputs == "compressed"
+    dense_walk = walk_blocks(dense, windows, progress=progress and not cross, desc="Correction (dense inputs)")
+    walks = zip(dense_walk, walk_blocks(compressed, windows, progress=progress, desc="Correction (compressed inputs)")) \
+        if cross else ((b, None) for b in dense_walk)
+    for bd, bc in walks:
+        dl = bd.linears()
+        cl = bc.linears() if cross else linear_modules(layout.layers[bd.index])
+        todo = {}
+        for n in dl:
+            full = f"{bd.prefix}.{n}"
+            D = dl[n].weight.detach().float() - compressed_weight(cl[n])
+            if ranks[full] and _significant(D, dl[n].weight, min_residual):
+                todo[n] = D
+        stats = {n: _Stats(dl[n].in_features, cross) for n in todo}
+        dense_outputs = []
+        for w in range(len(bd.inputs)):
+            xd: dict = {}
+            with _capture_inputs({n: dl[n] for n in todo}, xd):
+                dense_outputs.append(bd._call(bd.inputs[w]))
+            if cross:
+                xc: dict = {}
+                with _capture_inputs({n: cl[n] for n in todo}, xc):
+                    bc._call(bc.inputs[w])
+                for n in todo:
+                    stats[n].add(xc[n], xd[n])
+            else:
+                for n in todo:
+                    stats[n].add(xd[n])
+        block_adapters = {}
+        for n, D in todo.items():
+            st = stats[n]
+            target = D
+            if cross:
+                # M* = W G H^-1 - W_c, with the same damping as the whitening
+                H = st.H + damp * float(torch.diagonal(st.H).mean().clamp(min=1e-12)) * torch.eye(st.H.shape[0],
+                                                                                                  dtype=st.H.dtype)
+                W = dl[n].weight.detach().double()
+                target = (torch.linalg.solve(H, (W @ st.G).t()).t() - compressed_weight(cl[n]).double()).float()
+            ad = low_rank_correction(target, st.H, ranks[f"{bd.prefix}.{n}"], method, damp)
+            block_adapters[n] = ad
+            adapters[f"{bd.prefix}.{n}"] = ad
+        bd._outputs = dense_outputs  # Block.advance() hands these to the next block
+        if cross:  # the next compressed block sees the corrected outputs of this one
+            with _added_corrections(cl, block_adapters):
+                bc._outputs = [bc._call(x) for x in bc.inputs]
+            bc.advance()
+        bd.advance()
+    return adapters
+
+
+def _significant(D: torch.Tensor, W: torch.Tensor, min_residual: float) -> bool:
+    norm = float(D.norm())
+    return norm > 0 and norm > min_residual * float(W.detach().float().norm())
+
+
+def adapter_parameters(adapters: dict) -> int:
+    """Number of adapter parameters (``r * (in + out)`` per module)."""
+    return sum(a.A.numel() + a.B.numel() for a in adapters.values())
+
+
+@torch.no_grad()
+def output_error(dense_linear: nn.Module, compressed_linear: nn.Module, x: torch.Tensor,
+                 adapter: Adapter | None = None) -> float:
+    """Relative output error ``||x W^T - x (W_c + B A)^T|| / ||x W^T||`` of one linear on ``x``."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    W = dense_linear.weight.detach().float()
+    Wc = compressed_weight(compressed_linear)
+    if adapter is not None:
+        Wc = Wc + adapter.delta()
+    return float((x @ (W - Wc).t()).norm() / (x @ W.t()).norm().clamp(min=1e-30))

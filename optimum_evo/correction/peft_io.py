@@ -1,0 +1,229 @@
+"""Correction adapters as standard PEFT LoRA: attach, save beside the compressed model, reload, merge.
+
+Layout written by :func:`save_correction` (``model_dir`` holds the compressed model)::
+
+    model_dir/                      config.json, model.safetensors, tokenizer ... (compressed model)
+    model_dir/lora-correction/      adapter_config.json   (base_model_name_or_path -> model_dir)
+                                    adapter_model.safetensors
+                                    evopress_correction.json (method, ranks, kinds, sizes)
+
+so every standard entry point restores compressed model + adapter::
+
+    AutoPeftModelForCausalLM.from_pretrained("model_dir/lora-correction")
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("model_dir"), "model_dir/lora-correction")
+    AutoModelForCausalLM.from_pretrained("model_dir/lora-correction")   # transformers' PEFT integration
+
+Merging: ``peft``'s own ``merge_and_unload`` adds ``B A`` into the weight, which silently destroys a
+sparsity pattern or a quantization grid. :func:`merge_correction` does it correctly for sparse
+layers (the merged weight is re-masked, so the layer keeps its exact sparsity) and refuses for
+quantized layers unless ``allow_dense=True`` (the result is then an uncompressed float weight).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .eora import Adapter, compressed_weight
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_SUBFOLDER = "lora-correction"
+METADATA_NAME = "evopress_correction.json"
+
+
+def _lora_config(adapters: dict, ranks_are_uniform: bool, rank_pattern: dict | None = None):
+    from peft import LoraConfig
+
+    ranks = {n: a.rank for n, a in adapters.items()}
+    default = max(set(ranks.values()), key=list(ranks.values()).count) if ranks else 8
+    if rank_pattern is None:  # per-module ranks (clipped, or uneven): exact names
+        rank_pattern = {} if ranks_are_uniform else {n.replace(".", r"\."): r for n, r in ranks.items() if r != default}
+    return LoraConfig(
+        r=default, lora_alpha=default, rank_pattern=dict(rank_pattern), alpha_pattern=dict(rank_pattern),
+        target_modules=sorted(adapters), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        init_lora_weights=True,
+    )
+
+
+@torch.no_grad()
+def attach_adapters(model, adapters: dict, adapter_name: str = "default"):
+    """Wrap ``model`` (the compressed model) in a ``PeftModelForCausalLM`` whose LoRA layers are the
+    given corrections (scaling 1: ``lora_alpha = r`` per module).
+
+    Args:
+        model: a transformers causal LM whose compressed linears are ``nn.Linear`` (or subclasses).
+        adapters: ``{full module name: Adapter}`` from
+            :func:`~optimum_evo.correction.eora.closed_form_adapters`.
+
+    Returns:
+        the ``PeftModel`` (the base model is modified in place, as with ``get_peft_model``).
+
+    Example:
+        >>> peft_model = attach_adapters(compressed, adapters)     # doctest: +SKIP
+        >>> peft_model.print_trainable_parameters()                # doctest: +SKIP
+    """
+    from peft import get_peft_model
+
+    if not adapters:
+        raise ValueError("No adapters to attach: the model has no compressed linear with a non-zero residual.")
+    uniform = len({a.rank for a in adapters.values()}) == 1
+    config = _lora_config(adapters, uniform)
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    load_adapter_weights(peft_model, adapters, adapter_name)
+    return peft_model
+
+
+@torch.no_grad()
+def load_adapter_weights(peft_model, adapters: dict, adapter_name: str = "default") -> None:
+    """Copy ``Adapter`` factors into the LoRA layers of an existing ``PeftModel``."""
+    base = peft_model.get_base_model()
+    for name, ad in adapters.items():
+        layer = base.get_submodule(name)
+        a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        if a.shape != ad.A.shape or b.shape != ad.B.shape:
+            raise ValueError(f"{name}: LoRA shapes {tuple(a.shape)}/{tuple(b.shape)} do not match the adapter's "
+                             f"{tuple(ad.A.shape)}/{tuple(ad.B.shape)}.")
+        a.copy_(ad.A)
+        b.copy_(ad.B)
+        if layer.scaling[adapter_name] != 1.0:
+            raise ValueError(f"{name}: LoRA scaling is {layer.scaling[adapter_name]}, expected 1 (lora_alpha = r).")
+
+
+def extract_adapters(peft_model, adapter_name: str = "default") -> dict:
+    """``{full module name: Adapter}`` of a ``PeftModel``'s LoRA layers (scaling folded into ``B``)."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, module in peft_model.get_base_model().named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            s = module.scaling[adapter_name]
+            out[name] = Adapter(module.lora_A[adapter_name].weight.detach().float().clone(),
+                                module.lora_B[adapter_name].weight.detach().float().clone() * s)
+    return out
+
+
+def adapter_bytes(peft_model, dtype: torch.dtype = torch.float16, adapter_name: str = "default") -> int:
+    """Size of the adapter's tensors when stored in ``dtype``."""
+    return sum(a.A.numel() + a.B.numel() for a in extract_adapters(peft_model, adapter_name).values()) * \
+        torch.empty(0, dtype=dtype).element_size()
+
+
+def save_correction(peft_model, model_dir, base_model_name_or_path: str | None = None,
+                    subfolder: str = ADAPTER_SUBFOLDER, dtype: torch.dtype | None = torch.float16,
+                    metadata: dict | None = None) -> Path:
+    """Save the correction adapter in ``model_dir/subfolder`` with ``base_model_name_or_path``
+    pointing at the compressed model, so ``AutoPeftModelForCausalLM.from_pretrained`` restores
+    compressed model + adapter.
+
+    Args:
+        peft_model: the corrected model (:func:`attach_adapters` or trained).
+        model_dir: folder of the saved compressed model (must hold its ``config.json``).
+        base_model_name_or_path: what the adapter config points at; default the absolute path of
+            ``model_dir``. Use the Hub repo id when the folder is pushed.
+        dtype: storage dtype of the LoRA tensors (``None`` keeps the training dtype); float16
+            halves the adapter against float32.
+        metadata: extra entries for ``evopress_correction.json``.
+
+    Returns:
+        the adapter folder.
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} holds no saved model (config.json): save the compressed model first "
+                                "(model.save_pretrained), then the correction beside it.")
+    out = model_dir / subfolder
+    config = peft_model.peft_config["default"]
+    config.base_model_name_or_path = base_model_name_or_path or str(model_dir.resolve())
+    state = None
+    if dtype is not None:
+        state = {k: (v.to(dtype) if "lora_" in k else v) for k, v in peft_model.state_dict().items()}
+    peft_model.save_pretrained(str(out), state_dict=state)
+    info = {"adapter_bytes": os.path.getsize(out / "adapter_model.safetensors"),
+            "ranks": {n: a.rank for n, a in extract_adapters(peft_model).items()}, **(metadata or {})}
+    (out / METADATA_NAME).write_text(json.dumps(info, indent=1, sort_keys=True))
+    return out
+
+
+def load_corrected(path, **kwargs):
+    """Load compressed model + correction from an adapter folder (or a model folder holding
+    ``lora-correction/``); keyword arguments go to ``AutoPeftModelForCausalLM.from_pretrained``."""
+    from peft import AutoPeftModelForCausalLM
+
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file() and (path / ADAPTER_SUBFOLDER / "adapter_config.json").is_file():
+        path = path / ADAPTER_SUBFOLDER
+    return AutoPeftModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def read_metadata(path) -> dict:
+    """The ``evopress_correction.json`` of an adapter folder (``{}`` when absent)."""
+    p = Path(path) / METADATA_NAME
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def module_kinds(model) -> dict:
+    """``{full module name: "sparsity" | "quantization"}`` from ``config.evopress_levels`` (written by
+    the EvoPress pipeline: fractions < 1 are sparsity levels, integers >= 1 bit widths)."""
+    levels = getattr(model.config, "evopress_levels", None) or {}
+    return {n: ("sparsity" if float(v) < 1 else "quantization") for n, v in levels.items()}
+
+
+class MergeRefusedError(ValueError):
+    """Merging would leave the compressed format (quantization grid, packed codes)."""
+
+
+@torch.no_grad()
+def merge_correction(peft_model, kinds: dict | None = None, allow_dense: bool = False,
+                     adapter_name: str = "default"):
+    """Merge the correction into the base weights *without* breaking the compression, and unload.
+
+    * sparse layers: ``W <- (W_c + B A) * mask`` with ``mask = (W_c != 0)``: the merged layer keeps
+      exactly its sparsity (the part of ``B A`` that falls on pruned weights is dropped, so a merged
+      model is usually worse than base + adapter);
+    * quantized layers (dequantized weights or packed codes): the merged weight is off the
+      quantization grid, so this raises :class:`MergeRefusedError` unless ``allow_dense=True``
+      (the merged layer is then a plain float layer and no longer compressed);
+    * layers of unknown kind are treated as quantized.
+
+    Args:
+        kinds: ``{full module name: "sparsity" | "quantization"}``; default from
+            ``config.evopress_levels`` (see :func:`module_kinds`).
+
+    Returns:
+        the unwrapped base model with merged weights.
+
+    Example:
+        >>> model = merge_correction(peft_model)     # sparse model: keeps its exact sparsity  # doctest: +SKIP
+    """
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    kinds = module_kinds(base) if kinds is None else kinds
+    layers = {n: m for n, m in base.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A}
+    blocked = [n for n, m in layers.items() if kinds.get(n) != "sparsity"
+               and (not allow_dense or not isinstance(getattr(m.get_base_layer(), "weight", None), torch.nn.Parameter))]
+    if blocked:
+        packed = [n for n in blocked if not isinstance(getattr(layers[n].get_base_layer(), "weight", None),
+                                                       torch.nn.Parameter)]
+        if packed:
+            raise MergeRefusedError(
+                f"{len(packed)} corrected layers (e.g. {packed[0]}) store packed codes; merging the float correction "
+                "would need re-quantization, which would undo it. Keep the adapter separate (PeftModel) instead.")
+        raise MergeRefusedError(
+            f"{len(blocked)} corrected layers (e.g. {blocked[0]}) are quantized (or of unknown kind): adding B A puts "
+            "their weights off the quantization grid, so the merged model would no longer be quantized. Keep the "
+            "adapter separate (PeftModel), or pass allow_dense=True to get an uncompressed float model.")
+    for n, layer in layers.items():
+        w = layer.get_base_layer().weight
+        delta = (layer.lora_B[adapter_name].weight.float() @ layer.lora_A[adapter_name].weight.float()) \
+            * layer.scaling[adapter_name]
+        merged = compressed_weight(layer.get_base_layer()) + delta
+        if kinds.get(n) == "sparsity":
+            merged = merged * (w != 0)
+        w.copy_(merged.to(w.dtype))
+    return peft_model.unload()
