@@ -1,0 +1,145 @@
+"""Trainer callbacks: sparsity masks survive training, eval_kl/eval_ppl are logged, compress after training."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+from torch import nn
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+from optimum_evo.compressors.obs import magnitude_prune
+from optimum_evo.fitness import TeacherCache, evaluate
+from optimum_evo.integrations.callbacks import (
+    CompressAfterTrainingCallback, EvaluationCallback, SparsityPreservingCallback,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: avoid oversubscribing shared CPUs
+    yield
+    torch.set_num_threads(before)
+
+
+class LMData(torch.utils.data.Dataset):
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _ids(n=8, t=24, vocab=128, seed=0):
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _args(tmp_path, steps=6, **kw):
+    return TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=steps, learning_rate=1e-2,
+                             per_device_train_batch_size=2, report_to=[], save_strategy="no", use_cpu=True,
+                             logging_steps=100, disable_tqdm=True, **kw)
+
+
+def _sparse_model():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear) and ".layers." in name:
+                m.weight.copy_(magnitude_prune(m.weight, 0.6))
+    return model
+
+
+@pytest.mark.parametrize("with_callback", [True, False])
+def test_sparsity_masks_survive_training(tmp_path, with_callback):
+    model = _sparse_model()
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and ".layers." in n}
+    cb = SparsityPreservingCallback(model)
+    assert set(cb.masks) == set(before)  # lm_head is dense: not protected
+    assert all(abs(s - 0.6) < 1e-3 for s in cb.sparsity().values())
+    Trainer(model=model, args=_args(tmp_path), train_dataset=LMData(_ids()),
+            callbacks=[cb] if with_callback else []).train()
+    kept = changed = 0
+    for n, w0 in before.items():
+        w = model.get_submodule(n).weight.detach()
+        kept += torch.equal(w == 0, w0 == 0)
+        changed += not torch.equal(w, w0)
+    assert changed == len(before)  # training did update every layer
+    if with_callback:
+        assert kept == len(before)  # exact same zeros, hence exact same sparsity
+        assert all(abs(s - 0.6) < 1e-3 for s in cb.sparsity().values())
+    else:
+        assert kept == 0  # without the callback, the optimizer fills the pruned weights in
+
+
+def test_sparsity_callback_module_selection_and_errors():
+    model = _sparse_model()
+    cb = SparsityPreservingCallback(model, modules=["model.layers.0.mlp.down_proj"])
+    assert list(cb.masks) == ["model.layers.0.mlp.down_proj"]
+    with pytest.raises(ValueError, match="not found"):
+        SparsityPreservingCallback(model, modules=["nope"])
+    with pytest.raises(ValueError, match="min_sparsity"):
+        SparsityPreservingCallback(model, min_sparsity=0)
+
+
+def test_evaluation_callback_logs_kl_and_perplexity(tmp_path):
+    dense = tiny_model("llama")
+    model = copy.deepcopy(dense)
+    eval_ids = _ids(n=3, seed=5)
+    teacher = TeacherCache.build(dense, eval_ids, "topk", top_k=32, progress=False)
+    cb = EvaluationCallback(eval_ids, teacher=teacher)
+    trainer = Trainer(model=model, args=_args(tmp_path, steps=4, eval_strategy="steps", eval_steps=2),
+                      train_dataset=LMData(_ids()), eval_dataset=LMData(_ids(n=2, seed=3)), callbacks=[cb])
+    metrics = trainer.evaluate()
+    assert metrics["eval_kl"] == pytest.approx(0.0, abs=1e-5)  # untrained: identical to the teacher
+    assert metrics["eval_ppl"] == pytest.approx(evaluate(dense, eval_ids, progress=False)["perplexity"], rel=1e-5)
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "eval_kl" in e]
+    assert [e["step"] for e in logged] == [2, 4]  # log_history restarts with train()
+    assert all("eval_loss" in e and "eval_ppl" in e for e in logged)  # merged into the Trainer's entries
+    assert logged[-1]["eval_kl"] > 1e-3  # training on random tokens moved the model away from the teacher
+    with torch.no_grad():
+        assert logged[-1]["eval_ppl"] == pytest.approx(evaluate(model, eval_ids, progress=False)["perplexity"], rel=1e-4)
+    with pytest.raises(ValueError, match="same windows"):
+        EvaluationCallback(eval_ids[:2], teacher=teacher)
+
+
+CALIB = ["The committee met on Tuesday to discuss the new budget for the school district. " * 30] * 10
+
+
+def test_compress_after_training_saves_and_pushes(tmp_path, monkeypatch):
+    from optimum_evo.models import embedded_model_path
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_path("smollm2"))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    ids = tok(CALIB[0], return_tensors="pt").input_ids[0][:64].view(4, 16)
+    uploads = []
+
+    class FakeApi:
+        def upload_folder(self, **kw):
+            uploads.append(kw)
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    cb = CompressAfterTrainingCallback(
+        {"compression": "depth", "target": 0.25, "mode": "block", "generations": 1, "offspring": 2,
+         "calibration": CALIB, "evaluation": CALIB, "num_samples": 4, "seq_len": 16, "eval_windows": 2,
+         "eval_seq_len": 16, "top_k": 16, "search_dtype": "float32", "progress": False},
+        output_dir=str(tmp_path / "evo"), push_to_hub="me/tiny-evopress")
+    Trainer(model=model, args=_args(tmp_path, steps=2), train_dataset=LMData(ids), processing_class=tok,
+            callbacks=[cb]).train()
+    saved = LlamaForCausalLM.from_pretrained(tmp_path / "evo" / "model")
+    assert saved.config.num_hidden_layers == 3  # one of four blocks dropped
+    assert (tmp_path / "evo" / "result.json").is_file() and (tmp_path / "evo" / "model" / "tokenizer.json").is_file()
+    assert cb.report["results"]["evopress"]["perplexity"] > 0
+    assert uploads == [{"repo_id": "me/tiny-evopress", "folder_path": str(tmp_path / "evo" / "model"),
+                        "commit_message": "EvoPress-compressed model (optimum-evo)"}]
+    with pytest.raises(ValueError, match="target"):
+        CompressAfterTrainingCallback({"compression": "depth", "target": 2.0})
