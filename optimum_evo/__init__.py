@@ -1,8 +1,16 @@
 """optimum-evo: EvoPress evolutionary dynamic compression for Hugging Face models.
 
+``import optimum_evo`` registers ``quant_method="evopress"`` with transformers (lazily: right away
+if transformers' quantizers are loaded, else when they are), so ``from_pretrained`` accepts an
+:class:`EvoPressConfig` and reloads EvoPress checkpoints.
+
 Example:
     >>> from optimum_evo import SearchArguments, run_search
     >>> report = run_search(SearchArguments(model="smollm2", target=0.25, output_dir="out"))  # doctest: +SKIP
+    >>> from transformers import AutoModelForCausalLM
+    >>> from optimum_evo import EvoPressConfig
+    >>> model = AutoModelForCausalLM.from_pretrained(
+    ...     "path/to/model", quantization_config=EvoPressConfig(compression="quantization", target=3.0))  # doctest: +SKIP
 """
 
 import importlib
@@ -14,6 +22,11 @@ _LAZY = {
     "resolve_model": "optimum_evo.models",
     "SearchArguments": "optimum_evo.pipeline",
     "run_search": "optimum_evo.pipeline",
+    "EvoPressConfig": "optimum_evo.integrations.transformers",
+    "EvoPressHfQuantizer": "optimum_evo.integrations.transformers",
+    "EvoPressQuantLinear": "optimum_evo.integrations.transformers",
+    "EvoPressLoadError": "optimum_evo.integrations.transformers",
+    "check_evopress_model": "optimum_evo.integrations.transformers",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -24,3 +37,8 @@ def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'optimum_evo' has no attribute {name!r}")
+
+
+from .integrations import transformers_hook as _transformers_hook  # noqa: E402  (torch-free)
+
+_transformers_hook.install()

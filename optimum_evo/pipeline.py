@@ -283,25 +283,86 @@ def _layerwise_baselines(args, space, objective, calib) -> dict:
     return baselines
 
 
+@dataclass
+class SearchOutcome:
+    """What :func:`search_loaded` found: the report, the best candidate, the search space bound to
+    the model that was passed in (restored to dense) and, for sparsity / quantization, the level
+    database (``space.profile(best)`` gives ``{module name: level}``)."""
+
+    report: dict
+    best: tuple
+    space: object
+    db: object
+    history: list
+
+
 def run_search(args: SearchArguments) -> dict:
     """Run a full EvoPress job (see :class:`SearchArguments`) and return the result dict that is
     also written to ``output_dir/result.json``."""
     from transformers import AutoTokenizer
 
     from .plotting import plot_depth_profile, plot_fitness, plot_layer_levels
-    from .spaces.depth import DepthSpace
 
     t0 = time.perf_counter()
-    timings: dict = {}
     out = Path(args.output_dir) if args.output_dir else None
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    calib = calibration_windows(args.calibration, tokenizer, args.num_samples, args.seq_len, args.seed)
-    eval_ids = evaluation_windows(args.evaluation, tokenizer, args.eval_seq_len, args.eval_windows)
+    model = _load_model(path, DTYPES[args.eval_dtype])
+    outcome = search_loaded(args, model, tokenizer, path)
+    report, best, eval_space = outcome.report, outcome.best, outcome.space
+    description = report["profile"]
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.compression == "depth":
+            num_layers = report["num_layers"]
+            plot_depth_profile(description, num_layers, out / "profile.png",
+                               title=f"EvoPress depth profile ({description['dropped_sub_blocks']} sub-blocks dropped)")
+        else:
+            ylabel = "bits" if args.compression == "quantization" else "sparsity"
+            plot_layer_levels(report["levels"], out / "profile.png", ylabel,
+                              title=f"EvoPress {args.compression} profile (target {args.target})")
+        initial = report["search"].get("initial_scores")
+        plot_fitness(outcome.history, out / "fitness.png", initial=min(initial) if initial else None)
+        if args.save_model:
+            if args.compression == "depth":
+                record = eval_space.compress(model, best)
+            else:
+                eval_space.apply(model, best)
+                record = {"evopress_levels": report["levels"]}
+                model.config.evopress_levels = report["levels"]
+            model.save_pretrained(out / "model")
+            tokenizer.save_pretrained(out / "model")
+            report["saved_model"] = {"path": str(out / "model"), **record}
+        report["timings"]["total_seconds"] = round(time.perf_counter() - t0, 1)
+        atomic_write_json(out / "result.json", report)
+    else:
+        report["timings"]["total_seconds"] = round(time.perf_counter() - t0, 1)
+    return report
 
-    eval_dtype = DTYPES[args.eval_dtype]
+
+def search_loaded(args: SearchArguments, model, tokenizer, path=None, evaluate_models: bool = True) -> SearchOutcome:
+    """The search of :func:`run_search` on an already loaded ``model`` (float32 or bfloat16, on
+    the CPU) and its ``tokenizer``: calibrate, (build or reuse the level database,) search,
+    evaluate. ``path`` names the model in caches and the report (default ``args.model``). The
+    model is left dense; nothing is written except the checkpoint / teacher cache under
+    ``args.output_dir`` and the database. ``evaluate_models=False`` skips the held-out evaluation
+    (``report["results"]`` is then empty).
+
+    Example:
+        >>> outcome = search_loaded(SearchArguments(compression="depth", target=0.25), model, tok)  # doctest: +SKIP
+        >>> outcome.space.compress(model, outcome.best)                                           # doctest: +SKIP
+    """
+    from .spaces.depth import DepthSpace
+
+    timings: dict = {}
+    out = Path(args.output_dir) if args.output_dir else None
+    path = path if path is not None else args.model
+    calib = calibration_windows(args.calibration, tokenizer, args.num_samples, args.seq_len, args.seed)
+    eval_ids = (evaluation_windows(args.evaluation, tokenizer, args.eval_seq_len, args.eval_windows)
+                if evaluate_models else None)
+
+    eval_dtype = model.dtype
     search_dtype = fastest_dtype() if args.search_dtype == "auto" else DTYPES[args.search_dtype]
-    model = _load_model(path, eval_dtype)
     search_model = model if search_dtype == eval_dtype else copy.deepcopy(model).to(search_dtype)
     db = None
     if args.compression == "depth":
@@ -362,14 +423,16 @@ def run_search(args: SearchArguments) -> dict:
     # Evaluation on held-out text, in eval dtype.
     eval_space = make_space(model)
     eval_space.restore(model)
-    eval_teacher = TeacherCache.build(model, eval_ids, "topk", args.top_k, progress=False)
-    rows = {"dense": evaluate(model, eval_ids, eval_teacher, progress=args.progress, desc="Evaluating dense")}
-    to_eval = {"evopress": best, **(baselines if args.compare_baselines else {})}
-    for name, cand in to_eval.items():
-        eval_space.apply(model, cand)
-        rows[name] = evaluate(model, eval_ids, eval_teacher, progress=args.progress, desc=f"Evaluating {name}")
-        rows[name].update(eval_space.describe(cand))
-    eval_space.restore(model)
+    rows = {}
+    if evaluate_models:
+        eval_teacher = TeacherCache.build(model, eval_ids, "topk", args.top_k, progress=False)
+        rows["dense"] = evaluate(model, eval_ids, eval_teacher, progress=args.progress, desc="Evaluating dense")
+        to_eval = {"evopress": best, **(baselines if args.compare_baselines else {})}
+        for name, cand in to_eval.items():
+            eval_space.apply(model, cand)
+            rows[name] = evaluate(model, eval_ids, eval_teacher, progress=args.progress, desc=f"Evaluating {name}")
+            rows[name].update(eval_space.describe(cand))
+        eval_space.restore(model)
     total_params = sum(p.numel() for p in model.parameters())
     for r in rows.values():
         r.setdefault("parameters", total_params)
@@ -388,7 +451,8 @@ def run_search(args: SearchArguments) -> dict:
         "baseline_settings": notes,
         "search": {**result.to_dict(), "work": search_stats},
         "evaluation": {"text": args.to_dict()["evaluation"], "windows": int(eval_ids.shape[0]),
-                       "seq_len": args.eval_seq_len, "dtype": args.eval_dtype},
+                       "seq_len": args.eval_seq_len, "dtype": str(eval_dtype).replace("torch.", "")}
+        if evaluate_models else None,
         "results": rows,
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
@@ -397,33 +461,7 @@ def run_search(args: SearchArguments) -> dict:
                               "disk_bytes": sum(f.stat().st_size for f in db.root.rglob("*") if f.is_file()),
                               "build_seconds": db.manifest.get("build_seconds")}
         report["levels"] = eval_space.profile(best)
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        if args.compression == "depth":
-            num_layers = report["num_layers"]
-            plot_depth_profile(description, num_layers, out / "profile.png",
-                               title=f"EvoPress depth profile ({description['dropped_sub_blocks']} sub-blocks dropped)")
-        else:
-            ylabel = "bits" if args.compression == "quantization" else "sparsity"
-            plot_layer_levels(report["levels"], out / "profile.png", ylabel,
-                              title=f"EvoPress {args.compression} profile (target {args.target})")
-        plot_fitness(result.history, out / "fitness.png",
-                     initial=min(result.initial_scores) if result.initial_scores else None)
-        if args.save_model:
-            if args.compression == "depth":
-                record = eval_space.compress(model, best)
-            else:
-                eval_space.apply(model, best)
-                record = {"evopress_levels": report["levels"]}
-                model.config.evopress_levels = report["levels"]
-            model.save_pretrained(out / "model")
-            tokenizer.save_pretrained(out / "model")
-            report["saved_model"] = {"path": str(out / "model"), **record}
-        report["timings"]["total_seconds"] = round(time.perf_counter() - t0, 1)
-        atomic_write_json(out / "result.json", report)
-    else:
-        report["timings"]["total_seconds"] = round(time.perf_counter() - t0, 1)
-    return report
+    return SearchOutcome(report, best, eval_space, db, result.history)
 
 
 def space_random(space, reference, n: int, seed: int) -> list:
