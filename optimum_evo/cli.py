@@ -61,6 +61,15 @@ def add_search_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-offset", type=int, default=5, help="sparsity levels either side of the target")
     s.add_argument("--database-dir", default=None, help="level database folder (default: a shared cache)")
     s.add_argument("--no-save-model", dest="save_model", action="store_false")
+    s.add_argument("--lora-correction", type=int, default=0, metavar="RANK",
+                   help="after a sparsity/quantization search, add LoRA error-correction adapters of this rank "
+                        "(saved in OUTPUT/model/lora-correction; 0 = none)")
+    s.add_argument("--lora-method", default="eora", choices=["eora", "svd"], help="closed-form correction method")
+    s.add_argument("--lora-inputs", default="dense", choices=["dense", "compressed"],
+                   help="activation statistics of the dense or the compressed model")
+    s.add_argument("--lora-train-steps", type=int, default=0,
+                   help="KL-distillation steps after the closed form (0 = closed form only)")
+    s.add_argument("--lora-learning-rate", type=float, default=5e-4)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -78,6 +87,8 @@ def arguments_from_namespace(ns: argparse.Namespace):
         levels=_int_list(ns.levels), group_size=ns.group_size, sparsity_step=ns.sparsity_step,
         max_offset=ns.max_offset, database_dir=ns.database_dir,
         save_model=ns.save_model, seed=ns.seed, progress=not ns.quiet,
+        lora_correction=ns.lora_correction, lora_method=ns.lora_method, lora_inputs=ns.lora_inputs,
+        lora_train_steps=ns.lora_train_steps, lora_learning_rate=ns.lora_learning_rate,
     )
 
 

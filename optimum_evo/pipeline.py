@@ -66,6 +66,11 @@ class SearchArguments:
         database_dir: level database folder (default: a cache folder keyed by model, calibration
             and settings, reused by later runs).
         seed: seed of calibration sampling and of the search.
+        lora_correction: rank of LoRA error-correction adapters computed after a sparsity or
+            quantization search (0 = none); saved in ``model/lora-correction/`` (see
+            :mod:`optimum_evo.correction`). ``lora_method`` ``"eora"`` or ``"svd"``,
+            ``lora_inputs`` ``"dense"`` or ``"compressed"``, ``lora_train_steps`` of KL distillation
+            (0 = closed form only) at ``lora_learning_rate``.
     """
 
     model: str = "smollm2"
@@ -96,6 +101,11 @@ class SearchArguments:
     max_offset: int = 5
     database_dir: str | None = None
     save_model: bool = True
+    lora_correction: int = 0
+    lora_method: str = "eora"
+    lora_inputs: str = "dense"
+    lora_train_steps: int = 0
+    lora_learning_rate: float = 5e-4
     seed: int = 0
     progress: bool = True
 
@@ -133,6 +143,14 @@ class SearchArguments:
             value = getattr(self, name)
             if value is not None and int(value) < (0 if name == "generations" else 1):
                 raise ValueError(f"{name} must be positive, got {value!r}.")
+        if self.lora_correction:
+            if int(self.lora_correction) < 0 or self.lora_train_steps < 0:
+                raise ValueError("lora_correction (a rank) and lora_train_steps must be >= 0.")
+            if self.compression == "depth":
+                raise ValueError("lora_correction applies to sparsity and quantization: a depth-pruned model has "
+                                 "no per-linear compression residual to correct.")
+            if self.lora_method not in ("eora", "svd") or self.lora_inputs not in ("dense", "compressed"):
+                raise ValueError("lora_method must be 'eora' or 'svd' and lora_inputs 'dense' or 'compressed'.")
         if self.fitness not in ("topk", "full"):
             raise ValueError(f"fitness must be 'topk' or 'full', got {self.fitness!r}.")
         if self.init not in ("baselines", "random"):
@@ -333,6 +351,10 @@ def run_search(args: SearchArguments) -> dict:
             model.save_pretrained(out / "model")
             tokenizer.save_pretrained(out / "model")
             report["saved_model"] = {"path": str(out / "model"), **record}
+            if args.lora_correction:
+                from .correction.pipeline_step import lora_correction_step
+
+                lora_correction_step(args, model, path, report, out / "model")
         report["timings"]["total_seconds"] = round(time.perf_counter() - t0, 1)
         atomic_write_json(out / "result.json", report)
     else:

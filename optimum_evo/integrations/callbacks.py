@@ -150,7 +150,8 @@ class EvaluationCallback(TrainerCallback):
         model.eval()
         try:
             device = next(model.parameters()).device
-            r = evaluate(model, self.windows.to(device), self.teacher, progress=False)
+            # a PeftModel's LoRA layers live inside its base model, which `evaluate` understands
+            r = evaluate(_unwrap(model), self.windows.to(device), self.teacher, progress=False)
         finally:
             model.train(was_training)
         out = {f"{self.prefix}_ppl": r["perplexity"]}
