@@ -5,10 +5,27 @@ Example:
     ...     hessians = block.hessians()        # runs the dense block, returns {linear name: H}
     ...     ...                                # compress the block's linears
     ...     block.advance()                    # outputs of the dense block become the next inputs
+
+**Attention-aware value Hessians** (``walk_blocks(..., attention_aware=True)``). GPTQ and SparseGPT
+minimise a linear's output error ``sum_t ||dW x_t||^2`` with every token weighted equally. For the
+value projection that is the wrong objective: what the model sees is the attention output
+``o_s = sum_t a_st v_t``, and in most layers of trained models about half of every query's
+attention goes to the first token (the attention sink), whose value vector is small and whose
+input lies in a direction no other token uses. Measured on SmolLM2-135M (layer 20, 4-bit): GPTQ
+with the plain Hessian has 8x the relative error of round-to-nearest on the sink token's value,
+and swapping GPTQ in for ``v_proj`` alone raises WikiText-2 perplexity from 49.3 (RTN) to 61.7.
+The exact second-order objective of the attention output is ``sum_s ||dW_g sum_t a_st x_t||^2``:
+a Hessian of the *attention-mixed* inputs ``y_s = sum_t a_st x_t``, one per key/value head ``g``
+(summed over the query heads that share it). ``hessians()`` then returns ``[kv_heads, in, in]``
+for the value projection; :func:`~optimum_evo.compressors.obs.gptq` and
+:func:`~optimum_evo.compressors.obs.sparsegpt` compress each head's rows with its own Hessian.
+The walk runs the model with eager attention (to get the attention probabilities) and restores the
+model's attention implementation afterwards.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +38,11 @@ from .obs import HessianAccumulator
 
 class _Stop(Exception):
     pass
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 def linear_modules(block: nn.Module) -> dict:
@@ -65,6 +87,57 @@ def _capture(model, windows: torch.Tensor, layout):
     return first_inputs, kwargs_per_layer
 
 
+def value_projection(attention: nn.Module):
+    """``(name, linear, kv_heads)`` of the value projection of an attention module, or ``None``
+    when it has no separate one (fused QKV) or its head layout is unknown."""
+    v = getattr(attention, "v_proj", None)
+    head_dim = getattr(attention, "head_dim", None)
+    if not isinstance(v, nn.Linear) or not head_dim or v.out_features % head_dim:
+        return None
+    return "v_proj", v, v.out_features // head_dim
+
+
+@contextmanager
+def _eager_attention(model):
+    """Run ``model`` with eager attention (it returns the attention probabilities) inside the block."""
+    config = model.config
+    previous = getattr(config, "_attn_implementation", None)
+    if previous == "eager" or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+class _ValueHessian:
+    """``2/n sum_s y_s y_s^T`` per key/value head, ``y_s = sum_t a_st x_t`` (see the module docstring)."""
+
+    def __init__(self, in_features: int, kv_heads: int):
+        self.kv_heads = kv_heads
+        self.H = torch.zeros(kv_heads, in_features, in_features, dtype=torch.float32)
+        self.n = 0
+        self._x = None
+
+    def set_input(self, x: torch.Tensor) -> None:
+        self._x = x.detach().float()
+
+    @torch.no_grad()
+    def add(self, probs: torch.Tensor) -> None:
+        x = self._x  # [B, T, in]
+        b, heads, t, _ = probs.shape
+        group = heads // self.kv_heads
+        m = b * t
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        y = torch.einsum("bhst,bti->hbsi", probs.float(), x)  # attention-mixed inputs per query head
+        y = y.reshape(self.kv_heads, group * m, -1) * (2 / self.n) ** 0.5
+        self.H += y.transpose(1, 2) @ y
+        self._x = None
+
+
 @dataclass
 class Block:
     index: int
@@ -79,16 +152,44 @@ class Block:
 
     @torch.no_grad()
     def hessians(self) -> dict:
-        """Run the dense block on every window; return ``{linear name: H}`` and keep its outputs."""
-        accs = {name: HessianAccumulator(m.in_features) for name, m in self.linears().items()}
+        """Run the dense block on every window; return ``{linear name: H}`` and keep its outputs.
+
+        With ``walk_blocks(..., attention_aware=True)`` the value projection's entry is a
+        ``[kv_heads, in, in]`` stack of attention-aware Hessians (see the module docstring)."""
+        linears = self.linears()
+        accs = {name: HessianAccumulator(m.in_features) for name, m in linears.items()}
+        value = None
+        attention = getattr(self.module, self._walker.layout.attn_name, None)
+        if self._walker.attention_aware and attention is not None and value_projection(attention):
+            v_name, v, kv_heads = value_projection(attention)
+            v_name = next(n for n, m in linears.items() if m is v)
+            value = (v_name, _ValueHessian(v.in_features, kv_heads))
+            accs.pop(v_name)
         handles = [m.register_forward_hook(lambda mod, args, out, n=name: accs[n].add(args[0]))
-                   for name, m in self.linears().items()]
+                   for name, m in linears.items() if name in accs]
+        if value is not None:
+            acc = value[1]
+            handles.append(linears[value[0]].register_forward_hook(lambda mod, args, out: acc.set_input(args[0])))
+
+            def on_attention(mod, args, out):
+                probs = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+                if probs is None:
+                    raise RuntimeError(f"{type(mod).__name__} returned no attention probabilities under eager "
+                                       "attention; use attention_aware=False for this model.")
+                acc.add(probs)
+
+            handles.append(attention.register_forward_hook(on_attention))
         try:
             self._outputs = [self._call(x) for x in self.inputs]
         finally:
             for h in handles:
                 h.remove()
-        return {name: acc.hessian() for name, acc in accs.items()}
+        out = {name: acc.hessian() for name, acc in accs.items()}
+        if value is not None:
+            if value[1].n == 0:
+                raise ValueError("No calibration inputs were seen by this layer; check the calibration data.")
+            out[value[0]] = value[1].H
+        return {name: out[name] for name in linears}
 
     def _call(self, x):
         out = self.module(x, **self.kwargs)
@@ -103,13 +204,23 @@ class Block:
 
 
 class walk_blocks:
-    """Iterate over the decoder blocks of ``model`` with their dense calibration inputs."""
+    """Iterate over the decoder blocks of ``model`` with their dense calibration inputs.
 
-    def __init__(self, model, windows: torch.Tensor, progress: bool = True, desc: str = "Blocks"):
+    ``attention_aware=True`` makes :meth:`Block.hessians` return attention-aware Hessians for the
+    value projections (the blocks then run with eager attention)."""
+
+    def __init__(self, model, windows: torch.Tensor, progress: bool = True, desc: str = "Blocks",
+                 attention_aware: bool = False):
         self.model, self.windows, self.progress, self.desc = model, windows, progress, desc
         self.layout = find_decoder_layout(model)
+        self.attention_aware = attention_aware
 
     def __iter__(self):
+        # Eager attention for the whole walk: the captured masks must match what the blocks run.
+        with _eager_attention(self.model) if self.attention_aware else _nothing():
+            yield from self._blocks()
+
+    def _blocks(self):
         self._inputs, kwargs = _capture(self.model, self.windows, self.layout)
         for i in tqdm(range(len(self.layout)), desc=self.desc, disable=not self.progress, dynamic_ncols=True):
             block = Block(i, f"{self.layout.path}.{i}", self.layout.layers[i], self._inputs, kwargs[i], self)

@@ -95,9 +95,30 @@ def decode_sparse(t: dict, shape) -> torch.Tensor:
 
 
 def relative_error(dense: torch.Tensor, compressed: torch.Tensor, H: torch.Tensor) -> float:
-    """Normalized layer reconstruction error ``||(W - W') X||^2 / ||W X||^2`` via ``H ~ X X^T``."""
+    """Normalized layer reconstruction error ``||(W - W') X||^2 / ||W X||^2`` via ``H ~ X X^T``
+    (``H`` may be a ``[groups, in, in]`` stack, one per equal slice of rows)."""
     d = dense - compressed
+    if H.dim() == 3:
+        g = H.shape[0]
+        d, dense = d.view(g, -1, d.shape[1]), dense.view(g, -1, dense.shape[1])
     return float((d @ H * d).sum() / (dense @ H * dense).sum().clamp(min=1e-30))
+
+
+DEFAULT_SETTINGS = {
+    "quantization": dict(group_size=128, sym=False, mse=False, act_order=False, damp=0.01, attention_aware=True),
+    "sparsity": dict(damp=0.01, attention_aware=True),
+}
+
+
+def full_settings(kind: str, settings: dict | None) -> dict:
+    """``settings`` completed with the defaults of ``kind``; unknown keys raise ``ValueError``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
+    defaults = DEFAULT_SETTINGS[kind]
+    unknown = set(settings or {}) - set(defaults)
+    if unknown:
+        raise ValueError(f"Unknown {kind} settings {sorted(unknown)}; known: {sorted(defaults)}.")
+    return {**defaults, **(settings or {})}
 
 
 class LevelDatabase:
@@ -196,19 +217,15 @@ class LevelDatabase:
                 levels' identity in ``identity`` then, so a changed spacing makes it stale.
             root: target folder (written in a temporary sibling, then moved into place).
             settings: compressor settings; quantization: ``group_size`` (128), ``sym`` (False),
-                ``mse`` (False), ``act_order`` (False), ``damp`` (0.01); sparsity: ``damp``.
+                ``mse`` (False), ``act_order`` (False), ``damp`` (0.01); sparsity: ``damp``; both:
+                ``attention_aware`` (True: value projections are compressed against the attention
+                output, see :mod:`optimum_evo.compressors.calibrate`).
             identity: extra manifest entries (e.g. model and calibration hashes) checked by
                 :meth:`open`.
             modules: optional predicate ``name -> bool`` selecting the linears to compress.
         """
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
-        defaults = {"quantization": dict(group_size=128, sym=False, mse=False, act_order=False, damp=0.01),
-                    "sparsity": dict(damp=0.01)}[kind]
-        settings = {**defaults, **(settings or {})}
-        unknown = set(settings) - set(defaults)
-        if unknown:
-            raise ValueError(f"Unknown {kind} settings {sorted(unknown)}; known: {sorted(defaults)}.")
+        settings = full_settings(kind, settings)
+        compressor = {k: v for k, v in settings.items() if k != "attention_aware"}
         per_module = callable(levels)
         level_fn = levels if per_module else (lambda name, shape, _lv=sorted(levels): _lv)
         root = Path(root)
@@ -217,7 +234,8 @@ class LevelDatabase:
         (build_dir / "layers").mkdir(parents=True)
         start = time.perf_counter()
         entries, totals = {}, {}  # module entries; level key -> [bytes, weights]
-        for block in walk_blocks(model, windows, progress=progress, desc=f"Building {kind} database"):
+        for block in walk_blocks(model, windows, progress=progress, desc=f"Building {kind} database",
+                                 attention_aware=settings["attention_aware"]):
             hessians = block.hessians()
             for name, linear in block.linears().items():
                 full = f"{block.prefix}.{name}"
@@ -225,16 +243,18 @@ class LevelDatabase:
                     continue
                 H = hessians[name]
                 dense = linear.weight.detach().float()
-                tensors = {"stats::act_norm": torch.sqrt(torch.diag(H).clamp(min=0)).contiguous()}
+                diag = torch.diagonal(H, dim1=-2, dim2=-1)
+                diag = diag.sum(0) if diag.dim() == 2 else diag
+                tensors = {"stats::act_norm": torch.sqrt(diag.clamp(min=0)).contiguous()}
                 errors = {}
                 module_levels = sorted(level_fn(full, tuple(linear.weight.shape)))
                 for lv in module_levels:
                     if kind == "quantization":
-                        q = gptq(linear.weight, H, bits=int(lv), **settings)
+                        q = gptq(linear.weight, H, bits=int(lv), **compressor)
                         enc = encode_quantized(q)
                         decoded = decode_quantized(enc, tuple(dense.shape), int(lv), q.group_size)
                     else:
-                        enc = encode_sparse(sparsegpt(linear.weight, H, float(lv), damp=settings["damp"]))
+                        enc = encode_sparse(sparsegpt(linear.weight, H, float(lv), damp=compressor["damp"]))
                         decoded = decode_sparse(enc, tuple(dense.shape))
                     errors[level_key(lv)] = relative_error(dense, decoded, H)
                     for k, t in enc.items():
@@ -268,11 +288,10 @@ class LevelDatabase:
     def open_or_build(cls, root, model, windows, kind, levels, settings=None, identity=None, modules=None,
                       progress=True) -> "LevelDatabase":
         """Reuse the database at ``root`` when it matches the request, else (re)build it."""
-        expected = {"kind": kind, "levels": "per-module" if callable(levels) else sorted(levels), **(identity or {})}
+        expected = {"kind": kind, "levels": "per-module" if callable(levels) else sorted(levels),
+                    "settings": full_settings(kind, settings), **(identity or {})}
         try:
-            db = cls.open(root, expected)
-            if settings is None or all(db.manifest["settings"].get(k) == v for k, v in settings.items()):
-                return db
+            return cls.open(root, expected)
         except StaleDatabaseError as e:
             if Path(root).exists():
                 logger.warning("%s Rebuilding it.", e)

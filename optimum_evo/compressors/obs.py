@@ -70,6 +70,15 @@ class QuantizedWeight:
         return dequantize_codes(self.codes.float(), self.scales[:, g], self.zeros[:, g])
 
 
+def _row_groups(weight: torch.Tensor, H: torch.Tensor) -> list:
+    """Row slices of ``weight`` for a ``[groups, in, in]`` stack of Hessians (one per row group)."""
+    groups = H.shape[0]
+    if weight.shape[0] % groups:
+        raise ValueError(f"{groups} row-group Hessians do not divide {weight.shape[0]} rows.")
+    size = weight.shape[0] // groups
+    return [slice(g * size, (g + 1) * size) for g in range(groups)]
+
+
 @torch.no_grad()
 def gptq(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = 128, sym: bool = False,
          mse: bool = False, act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> QuantizedWeight:
@@ -77,15 +86,29 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | Non
 
     ``group_size=None`` (or <= 0) uses one group per row. ``act_order`` processes columns by
     decreasing Hessian diagonal; groups are then formed in processing order and ``g_idx`` records
-    each column's group.
+    each column's group. ``H`` may be a ``[groups, in, in]`` stack: the rows are split into
+    ``groups`` equal slices, each quantized with its own Hessian (attention-aware value
+    projections, one Hessian per key/value head; act-order then follows the summed diagonal).
     """
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}.")
+    diag = torch.diagonal(H, dim1=-2, dim2=-1)
+    diag = diag.sum(0) if H.dim() == 3 else diag
+    perm = torch.argsort(diag, descending=True) if act_order else None
+    if H.dim() == 2:
+        return _gptq(weight, H, bits, group_size, sym, mse, perm, damp, block_size)
+    parts = [_gptq(weight[rows], H[g], bits, group_size, sym, mse, perm, damp, block_size)
+             for g, rows in enumerate(_row_groups(weight, H))]
+    return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                           torch.cat([p.zeros for p in parts]), parts[0].g_idx, bits, parts[0].group_size)
+
+
+def _gptq(weight, H, bits, group_size, sym, mse, perm, damp, block_size) -> QuantizedWeight:
     W = weight.detach().float().clone()
     rows, cols = W.shape
     gs = cols if not group_size or group_size <= 0 else int(group_size)
     W[:, torch.diag(H) == 0] = 0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    act_order = perm is not None
     if act_order:
         W, H = W[:, perm], H[perm][:, perm]
     Hinv, _ = _inverse_hessian_cholesky(H, damp)
@@ -142,16 +165,27 @@ def sparsegpt(weight: torch.Tensor, H: torch.Tensor, sparsity: float, damp: floa
               block_size: int = 128) -> torch.Tensor:
     """Prune ``weight`` ([out, in]) to exactly ``round(sparsity * numel)`` zeros with SparseGPT
     (Frantar & Alistarh 2023): per column block, the weights of least saliency ``w^2 / [H^-1]_ii^2``
-    are removed and the error is compensated on the remaining columns. Returns a float32 tensor."""
+    are removed and the error is compensated on the remaining columns. Returns a float32 tensor.
+    ``H`` may be a ``[groups, in, in]`` stack, one Hessian per equal slice of rows (see :func:`gptq`)."""
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}.")
+    total = round(sparsity * weight.numel())
+    if H.dim() == 2:
+        return _sparsegpt(weight, H, total, damp, block_size)
+    slices = _row_groups(weight, H)
+    counts = _exact_counts(total, [weight[rows].numel() for rows in slices])
+    return torch.cat([_sparsegpt(weight[rows], H[g], k, damp, block_size)
+                      for g, (rows, k) in enumerate(zip(slices, counts))])
+
+
+def _sparsegpt(weight, H, total, damp, block_size) -> torch.Tensor:
     W = weight.detach().float().clone()
     rows, cols = W.shape
     Hinv, dead = _inverse_hessian_cholesky(H, damp)
     W[:, dead] = 0
     starts = list(range(0, cols, block_size))
     sizes = [rows * (min(s + block_size, cols) - s) for s in starts]
-    counts = _exact_counts(round(sparsity * rows * cols), sizes)
+    counts = _exact_counts(total, sizes)
     for i1, k in zip(starts, counts):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()
