@@ -51,7 +51,7 @@ def main(argv=None) -> int:
              "- Evaluation: WikiText-2 test, first N windows of 512 tokens, float32; KL = mean per-token "
              "KL(dense || model), top-512.", "- Quantization budget column: average bits over the searched "
              "linears (effective bits with scales and zeros in parentheses); GPTQ group size 128, asymmetric.", ""]
-    runs = [("sparsity", t) for t in ns.sparsity] + [("quantization", t) for t in ns.bits]
+    runs = [("quantization", t) for t in ns.bits] + [("sparsity", t) for t in ns.sparsity]
     for kind, target in runs:
         out = Path(ns.output) / f"{kind}-{target}"
         args = SearchArguments(model=ns.model, compression=kind, target=target, preset=ns.preset,
@@ -68,8 +68,8 @@ def main(argv=None) -> int:
                   "| target | method | WikiText-2 ppl | KL | budget |", "|---|---|---|---|---|",
                   *rows_markdown(report), ""]
         print("\n".join(lines[-(len(report['results']) + 4):]), flush=True)
-    if ns.doc:
-        Path(ns.doc).write_text("\n".join(lines) + "\n")
+        if ns.doc:  # after every run, so finished runs survive an interrupted benchmark
+            Path(ns.doc).write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -65,3 +65,24 @@ def test_row_grouped_compressors():
     assert sorted(torch.bincount(act.g_idx.long()).tolist()) == [128, 128]
     sp = sparsegpt(w, H, 0.61)
     assert int((sp == 0).sum()) == round(0.61 * w.numel())
+
+
+def test_batched_levels_equal_separate_calls():
+    from optimum_evo.compressors import gptq_levels, sparsegpt_levels
+
+    torch.manual_seed(1)
+    w = torch.randn(8, 200)
+    x = torch.randn(400, 200) * torch.linspace(0.2, 2, 200)
+    for H in (2 * x.t() @ x / 400, torch.stack([2 * x[:200].t() @ x[:200] / 200, 2 * x[200:].t() @ x[200:] / 200])):
+        for kw in ({}, {"act_order": True, "mse": True}, {"sym": True, "group_size": 64}):
+            many = gptq_levels(w, H, [2, 3, 8], **kw)
+            for b, q in zip([2, 3, 8], many):
+                one = gptq(w, H, b, **kw)
+                # same computation; stacking rows may only change float rounding of the GEMMs
+                assert q.bits == b and torch.equal(q.g_idx, one.g_idx) and q.codes.shape == one.codes.shape
+                assert (q.codes != one.codes).float().mean() < 0.005
+                assert torch.allclose(q.scales, one.scales, rtol=1e-4)
+        sps = sparsegpt_levels(w, H, [0.3, 0.55, 0.7])
+        for s, sp in zip([0.3, 0.55, 0.7], sps):
+            assert torch.allclose(sp, sparsegpt(w, H, s), atol=1e-6)
+            assert int((sp == 0).sum()) == round(s * w.numel())

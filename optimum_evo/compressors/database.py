@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from ..search.checkpoint import atomic_write_json
 from ..utils import sha256_file
 from .calibrate import walk_blocks
-from .obs import gptq, sparsegpt
+from .obs import gptq_levels, sparsegpt_levels
 from .quantizer import dequantize_codes, pack_codes, unpack_codes
 
 logger = logging.getLogger(__name__)
@@ -248,13 +248,17 @@ class LevelDatabase:
                 tensors = {"stats::act_norm": torch.sqrt(diag.clamp(min=0)).contiguous()}
                 errors = {}
                 module_levels = sorted(level_fn(full, tuple(linear.weight.shape)))
-                for lv in module_levels:
+                if kind == "quantization":  # all levels in one column sweep
+                    compressed = gptq_levels(linear.weight, H, [int(lv) for lv in module_levels], **compressor)
+                else:
+                    compressed = sparsegpt_levels(linear.weight, H, [float(lv) for lv in module_levels],
+                                                  damp=compressor["damp"])
+                for lv, c in zip(module_levels, compressed):
                     if kind == "quantization":
-                        q = gptq(linear.weight, H, bits=int(lv), **compressor)
-                        enc = encode_quantized(q)
-                        decoded = decode_quantized(enc, tuple(dense.shape), int(lv), q.group_size)
+                        enc = encode_quantized(c)
+                        decoded = decode_quantized(enc, tuple(dense.shape), int(lv), c.group_size)
                     else:
-                        enc = encode_sparse(sparsegpt(linear.weight, H, float(lv), damp=compressor["damp"]))
+                        enc = encode_sparse(c)
                         decoded = decode_sparse(enc, tuple(dense.shape))
                     errors[level_key(lv)] = relative_error(dense, decoded, H)
                     for k, t in enc.items():

@@ -90,20 +90,37 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | Non
     ``groups`` equal slices, each quantized with its own Hessian (attention-aware value
     projections, one Hessian per key/value head; act-order then follows the summed diagonal).
     """
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in 1..8, got {bits}.")
+    return gptq_levels(weight, H, [bits], group_size, sym, mse, act_order, damp, block_size)[0]
+
+
+@torch.no_grad()
+def gptq_levels(weight: torch.Tensor, H: torch.Tensor, bits: list, group_size: int | None = 128, sym: bool = False,
+                mse: bool = False, act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> list:
+    """:func:`gptq` at several bit widths in one pass: GPTQ treats rows independently given the
+    inverse Hessian, so the copies of ``weight`` for every width are stacked and share one column
+    sweep (the same result as separate calls, several times faster on CPU). Returns one
+    :class:`QuantizedWeight` per entry of ``bits``."""
+    for b in bits:
+        if not 1 <= int(b) <= 8:
+            raise ValueError(f"bits must be in 1..8, got {b}.")
     diag = torch.diagonal(H, dim1=-2, dim2=-1)
     diag = diag.sum(0) if H.dim() == 3 else diag
     perm = torch.argsort(diag, descending=True) if act_order else None
-    if H.dim() == 2:
-        return _gptq(weight, H, bits, group_size, sym, mse, perm, damp, block_size)
-    parts = [_gptq(weight[rows], H[g], bits, group_size, sym, mse, perm, damp, block_size)
-             for g, rows in enumerate(_row_groups(weight, H))]
-    return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
-                           torch.cat([p.zeros for p in parts]), parts[0].g_idx, bits, parts[0].group_size)
+    slices = _row_groups(weight, H) if H.dim() == 3 else [slice(None)]
+    hessians = H if H.dim() == 3 else H[None]
+    rows = weight[slices[0]].shape[0]
+    per_row_bits = torch.tensor([int(b) for b in bits]).repeat_interleave(rows)[:, None]
+    parts = [_gptq(torch.cat([weight[sl]] * len(bits)), hessians[g], per_row_bits, group_size, sym, mse, perm, damp,
+                   block_size) for g, sl in enumerate(slices)]
+    out = []
+    for j, b in enumerate(bits):
+        own = slice(j * rows, (j + 1) * rows)
+        out.append(QuantizedWeight(torch.cat([p[0][own] for p in parts]), torch.cat([p[1][own] for p in parts]),
+                                   torch.cat([p[2][own] for p in parts]), parts[0][3], int(b), parts[0][4]))
+    return out
 
 
-def _gptq(weight, H, bits, group_size, sym, mse, perm, damp, block_size) -> QuantizedWeight:
+def _gptq(weight, H, bits, group_size, sym, mse, perm, damp, block_size) -> tuple:
     W = weight.detach().float().clone()
     rows, cols = W.shape
     gs = cols if not group_size or group_size <= 0 else int(group_size)
@@ -145,7 +162,7 @@ def _gptq(weight, H, bits, group_size, sym, mse, perm, damp, block_size) -> Quan
         inv = torch.argsort(perm)
         Q = Q[:, inv]
         g_idx = g_idx[inv]
-    return QuantizedWeight(Q.to(torch.uint8), scales, zeros, g_idx.to(torch.int32), bits, gs)
+    return Q.to(torch.uint8), scales, zeros, g_idx.to(torch.int32), gs
 
 
 def _exact_counts(total: int, sizes: list) -> list:
@@ -167,26 +184,35 @@ def sparsegpt(weight: torch.Tensor, H: torch.Tensor, sparsity: float, damp: floa
     (Frantar & Alistarh 2023): per column block, the weights of least saliency ``w^2 / [H^-1]_ii^2``
     are removed and the error is compensated on the remaining columns. Returns a float32 tensor.
     ``H`` may be a ``[groups, in, in]`` stack, one Hessian per equal slice of rows (see :func:`gptq`)."""
-    if not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}.")
-    total = round(sparsity * weight.numel())
-    if H.dim() == 2:
-        return _sparsegpt(weight, H, total, damp, block_size)
-    slices = _row_groups(weight, H)
-    counts = _exact_counts(total, [weight[rows].numel() for rows in slices])
-    return torch.cat([_sparsegpt(weight[rows], H[g], k, damp, block_size)
-                      for g, (rows, k) in enumerate(zip(slices, counts))])
+    return sparsegpt_levels(weight, H, [sparsity], damp, block_size)[0]
 
 
-def _sparsegpt(weight, H, total, damp, block_size) -> torch.Tensor:
-    W = weight.detach().float().clone()
-    rows, cols = W.shape
+@torch.no_grad()
+def sparsegpt_levels(weight: torch.Tensor, H: torch.Tensor, sparsities: list, damp: float = 0.01,
+                     block_size: int = 128) -> list:
+    """:func:`sparsegpt` at several sparsities in one column sweep (copies of the rows stacked;
+    each copy gets its own masks and exact zero count). Returns one tensor per sparsity."""
+    for s in sparsities:
+        if not 0 <= s < 1:
+            raise ValueError(f"sparsity must be in [0, 1), got {s}.")
+    slices = _row_groups(weight, H) if H.dim() == 3 else [slice(None)]
+    hessians = H if H.dim() == 3 else H[None]
+    counts = [_exact_counts(round(s * weight.numel()), [weight[sl].numel() for sl in slices]) for s in sparsities]
+    parts = [_sparsegpt(weight[sl], hessians[g], [c[g] for c in counts], damp, block_size)
+             for g, sl in enumerate(slices)]
+    return [torch.cat([p[j] for p in parts]) for j in range(len(sparsities))]
+
+
+def _sparsegpt(weight, H, totals, damp, block_size) -> list:
+    n_levels = len(totals)
+    rows, cols = weight.shape
+    W = weight.detach().float().repeat(n_levels, 1)
     Hinv, dead = _inverse_hessian_cholesky(H, damp)
     W[:, dead] = 0
     starts = list(range(0, cols, block_size))
     sizes = [rows * (min(s + block_size, cols) - s) for s in starts]
-    counts = _exact_counts(total, sizes)
-    for i1, k in zip(starts, counts):
+    counts = [_exact_counts(total, sizes) for total in totals]
+    for b, i1 in enumerate(starts):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
@@ -194,8 +220,11 @@ def _sparsegpt(weight, H, total, damp, block_size) -> torch.Tensor:
         Hinv1 = Hinv[i1:i2, i1:i2]
         saliency = W1**2 / torch.diag(Hinv1).reshape(1, -1) ** 2
         mask = torch.zeros_like(W1, dtype=torch.bool)
-        if k > 0:
-            mask.view(-1)[torch.topk(saliency.flatten(), k, largest=False).indices] = True
+        for j in range(n_levels):
+            k = counts[j][b]
+            if k > 0:
+                own = slice(j * rows, (j + 1) * rows)
+                mask[own].view(-1)[torch.topk(saliency[own].flatten(), k, largest=False).indices] = True
         for i in range(i2 - i1):
             w = W1[:, i]
             q = w.clone()
@@ -206,7 +235,7 @@ def _sparsegpt(weight, H, total, damp, block_size) -> torch.Tensor:
             Err1[:, i] = err
         W[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return W
+    return [W[j * rows:(j + 1) * rows] for j in range(n_levels)]
 
 
 def magnitude_prune(weight: torch.Tensor, sparsity: float) -> torch.Tensor:

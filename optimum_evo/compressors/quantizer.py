@@ -20,11 +20,12 @@ def find_params(w: torch.Tensor, bits: int, sym: bool = False, mse: bool = False
     """Scale and zero-point per row of ``w`` ([rows, cols]) for a ``bits``-bit grid.
 
     ``sym``: zero-point fixed at the grid middle. ``mse``: shrink the min-max range to minimise
-    the ``norm``-error of the rounded row (GPTQ's ``mse`` option). Returns ``(scale, zero)``, each
-    ``[rows, 1]`` float32 (zero holds integral values).
+    the ``norm``-error of the rounded row (GPTQ's ``mse`` option). ``bits`` may be a ``[rows, 1]``
+    integer tensor (a bit width per row). Returns ``(scale, zero)``, each ``[rows, 1]`` float32
+    (zero holds integral values).
     """
     w = w.float()
-    maxq = 2**bits - 1
+    maxq = _maxq(bits)
     xmin = w.min(dim=1, keepdim=True).values.clamp(max=0)
     xmax = w.max(dim=1, keepdim=True).values.clamp(min=0)
     if sym:
@@ -36,7 +37,7 @@ def find_params(w: torch.Tensor, bits: int, sym: bool = False, mse: bool = False
 
     def params(lo, hi):
         scale = (hi - lo) / maxq
-        zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-lo / scale)
+        zero = ((maxq + 1) / 2 + torch.zeros_like(scale)) if sym else torch.round(-lo / scale)
         return scale, zero
 
     scale, zero = params(xmin, xmax)
@@ -53,8 +54,16 @@ def find_params(w: torch.Tensor, bits: int, sym: bool = False, mse: bool = False
     return scale, zero
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+def _maxq(bits):
+    return (2 ** bits.float() - 1) if isinstance(bits, torch.Tensor) else 2**bits - 1
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits) -> torch.Tensor:
+    """Integer codes of ``w`` (``bits``: an int, or a ``[rows, 1]`` tensor of bit widths per row)."""
+    q = torch.round(w / scale) + zero
+    if isinstance(bits, torch.Tensor):
+        return torch.minimum(q.clamp_(min=0), _maxq(bits))
+    return torch.clamp(q, 0, 2**bits - 1)
 
 
 def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
