@@ -90,6 +90,29 @@ def test_low_rank_correction_is_exact_at_full_rank_and_optimal_in_weighted_norm(
         low_rank_correction(D, H, 3, "pca")
 
 
+def test_param_budget_allocates_ranks_where_error_is():
+    dense, comp = _pair("quantization")
+    with torch.no_grad():  # layer 0 stays nearly dense: its residual is tiny
+        for n, m in linear_modules(comp.model.layers[0]).items():
+            m.weight.copy_(linear_modules(dense.model.layers[0])[n].weight + 1e-4)
+    calib = _windows(n=3)
+    full = closed_form_adapters(comp, dense, calib, rank=8, progress=False)
+    budget = 3000
+    ads = closed_form_adapters(comp, dense, calib, rank=8, param_budget=budget, progress=False)
+    used = sum(a.A.numel() + a.B.numel() for a in ads.values())
+    assert budget - 2 * 96 < used <= budget
+    assert all(a.rank <= 8 for a in ads.values()) and len({a.rank for a in ads.values()}) > 1
+    assert not any(".layers.0." in n for n in ads)  # nothing spent on the almost-exact layer
+    for n, a in ads.items():  # truncation of the same components
+        assert torch.allclose(a.A, full[n].A[: a.rank])
+    # the allocation removes more (relative) error than a uniform rank of the same size
+    uniform_rank = budget // sum(a.A.shape[1] + a.B.shape[0] for a in full.values())
+    gain = sum(float(a.gains.sum()) for a in ads.values())
+    assert gain > sum(float(a.gains[:uniform_rank].sum()) for a in full.values())
+    with pytest.raises(ValueError, match="inputs='dense'"):
+        closed_form_adapters(comp, dense, calib, rank=8, param_budget=budget, inputs="compressed", progress=False)
+
+
 def test_resolve_ranks_uses_peft_pattern_semantics():
     names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.k_proj"]
     r = resolve_ranks(names, 4, {r"layers\.1\.mlp\.down_proj": 16, "k_proj": 0})

@@ -19,7 +19,10 @@ import logging
 
 import torch
 
-from .eora import Adapter, adapter_parameters, closed_form_adapters, compressed_weight, low_rank_correction, resolve_ranks
+from .eora import (
+    Adapter, adapter_parameters, allocate_ranks, closed_form_adapters, compressed_weight, low_rank_correction,
+    resolve_ranks,
+)
 from .peft_io import (
     ADAPTER_SUBFOLDER, MergeRefusedError, adapter_bytes, attach_adapters, extract_adapters, load_corrected,
     merge_correction, read_metadata, save_correction,
@@ -28,7 +31,8 @@ from .peft_io import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ADAPTER_SUBFOLDER", "Adapter", "MergeRefusedError", "adapter_bytes", "adapter_parameters", "attach_adapters",
+    "ADAPTER_SUBFOLDER", "Adapter", "MergeRefusedError", "adapter_bytes", "adapter_parameters", "allocate_ranks",
+    "attach_adapters",
     "closed_form_adapters", "compressed_weight", "correct", "extract_adapters", "load_corrected",
     "low_rank_correction", "merge_correction", "read_metadata", "resolve_ranks", "save_correction",
 ]
@@ -65,7 +69,7 @@ def _windows(calibration, tokenizer, dense, num_samples, seq_len, seed):
 def correct(model, dense_model_or_path, calibration, rank: int = 16, rank_pattern: dict | None = None,
             method: str = "eora", inputs: str = "dense", train=False, tokenizer=None, num_samples: int = 64,
             seq_len: int = 512, seed: int = 0, teacher: str = "topk", top_k: int = 512, damp: float = 0.01,
-            progress: bool = True):
+            param_budget: int | None = None, progress: bool = True):
     """Attach LoRA error-correction adapters to a compressed model; returns a ``PeftModel``.
 
     Args:
@@ -78,6 +82,9 @@ def correct(model, dense_model_or_path, calibration, rank: int = 16, rank_patter
             a ``datasets.Dataset``; see :mod:`optimum_evo.data`). Never the evaluation text.
         rank: global adapter rank; ``rank_pattern``: per-module overrides (peft semantics: regex
             matched at the end of the module name, e.g. ``{"down_proj": 32}``; 0 = no adapter).
+        param_budget: total adapter parameters; ``rank`` then caps each module's rank and the
+            ranks are allocated where they remove the most relative output error
+            (:func:`~optimum_evo.correction.eora.allocate_ranks`).
         method: ``"eora"`` (residual in the activation eigenspace) or ``"svd"`` (plain SVD).
         inputs: activation statistics from the ``"dense"`` model (EoRA) or the ``"compressed"``
             model, block by block with earlier blocks corrected, fitting the dense outputs.
@@ -96,10 +103,11 @@ def correct(model, dense_model_or_path, calibration, rank: int = 16, rank_patter
     dense = _load_dense(dense_model_or_path, next(model.parameters()).dtype)
     windows = _windows(calibration, tokenizer, dense, num_samples, seq_len, seed)
     adapters = closed_form_adapters(model, dense, windows, rank=rank, rank_pattern=rank_pattern, method=method,
-                                    inputs=inputs, damp=damp, progress=progress)
+                                    inputs=inputs, damp=damp, param_budget=param_budget, progress=progress)
     peft_model = attach_adapters(model, adapters)
     peft_model.evopress_correction = {"method": method, "inputs": inputs, "rank": rank,
-                                      "rank_pattern": rank_pattern or {}, "calibration_windows": list(windows.shape),
+                                      "rank_pattern": rank_pattern or {}, "param_budget": param_budget,
+                                      "adapter_parameters": adapter_parameters(adapters), "calibration_windows": list(windows.shape),
                                       "trained_steps": 0}
     if train:
         from ..fitness import TeacherCache

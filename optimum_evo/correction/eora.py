@@ -48,6 +48,7 @@ class Adapter:
 
     A: torch.Tensor
     B: torch.Tensor
+    gains: torch.Tensor | None = None  # error reduction of each component, relative to the layer's output energy
 
     @property
     def rank(self) -> int:
@@ -55,6 +56,12 @@ class Adapter:
 
     def delta(self) -> torch.Tensor:
         return self.B @ self.A
+
+    def truncate(self, rank: int) -> "Adapter":
+        """The first ``rank`` components (the best rank-``rank`` correction: components are ordered
+        by singular value and the factorization is balanced)."""
+        return Adapter(self.A[:rank].contiguous(), self.B[:, :rank].contiguous(),
+                       None if self.gains is None else self.gains[:rank])
 
 
 def compressed_weight(module: nn.Module) -> torch.Tensor:
@@ -75,7 +82,7 @@ def compressed_weight(module: nn.Module) -> torch.Tensor:
 
 def _whitening(H: torch.Tensor, damp: float):
     """``S`` and ``S^-1`` with ``S S^T = H + damp * mean(diag H) I`` from the eigendecomposition."""
-    H = H.double()
+    H = H.float()  # float32 linear algebra: 3-4x faster on CPU, ample with the eigenvalue floor
     lam, Q = torch.linalg.eigh(H)
     floor = damp * float(torch.diagonal(H).mean().clamp(min=1e-12))
     lam = lam.clamp(min=0) + floor
@@ -85,7 +92,7 @@ def _whitening(H: torch.Tensor, damp: float):
 
 @torch.no_grad()
 def low_rank_correction(residual: torch.Tensor, H: torch.Tensor | None, rank: int, method: str = "eora",
-                        damp: float = 0.01) -> Adapter:
+                        damp: float = 0.01, weight: torch.Tensor | None = None) -> Adapter:
     """Best rank-``rank`` ``B @ A`` approximating ``residual`` (``[out, in]``).
 
     Args:
@@ -96,6 +103,9 @@ def low_rank_correction(residual: torch.Tensor, H: torch.Tensor | None, rank: in
             ``"svd"`` (plain Frobenius norm).
         damp: eigenvalues are floored at ``damp * mean(diag H)`` so that directions the
             calibration inputs never visit do not blow up ``S^-1``.
+        weight: the dense weight; when given, ``Adapter.gains`` holds each component's error
+            reduction relative to the layer's output energy (``tr(W H W^T)``, or ``||W||^2`` for SVD),
+            which :func:`allocate_ranks` compares across layers.
 
     Returns:
         an :class:`Adapter` with the singular values split evenly between ``A`` and ``B`` (the
@@ -111,7 +121,7 @@ def low_rank_correction(residual: torch.Tensor, H: torch.Tensor | None, rank: in
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}.")
-    D = residual.double()
+    D = residual.float()
     r = min(rank, *D.shape)
     if method == "eora":
         if H is None:
@@ -119,13 +129,44 @@ def low_rank_correction(residual: torch.Tensor, H: torch.Tensor | None, rank: in
         S, S_inv = _whitening(H, damp)
         U, sigma, Vh = torch.linalg.svd(D @ S, full_matrices=False)
         Vh = Vh[:r] @ S_inv
+        energy = float((weight.float() @ S).pow(2).sum()) if weight is not None else None
     else:
         U, sigma, Vh = torch.linalg.svd(D, full_matrices=False)
         Vh = Vh[:r]
+        energy = float(weight.float().pow(2).sum()) if weight is not None else None
     root = sigma[:r].sqrt()
     B = U[:, :r] * root.unsqueeze(0)
     A = root.unsqueeze(1) * Vh
-    return Adapter(A.float().contiguous(), B.float().contiguous())
+    gains = (sigma[:r] ** 2 / max(energy, 1e-30)).float() if energy is not None else None
+    return Adapter(A.float().contiguous(), B.float().contiguous(), gains)
+
+
+def allocate_ranks(adapters: dict, param_budget: int) -> dict:
+    """Per-module ranks under a total parameter budget: greedily keep the components with the
+    largest relative error reduction per parameter (``gain / (in + out)``), which is optimal
+    since each module's gains decrease with the component index. Returns truncated adapters
+    (modules left at rank 0 are dropped).
+
+    Example:
+        >>> a = Adapter(torch.ones(2, 4), torch.ones(4, 2), torch.tensor([0.5, 0.1]))
+        >>> b = Adapter(torch.ones(2, 4), torch.ones(4, 2), torch.tensor([0.3, 0.2]))
+        >>> {n: x.rank for n, x in allocate_ranks({"a": a, "b": b}, 24).items()}
+        {'a': 1, 'b': 2}
+    """
+    items = []
+    for name, ad in adapters.items():
+        if ad.gains is None:
+            raise ValueError(f"{name}: adapter has no gains; compute it with weight= (closed_form_adapters does).")
+        cost = ad.A.shape[1] + ad.B.shape[0]
+        items += [(float(g) / cost, cost, name) for g in ad.gains]
+    items.sort(key=lambda t: -t[0])
+    ranks, used = dict.fromkeys(adapters, 0), 0
+    for _, cost, name in items:
+        if used + cost > param_budget:
+            continue
+        ranks[name] += 1
+        used += cost
+    return {n: adapters[n].truncate(r) for n, r in ranks.items() if r > 0}
 
 
 def resolve_ranks(names, rank: int, rank_pattern: dict | None = None) -> dict:
@@ -149,7 +190,8 @@ def resolve_ranks(names, rank: int, rank_pattern: dict | None = None) -> dict:
 
 
 class _Stats:
-    """Running ``H = Xc^T Xc`` and, for compressed inputs, ``G = Xd^T Xc`` of one linear (float64)."""
+    """Running ``H = Xc^T Xc`` and, for compressed inputs, ``G = Xd^T Xc`` of one linear
+    (float32 products per window, float64 sums)."""
 
     def __init__(self, n: int, cross: bool):
         self.H = torch.zeros(n, n, dtype=torch.float64)
@@ -157,11 +199,25 @@ class _Stats:
         self.rows = 0
 
     def add(self, xc: torch.Tensor, xd: torch.Tensor | None = None):
-        xc = xc.reshape(-1, xc.shape[-1]).double()
-        self.H += xc.t() @ xc
+        xc = xc.reshape(-1, xc.shape[-1]).float()
+        self.H += (xc.t() @ xc).double()
         if self.G is not None:
-            self.G += xd.reshape(-1, xd.shape[-1]).double().t() @ xc
+            self.G += (xd.reshape(-1, xd.shape[-1]).float().t() @ xc).double()
         self.rows += xc.shape[0]
+
+
+def _accumulate(stats: dict, xc: dict, xd: dict | None) -> None:
+    """Add one window to every linear's statistics; linears fed the very same input tensor (q/k/v,
+    gate/up) share one statistics object, so each product is computed once."""
+    done = {}
+    for n, st in stats.items():
+        key = (id(xc[n]), id(xd[n]) if xd is not None else None)
+        if key in done:
+            if done[key] is not st:
+                raise AssertionError("shared statistics out of sync")
+            continue
+        done[key] = st
+        st.add(xc[n], None if xd is None else xd[n])
 
 
 @contextmanager
@@ -211,7 +267,7 @@ def _check_same_structure(compressed, dense) -> None:
 @torch.no_grad()
 def closed_form_adapters(compressed, dense, windows: torch.Tensor, rank: int = 16, rank_pattern: dict | None = None,
                          method: str = "eora", inputs: str = "dense", damp: float = 0.01, min_residual: float = 0.0,
-                         progress: bool = True) -> dict:
+                         param_budget: int | None = None, progress: bool = True) -> dict:
     """Rank-``r`` corrections of every compressed linear of the decoder blocks.
 
     Args:
@@ -222,6 +278,10 @@ def closed_form_adapters(compressed, dense, windows: torch.Tensor, rank: int = 1
         method: ``"eora"`` or ``"svd"`` (see the module docstring).
         inputs: ``"dense"`` or ``"compressed"`` activation statistics (see the module docstring).
         damp: eigenvalue floor, relative to the mean input energy.
+        param_budget: total adapter parameters; ranks are then chosen per module (at most the
+            module's ``rank``) by :func:`allocate_ranks`, spending the budget where it removes the
+            most relative output error. Needs ``inputs="dense"`` (with compressed inputs a block's
+            correction feeds the next block, so ranks must be fixed before the walk).
         min_residual: linears whose relative residual ``||W - W_c|| / ||W||`` is at most this are
             skipped (with the default 0, only exactly unchanged linears are skipped).
 
@@ -237,6 +297,9 @@ def closed_form_adapters(compressed, dense, windows: torch.Tensor, rank: int = 1
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if inputs not in INPUTS:
         raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}.")
+    if param_budget is not None and inputs == "compressed":
+        raise ValueError("param_budget needs inputs='dense': with compressed inputs each block's correction changes "
+                         "the next block's inputs, so ranks cannot be reallocated afterwards.")
     _check_same_structure(compressed, dense)
     layout = find_decoder_layout(compressed)
     names = [f"{layout.path}.{i}.{n}" for i, layer in enumerate(layout.layers) for n in linear_modules(layer)]
@@ -250,8 +313,8 @@ def closed_form_adapters(compressed, dense, windows: torch.Tensor, rank: int = 1
                 full = f"{layout.path}.{i}.{n}"
                 D = dl[n].weight.detach().float() - compressed_weight(m)
                 if ranks[full] and _significant(D, dl[n].weight, min_residual):
-                    adapters[full] = low_rank_correction(D, None, ranks[full], "svd")
-        return adapters
+                    adapters[full] = low_rank_correction(D, None, ranks[full], "svd", weight=dl[n].weight.detach())
+        return allocate_ranks(adapters, param_budget) if param_budget is not None else adapters
 
     cross = inputs == "compressed"
     dense_walk = walk_blocks(dense, windows, progress=progress and not cross, desc="Correction (dense inputs)")
@@ -268,19 +331,26 @@ def closed_form_adapters(compressed, dense, windows: torch.Tensor, rank: int = 1
                 todo[n] = D
         stats = {n: _Stats(dl[n].in_features, cross) for n in todo}
         dense_outputs = []
+        first = True
         for w in range(len(bd.inputs)):
             xd: dict = {}
             with _capture_inputs({n: dl[n] for n in todo}, xd):
                 dense_outputs.append(bd._call(bd.inputs[w]))
+            xc: dict = {}
             if cross:
-                xc: dict = {}
                 with _capture_inputs({n: cl[n] for n in todo}, xc):
                     bc._call(bc.inputs[w])
+            if first:  # linears sharing an input (same tensor object) share their statistics
+                shared: dict = {}
+                key_x = xc if cross else xd
                 for n in todo:
-                    stats[n].add(xc[n], xd[n])
+                    key = (id(key_x[n]), id(xd[n]) if cross else None)
+                    stats[n] = shared.setdefault(key, stats[n])
+                first = False
+            if cross:
+                _accumulate(stats, xc, xd)
             else:
-                for n in todo:
-                    stats[n].add(xd[n])
+                _accumulate(stats, xd, None)
         block_adapters = {}
         for n, D in todo.items():
             st = stats[n]
@@ -291,7 +361,7 @@ def closed_form_adapters(compressed, dense, windows: torch.Tensor, rank: int = 1
                                                                                                   dtype=st.H.dtype)
                 W = dl[n].weight.detach().double()
                 target = (torch.linalg.solve(H, (W @ st.G).t()).t() - compressed_weight(cl[n]).double()).float()
-            ad = low_rank_correction(target, st.H, ranks[f"{bd.prefix}.{n}"], method, damp)
+            ad = low_rank_correction(target, st.H, ranks[f"{bd.prefix}.{n}"], method, damp, weight=dl[n].weight.detach())
             block_adapters[n] = ad
             adapters[f"{bd.prefix}.{n}"] = ad
         bd._outputs = dense_outputs  # Block.advance() hands these to the next block
@@ -300,7 +370,7 @@ def closed_form_adapters(compressed, dense, windows: torch.Tensor, rank: int = 1
                 bc._outputs = [bc._call(x) for x in bc.inputs]
             bc.advance()
         bd.advance()
-    return adapters
+    return allocate_ranks(adapters, param_budget) if param_budget is not None else adapters
 
 
 def _significant(D: torch.Tensor, W: torch.Tensor, min_residual: float) -> bool:
