@@ -77,7 +77,12 @@ def test_sparsity_masks_survive_training(tmp_path, with_callback):
 
 
 def test_sparsity_callback_module_selection_and_errors():
+    from peft import LoraConfig, get_peft_model
+
     model = _sparse_model()
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["down_proj"]))
+    masked = SparsityPreservingCallback(peft_model).masks
+    assert len(masked) == 42 and not any("lora_" in n for n in masked)  # lora_B starts at zero: not a mask
     cb = SparsityPreservingCallback(model, modules=["model.layers.0.mlp.down_proj"])
     assert list(cb.masks) == ["model.layers.0.mlp.down_proj"]
     with pytest.raises(ValueError, match="not found"):

@@ -72,8 +72,9 @@ class SparsityPreservingCallback(TrainerCallback):
             if missing:
                 raise ValueError(f"Modules not found in the model: {missing[:3]}.")
             chosen = {n: named[n] for n in self.modules}
-        else:
-            chosen = {n: m for n, m in named.items() if isinstance(m, nn.Linear)}
+        else:  # adapter factors (peft's lora_A / lora_B, zero-initialised) are never "sparse"
+            chosen = {n: m for n, m in named.items() if isinstance(m, nn.Linear)
+                      and not any(part.startswith("lora_") for part in n.split("."))}
         for name, m in chosen.items():
             w = getattr(m, "weight", None)
             if not isinstance(w, torch.Tensor) or not w.is_floating_point():
