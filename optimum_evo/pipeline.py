@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,6 +64,9 @@ class SearchArguments:
         levels: quantization bit widths (default 2,3,4,5,6,8); ``group_size`` of GPTQ.
         sparsity_step: sparsity levels are spaced by this fraction of the median linear's weights,
             ``max_offset`` steps either side of the target.
+        modules: regular expression (``re.search`` on the module name, e.g. ``r"mlp"`` or
+            ``r"layers\\.(0|1)\\."``) restricting the sparsity / quantization search to some linears of
+            the decoder blocks (default: all of them); the others stay dense.
         database_dir: level database folder (default: a cache folder keyed by model, calibration
             and settings, reused by later runs).
         seed: seed of calibration sampling and of the search.
@@ -99,6 +103,7 @@ class SearchArguments:
     group_size: int = 128
     sparsity_step: float = 0.05
     max_offset: int = 5
+    modules: str | None = None
     database_dir: str | None = None
     save_model: bool = True
     lora_correction: int = 0
@@ -128,6 +133,11 @@ class SearchArguments:
         elif not 0 < self.target < 1:
             what = "the sub-blocks to drop" if self.compression == "depth" else "the weights to prune"
             raise ValueError(f"target must be a fraction in (0, 1) of {what} (e.g. 0.25), got {self.target!r}.")
+        if self.modules is not None:
+            try:
+                re.compile(self.modules)
+            except (re.error, TypeError) as e:
+                raise ValueError(f"modules must be a regular expression over module names, got {self.modules!r}: {e}.")
         if not 0 < self.sparsity_step < 1 or self.max_offset < 1:
             raise ValueError("sparsity_step must be in (0, 1) and max_offset >= 1.")
         if self.mode not in ("separate", "block"):
@@ -226,6 +236,8 @@ def _layerwise_setup(args, path, model, search_model, calib, progress):
 
     identity = {"model": str(path), "config": _config_hash(model), "calibration": _hash_tensor(calib),
                 "weights": _weights_hash(model)}
+    if args.modules is not None:
+        identity["modules"] = args.modules
     if args.compression == "quantization":
         levels, settings = list(args.levels), {"group_size": args.group_size}
     else:
@@ -239,8 +251,11 @@ def _layerwise_setup(args, path, model, search_model, calib, progress):
     root = _database_root(args, {**identity, "kind": args.compression, "levels": str(args.levels),
                                  "settings": settings})
     start = time.perf_counter()
+    select = (lambda name: re.search(args.modules, name) is not None) if args.modules is not None else None
     db = LevelDatabase.open_or_build(root, model, calib, args.compression, levels, settings, identity,
-                                     progress=progress)
+                                     modules=select, progress=progress)
+    if not db.modules:
+        raise ValueError(f"modules={args.modules!r} selects none of the decoder blocks' linear layers.")
     build = time.perf_counter() - start
 
     def make_space(m):

@@ -6,7 +6,9 @@ from torch import nn
 
 from optimum_evo.compressors import HessianAccumulator, gptq, pack_codes, unpack_codes
 from optimum_evo.compressors.database import decode_quantized, encode_quantized
-from optimum_evo.integrations.transformers.modules import EvoPressQuantLinear, packed_bytes, unpack_bits
+from optimum_evo.integrations.transformers.modules import (
+    EvoPressQuantLinear, packed_bytes, set_dequantized_cache, unpack_bits,
+)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -89,6 +91,9 @@ def test_cache_is_used_and_invalidated():
     assert torch.allclose(layer.dequantize_weight(), 2 * first)
     uncached = EvoPressQuantLinear.from_linear(nn.Linear(64, 16), bits=4)
     assert uncached.dequantize_weight() is not uncached.dequantize_weight()
+    model = nn.Sequential(uncached, nn.ReLU(), layer)
+    assert set_dequantized_cache(model) == 2 and uncached.dequantize_weight() is uncached.dequantize_weight()
+    assert set_dequantized_cache(model, False) == 2 and layer._cache is None
 
 
 def test_invalid_arguments_are_refused():

@@ -102,6 +102,7 @@ def logits(model, ids=IDS):
     (dict(eval_windows=-1), "eval_windows must be a non-negative integer"),
     (dict(num_samples=0), "num_samples must be a positive integer"),
     (dict(format_version=99), "Upgrade optimum-evo"),
+    (dict(compression="sparsity", target=0.5, modules="(mlp"), "modules must be a regular expression"),
 ])
 def test_invalid_configs_fail_at_construction(kwargs, message):
     with pytest.raises(EvoPressConfigError) as err:

@@ -60,7 +60,7 @@ def model_card(model, repo_id: str | None = None, tags=None) -> str:
                          base_model=base if is_hub_id else None, pipeline_tag="text-generation")
     name = repo_id or "path/to/this/model"
     lines = [
-        f"# {Path(str(name)).name} (EvoPress {kind})",
+        f"# {Path(base).name or 'Model'}, EvoPress {kind} (target {cfg.target})",
         "",
         f"Compressed with [EvoPress](https://arxiv.org/abs/2410.14649) ({WHAT[kind]}) by "
         f"[optimum-evo](https://github.com/optimum-evo/optimum-evo): an evolutionary search chose the "

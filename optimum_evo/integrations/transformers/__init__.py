@@ -11,11 +11,11 @@ Example:
 """
 
 from .config import QUANT_METHOD, EvoPressConfig, EvoPressConfigError
-from .modules import EvoPressQuantLinear, packed_bytes, unpack_bits
+from .modules import EvoPressQuantLinear, packed_bytes, set_dequantized_cache, unpack_bits
 from .quantizer import EvoPressHfQuantizer, EvoPressLoadError, check_evopress_model
 
 __all__ = ["EvoPressConfig", "EvoPressConfigError", "EvoPressHfQuantizer", "EvoPressLoadError", "EvoPressQuantLinear",
-           "check_evopress_model", "packed_bytes", "register", "unpack_bits"]
+           "check_evopress_model", "packed_bytes", "register", "set_dequantized_cache", "unpack_bits"]
 
 
 def register() -> None:

@@ -31,7 +31,7 @@ SEARCH_FIELDS = {
     "eval_windows": "eval_windows", "eval_seq_len": "eval_seq_len", "init": "init",
     "random_candidates": "random_candidates", "search_dtype": "search_dtype", "levels": "levels",
     "group_size": "group_size", "sparsity_step": "sparsity_step", "max_offset": "max_offset",
-    "cache_dir": "database_dir", "output_dir": "output_dir", "seed": "seed", "progress": "progress",
+    "modules": "modules", "cache_dir": "database_dir", "output_dir": "output_dir", "seed": "seed", "progress": "progress",
 }
 # Written to config.json (everything else, e.g. a tokenizer object, stays out).
 SERIALIZED_FIELDS = ("quant_method", "format_version", *SEARCH_FIELDS, "profile", "metrics")
@@ -62,6 +62,8 @@ class EvoPressConfig(QuantizationConfigMixin):
         eval_dataset, eval_windows, eval_seq_len: held-out evaluation (perplexity and KL of the dense
             and compressed model, recorded in ``metrics``); ``eval_windows=0`` skips it,
             ``None`` uses the whole text.
+        modules: regular expression over module names restricting a sparsity / quantization search
+            to some linears (e.g. ``r"mlp"``); the others stay dense. Default: every decoder linear.
         cache_dir: level database folder (default: a shared cache keyed by model, data and settings,
             reused by later loads).
         output_dir: optional folder for the search checkpoint and teacher cache (a repeated load
@@ -80,7 +82,7 @@ class EvoPressConfig(QuantizationConfigMixin):
                  top_k: int = 512, eval_dataset="wikitext2", eval_windows: int | None = 40,
                  eval_seq_len: int = 512, init: str = "baselines", random_candidates: int = 16,
                  search_dtype: str = "auto", levels=None, group_size: int = 128, sparsity_step: float = 0.05,
-                 max_offset: int = 5, cache_dir: str | None = None, output_dir: str | None = None, seed: int = 0,
+                 max_offset: int = 5, modules: str | None = None, cache_dir: str | None = None, output_dir: str | None = None, seed: int = 0,
                  progress: bool = True, profile: dict | None = None, metrics: dict | None = None,
                  format_version: int = FORMAT_VERSION, quant_method: str = QUANT_METHOD):
         if quant_method != QUANT_METHOD:
@@ -98,6 +100,7 @@ class EvoPressConfig(QuantizationConfigMixin):
         self.init, self.random_candidates, self.search_dtype = init, random_candidates, search_dtype
         self.levels = list(levels) if levels is not None else None
         self.group_size, self.sparsity_step, self.max_offset = group_size, sparsity_step, max_offset
+        self.modules = modules
         self.cache_dir, self.output_dir, self.seed, self.progress = cache_dir, output_dir, seed, progress
         self.profile = copy.deepcopy(profile)
         self.metrics = copy.deepcopy(metrics)

@@ -50,7 +50,7 @@ from torch.nn import functional as F
 from ...compressors.obs import QuantizedWeight
 from ...compressors.quantizer import dequantize_codes, find_params, quantize_codes
 
-__all__ = ["EvoPressQuantLinear", "unpack_bits", "packed_bytes"]
+__all__ = ["EvoPressQuantLinear", "set_dequantized_cache", "unpack_bits", "packed_bytes"]
 
 
 def packed_bytes(numel: int, bits: int) -> int:
@@ -265,3 +265,24 @@ class EvoPressQuantLinear(nn.Linear):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}"
                 + (", act_order=True" if self.act_order else ""))
+
+
+def set_dequantized_cache(model: nn.Module, enabled: bool = True) -> int:
+    """Keep (``enabled``) or stop keeping the dequantized weight of every
+    :class:`EvoPressQuantLinear` of ``model`` between forwards: ``generate()`` then unpacks each
+    layer once instead of at every token, at the memory cost of dense weights. Returns the number
+    of layers changed.
+
+    Example:
+        >>> set_dequantized_cache(model)          # doctest: +SKIP
+        >>> model.generate(ids, max_new_tokens=64)  # doctest: +SKIP
+    """
+    n = 0
+    for module in model.modules():
+        if isinstance(module, EvoPressQuantLinear):
+            module.cache_dequantized = enabled
+            if not enabled:
+                module._cache = None
+            n += 1
+    return n
+
