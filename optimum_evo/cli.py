@@ -70,6 +70,9 @@ def add_search_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--lora-train-steps", type=int, default=0,
                    help="KL-distillation steps after the closed form (0 = closed form only)")
     s.add_argument("--lora-learning-rate", type=float, default=5e-4)
+    s.add_argument("--export", action="append", default=[], choices=["dense", "gptq", "compressed-tensors"],
+                   help="also write the result in a format that loads without optimum-evo, in OUTPUT/export-FORMAT "
+                        "(repeatable; gptq / compressed-tensors need --compression quantization)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -105,10 +108,24 @@ def run_search_command(ns: argparse.Namespace) -> int:
     from .pipeline import format_table, run_search
 
     args = arguments_from_namespace(ns)
+    exports = list(dict.fromkeys(getattr(ns, "export", None) or []))
+    if args.compression != "quantization" and set(exports) - {"dense"}:
+        raise ValueError(f"--export {' / '.join(sorted(set(exports) - {'dense'}))} needs --compression quantization; "
+                         f"export {args.compression} results with --export dense.")
     report = run_search(args)
     print(format_table(report))
     print(f"\nWrote {args.output_dir}/result.json, profile.png, fitness.png"
           + (f" and the compressed model in {args.output_dir}/model" if args.save_model else ""))
+    if exports:
+        from pathlib import Path
+
+        from .integrations.exporters import export
+        from .integrations.exporters.from_result import compressed_model_from_result
+
+        model, tokenizer = compressed_model_from_result(report)
+        for fmt in exports:
+            summary = export(model, Path(args.output_dir) / f"export-{fmt}", fmt, tokenizer=tokenizer)
+            print(f"Exported {fmt} to {summary['path']}")
     return 0
 
 

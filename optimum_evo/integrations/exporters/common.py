@@ -1,0 +1,213 @@
+"""Shared pieces of the exporters: int32 bit-stream packing, the plain (plugin-free) model rebuilt from
+an EvoPress model, and the bookkeeping of which modules are packed / dropped.
+
+Both GPTQ and compressed-tensors pack integer codes as a dense **little-endian bit stream in int32
+words**: code ``i`` of a packed row occupies bits ``i*bits .. i*bits+bits-1`` of the stream, word ``w``
+holds stream bits ``32w .. 32w+31`` (a code may straddle two words; for 2/4/8 bits none does). This
+is GPTQ's ``qweight``/``qzeros`` layout (auto-gptq / gptqmodel, including its 10-1-10-1-10 3-bit
+scheme, which is the same stream) and compressed-tensors' ``pack_to_int32`` layout.
+
+Example:
+    >>> import torch
+    >>> codes = torch.tensor([[1, 2, 3, 0, 7, 5, 6, 4]])
+    >>> packed = pack_int32(codes, bits=3)            # 8 codes * 3 bits -> one int32 word
+    >>> packed.shape, torch.equal(unpack_int32(packed, 3, 8), codes)
+    (torch.Size([1, 1]), True)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: ``config`` attributes that only mean something to optimum-evo (removed from exported configs).
+EVOPRESS_CONFIG_KEYS = ("quantization_config", "evopress_depth", "evopress_levels")
+
+
+class ExportError(ValueError):
+    """The model cannot be written in the requested format (the message says why and what to do)."""
+
+
+def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative integers ``values`` ``[rows, n]`` (each ``< 2**bits``) along the last dim into
+    int32 words ``[rows, ceil(n * bits / 32)]`` (little-endian bit stream, see the module docstring)."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}.")
+    v = values.to(torch.int64)
+    if v.dim() != 2:
+        raise ValueError(f"pack_int32 packs 2-D tensors, got shape {tuple(v.shape)}.")
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 1 << bits):
+        raise ValueError(f"values must be in [0, {(1 << bits) - 1}] to pack at {bits} bits, "
+                         f"got [{int(v.min())}, {int(v.max())}].")
+    rows, n = v.shape
+    words = (n * bits + 31) // 32
+    pos = torch.arange(n, dtype=torch.int64) * bits
+    word, offset = pos // 32, pos % 32
+    out = torch.zeros(rows, words + 1, dtype=torch.int64)
+    # Bits of different codes never overlap, so adding is OR-ing.
+    out.scatter_add_(1, word.expand(rows, n), (v << offset) & 0xFFFFFFFF)
+    spill = offset + bits > 32
+    if bool(spill.any()):
+        out.scatter_add_(1, (word[spill] + 1).expand(rows, -1), v[:, spill] >> (32 - offset[spill]))
+    out = out[:, :words]
+    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int32`: int32 words ``[rows, words]`` -> int64 codes ``[rows, n]``."""
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    w = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=torch.int64)], dim=1)
+    pos = torch.arange(n, dtype=torch.int64) * bits
+    word, offset = pos // 32, pos % 32
+    lo = w[:, word] >> offset
+    hi = w[:, word + 1] << (32 - offset)  # only matters where the code spills into the next word
+    mask = (1 << bits) - 1
+    return torch.where(offset + bits > 32, (lo | hi), lo) & mask
+
+
+# ---------------------------------------------------------------------- what the model holds
+@dataclass
+class ModelContents:
+    """What an EvoPress model holds, by module name."""
+
+    quantized: dict = field(default_factory=dict)  # name -> EvoPressQuantLinear
+    dropped: dict = field(default_factory=dict)  # name -> "attention" | "mlp" (stand-in modules)
+
+
+def model_contents(model: nn.Module) -> ModelContents:
+    from ...modeling import DroppedAttention, DroppedMLP
+    from ..transformers.modules import EvoPressQuantLinear
+
+    contents = ModelContents()
+    for name, module in model.named_modules():
+        if isinstance(module, EvoPressQuantLinear):
+            contents.quantized[name] = module
+        elif isinstance(module, DroppedAttention):
+            contents.dropped[name] = "attention"
+        elif isinstance(module, DroppedMLP):
+            contents.dropped[name] = "mlp"
+    return contents
+
+
+def plain_config(model: nn.Module):
+    """A copy of ``model.config`` without optimum-evo's keys (``quantization_config``, depth /
+    level records), i.e. the config of the plain transformers architecture."""
+    config = copy.deepcopy(model.config)
+    for key in EVOPRESS_CONFIG_KEYS:
+        if hasattr(config, key):
+            try:
+                delattr(config, key)
+            except AttributeError:
+                setattr(config, key, None)
+    return config
+
+
+def dense_state_dict(model: nn.Module, contents: ModelContents, dtype: torch.dtype | None = None,
+                     skip_quantized: bool = False) -> dict:
+    """``model``'s state dict with every packed linear replaced by its dequantized ``weight`` (or,
+    with ``skip_quantized``, left out entirely), floating tensors cast to ``dtype``."""
+    sd = model.state_dict()
+    for name, module in contents.quantized.items():
+        for key in ("qweight", "scales", "qzeros", "g_idx", "weight"):
+            sd.pop(f"{name}.{key}", None)
+        if not skip_quantized:
+            sd[f"{name}.weight"] = module.dequantize_weight(torch.float32)
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    return sd
+
+
+@torch.no_grad()
+def build_plain_model(model: nn.Module, dtype: torch.dtype | None = None, partial_drops: str = "zero",
+                      contents: ModelContents | None = None, keep_quantized: bool = False):
+    """A plain transformers model (same class, plugin-free config) computing what ``model`` computes.
+
+    Packed linears become dense ``nn.Linear`` holding the dequantized weight (unless
+    ``keep_quantized``: then they are left out of the copy and the caller writes them itself).
+    Attention-/MLP-only drops (stand-in modules) have no plain-transformers equivalent; with
+    ``partial_drops="zero"`` the sub-block is kept with **all its parameters zero**, which adds
+    exactly nothing to the residual stream (attention: zero values and output projection; MLP: zero
+    down projection), so the outputs are unchanged but those sub-blocks take their full size. With
+    ``partial_drops="error"`` such a model is refused.
+
+    Returns ``(plain_model, state_dict_keys_skipped)``.
+    """
+    if partial_drops not in ("zero", "error"):
+        raise ValueError(f"partial_drops must be 'zero' or 'error', got {partial_drops!r}.")
+    from transformers.initialization import no_init_weights
+
+    contents = contents or model_contents(model)
+    if contents.dropped and partial_drops == "error":
+        raise ExportError(
+            f"{len(contents.dropped)} attention-/MLP-only drops ({', '.join(sorted(contents.dropped)[:4])}"
+            f"{', ...' if len(contents.dropped) > 4 else ''}) cannot be expressed in plain transformers (no model "
+            "class can skip only the attention or only the MLP of a block). Export with partial_drops='zero' "
+            "(exact outputs; those sub-blocks keep their size, as zeros), search with mode='block' (whole blocks "
+            "only), or keep the EvoPress format (save_pretrained, loads with `import optimum_evo`).")
+    if contents.dropped:
+        logger.warning("Exporting %d attention-/MLP-only drops as zeroed sub-blocks (exact outputs, no size saving "
+                       "for them): plain transformers cannot skip half a block.", len(contents.dropped))
+    dtype = dtype or _model_dtype(model)
+    sd = dense_state_dict(model, contents, dtype, skip_quantized=keep_quantized)
+    config = plain_config(model)
+    with no_init_weights():
+        plain = type(model)(config)
+    plain.to(dtype)
+    missing, unexpected = plain.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise ExportError(f"The EvoPress model has tensors the plain {type(model).__name__} does not: {unexpected[:5]}.")
+    # Non-persistent buffers (rotary inv_freq, ...) are not in the state dict: copy them by name.
+    source_buffers = dict(model.named_buffers())
+    for name, buf in plain.named_buffers():
+        if name in source_buffers and source_buffers[name].shape == buf.shape:
+            buf.copy_(source_buffers[name])
+    allowed = tuple(f"{prefix}." for prefix in contents.dropped)
+    quantized = tuple(f"{name}.weight" for name in contents.quantized) if keep_quantized else ()
+    tied = set(_tied_keys(plain))
+    left = [k for k in missing if not k.startswith(allowed) and k not in quantized and k not in tied]
+    if left:
+        raise ExportError(f"Could not fill {left[:5]} of the plain {type(model).__name__} from the EvoPress model.")
+    for prefix in contents.dropped:
+        for p in plain.get_submodule(prefix).parameters():
+            p.zero_()
+    plain.tie_weights()
+    plain.eval()
+    return plain
+
+
+def _tied_keys(model) -> list:
+    keys = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or []
+    return list(keys.keys()) if isinstance(keys, dict) else list(keys)
+
+
+def _model_dtype(model) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def save_tokenizer(tokenizer, save_dir) -> None:
+    if tokenizer is None:
+        return
+    if isinstance(tokenizer, str):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    tokenizer.save_pretrained(save_dir)
+
+
+def source_tokenizer(model):
+    """The tokenizer folder of ``model`` (its ``name_or_path``) when it has one, else ``None``."""
+    from pathlib import Path
+
+    path = getattr(model, "name_or_path", None)
+    if path and Path(path, "tokenizer_config.json").exists():
+        return str(path)
+    return None
