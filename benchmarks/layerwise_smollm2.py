@@ -44,7 +44,13 @@ def main(argv=None) -> int:
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--output", default="outputs/bench-layerwise")
     p.add_argument("--doc", default="docs/layerwise-benchmark.md")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (1 is faster when other jobs share the cores)")
     ns = p.parse_args(argv)
+    if ns.threads:
+        import torch
+
+        torch.set_num_threads(ns.threads)
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     lines = [f"# Sparsity and quantization benchmark: {ns.model}", "",
              f"- Command: `{command}`", f"- Date: {datetime.date.today().isoformat()}; machine: {machine()}",

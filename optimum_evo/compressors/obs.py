@@ -121,6 +121,8 @@ def gptq_levels(weight: torch.Tensor, H: torch.Tensor, bits: list, group_size: i
 
 
 def _gptq(weight, H, bits, group_size, sym, mse, perm, damp, block_size) -> tuple:
+    # Column-major working copy: the per-column rank-1 updates then touch contiguous memory
+    # (measured 2x faster single-threaded than the row-major update of the reference code).
     W = weight.detach().float().clone()
     rows, cols = W.shape
     gs = cols if not group_size or group_size <= 0 else int(group_size)
@@ -128,16 +130,16 @@ def _gptq(weight, H, bits, group_size, sym, mse, perm, damp, block_size) -> tupl
     act_order = perm is not None
     if act_order:
         W, H = W[:, perm], H[perm][:, perm]
+    WT = W.t().contiguous()  # [cols, rows]
     Hinv, _ = _inverse_hessian_cholesky(H, damp)
     n_groups = math.ceil(cols / gs)
     scales = torch.zeros(rows, n_groups)
     zeros = torch.zeros(rows, n_groups)
-    Q = torch.zeros(rows, cols)
+    QT = torch.zeros(cols, rows)
     scale = zero = None
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
+        W1 = WT[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -145,24 +147,23 @@ def _gptq(weight, H, bits, group_size, sym, mse, perm, damp, block_size) -> tupl
             if col % gs == 0:
                 g = col // gs
                 # group statistics from the error-compensated weights of the group
-                block = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs] if col + gs > i2 else W1[:, i : i + gs]
-                scale, zero = find_params(block, bits, sym=sym, mse=mse)
+                block = torch.cat([W1[i:], WT[i2:]])[:gs] if col + gs > i2 else W1[i : i + gs]
+                scale, zero = find_params(block.t(), bits, sym=sym, mse=mse)
                 scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
-            w = W1[:, i]
-            q = quantize_codes(w.unsqueeze(1), scale, zero, bits)
-            Q1[:, i] = q[:, 0]
-            deq = dequantize_codes(q, scale, zero)[:, 0]
-            err = (w - deq) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            w = W1[i]
+            q = quantize_codes(w.unsqueeze(1), scale, zero, bits)[:, 0]
+            QT[col] = q
+            err = (w - dequantize_codes(q.unsqueeze(1), scale, zero)[:, 0]) / Hinv1[i, i]
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+            Err1[i] = err
+        WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
+    Q = QT.t()
     g_idx = torch.arange(cols) // gs
     if act_order:
         inv = torch.argsort(perm)
         Q = Q[:, inv]
         g_idx = g_idx[inv]
-    return Q.to(torch.uint8), scales, zeros, g_idx.to(torch.int32), gs
+    return Q.to(torch.uint8).contiguous(), scales, zeros, g_idx.to(torch.int32), gs
 
 
 def _exact_counts(total: int, sizes: list) -> list:
@@ -209,33 +210,34 @@ def _sparsegpt(weight, H, totals, damp, block_size) -> list:
     W = weight.detach().float().repeat(n_levels, 1)
     Hinv, dead = _inverse_hessian_cholesky(H, damp)
     W[:, dead] = 0
+    WT = W.t().contiguous()  # column-major, as in _gptq
     starts = list(range(0, cols, block_size))
     sizes = [rows * (min(s + block_size, cols) - s) for s in starts]
     counts = [_exact_counts(total, sizes) for total in totals]
     for b, i1 in enumerate(starts):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
+        W1 = WT[i1:i2].clone()  # [block, rows * levels]
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        saliency = W1**2 / torch.diag(Hinv1).reshape(1, -1) ** 2
+        saliency = W1**2 / torch.diag(Hinv1).reshape(-1, 1) ** 2
         mask = torch.zeros_like(W1, dtype=torch.bool)
         for j in range(n_levels):
             k = counts[j][b]
             if k > 0:
-                own = slice(j * rows, (j + 1) * rows)
-                mask[own].view(-1)[torch.topk(saliency[own].flatten(), k, largest=False).indices] = True
+                own = saliency[:, j * rows:(j + 1) * rows].t().flatten()  # row-major order, as the reference
+                idx = torch.topk(own, k, largest=False).indices
+                mask[idx % (i2 - i1), j * rows + idx // (i2 - i1)] = True
         for i in range(i2 - i1):
-            w = W1[:, i]
-            q = w.clone()
-            q[mask[:, i]] = 0
-            Q1[:, i] = q
+            w = W1[i]
+            q = w.masked_fill(mask[i], 0)
             err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return [W[j * rows:(j + 1) * rows] for j in range(n_levels)]
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+            W1[i] = q
+            Err1[i] = err
+        WT[i1:i2] = W1
+        WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
+    W = WT.t()
+    return [W[j * rows:(j + 1) * rows].contiguous() for j in range(n_levels)]
 
 
 def magnitude_prune(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
