@@ -57,3 +57,24 @@ def test_stale_and_corrupt_databases_are_detected(model, windows, tmp_path):
                                      progress=False)
     LevelDatabase.open(root)  # checksums fine again
     assert db.manifest["calibration"] == "abc"
+
+
+def test_module_filter_builds_only_selected_layers_identically(model, windows, tmp_path):
+    full = LevelDatabase.build(model, windows, "quantization", [3], tmp_path / "full", progress=False)
+    calls = []
+    orig = model.model.layers[1].forward
+    model.model.layers[1].forward = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        part = LevelDatabase.build(model, windows, "quantization", [3], tmp_path / "part", progress=False,
+                                   modules=lambda n: n.startswith("model.layers.0.") and "mlp" in n)
+    finally:
+        del model.model.layers[1].forward
+    assert sorted(part.modules) == [f"model.layers.0.mlp.{n}" for n in ("down_proj", "gate_proj", "up_proj")]
+    assert not calls  # the walk stopped after the last selected block
+    for name in part.modules:
+        assert torch.equal(part.weight(name, 3), full.weight(name, 3))
+    # a filter that also selects the value projection of block 1 gets the same attention-aware levels
+    v = "model.layers.1.self_attn.v_proj"
+    only_v = LevelDatabase.build(model, windows, "quantization", [3], tmp_path / "v", progress=False,
+                                 modules=lambda n: n == v)
+    assert list(only_v.modules) == [v] and torch.equal(only_v.weight(v, 3), full.weight(v, 3))

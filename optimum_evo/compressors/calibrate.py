@@ -151,17 +151,19 @@ class Block:
         return linear_modules(self.module)
 
     @torch.no_grad()
-    def hessians(self) -> dict:
+    def hessians(self, names=None) -> dict:
         """Run the dense block on every window; return ``{linear name: H}`` and keep its outputs.
 
-        With ``walk_blocks(..., attention_aware=True)`` the value projection's entry is a
+        ``names``: only these linears (relative names; default all). With
+        ``walk_blocks(..., attention_aware=True)`` the value projection's entry is a
         ``[kv_heads, in, in]`` stack of attention-aware Hessians (see the module docstring)."""
-        linears = self.linears()
+        linears = {n: m for n, m in self.linears().items() if names is None or n in names}
         accs = {name: HessianAccumulator(m.in_features) for name, m in linears.items()}
         value = None
         attention = getattr(self.module, self._walker.layout.attn_name, None)
-        if self._walker.attention_aware and attention is not None and value_projection(attention):
-            v_name, v, kv_heads = value_projection(attention)
+        projection = value_projection(attention) if attention is not None else None
+        if self._walker.attention_aware and projection and any(m is projection[1] for m in linears.values()):
+            _, v, kv_heads = projection
             v_name = next(n for n, m in linears.items() if m is v)
             value = (v_name, _ValueHessian(v.in_features, kv_heads))
             accs.pop(v_name)

@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 
 from ..search.checkpoint import atomic_write_json
 from ..utils import sha256_file
-from .calibrate import walk_blocks
+from .calibrate import linear_modules, walk_blocks
 from .obs import gptq_levels, sparsegpt_levels
 from .quantizer import dequantize_codes, pack_codes, unpack_codes
 
@@ -234,13 +234,21 @@ class LevelDatabase:
         (build_dir / "layers").mkdir(parents=True)
         start = time.perf_counter()
         entries, totals = {}, {}  # module entries; level key -> [bytes, weights]
-        for block in walk_blocks(model, windows, progress=progress, desc=f"Building {kind} database",
-                                 attention_aware=settings["attention_aware"]):
-            hessians = block.hessians()
-            for name, linear in block.linears().items():
+        walk = walk_blocks(model, windows, progress=progress, desc=f"Building {kind} database",
+                           attention_aware=settings["attention_aware"])
+        # The selected linears of every block; the walk stops after the last block that has one.
+        selected = {i: [n for n in linear_modules(layer) if modules is None or modules(f"{walk.layout.path}.{i}.{n}")]
+                    for i, layer in enumerate(walk.layout.layers)}
+        last = max((i for i, names in selected.items() if names), default=-1)
+        for block in walk:
+            if block.index > last:
+                break
+            if not selected[block.index]:
+                continue  # the walk advances the calibration inputs through this block
+            hessians = block.hessians(selected[block.index])
+            for name in selected[block.index]:
+                linear = block.linears()[name]
                 full = f"{block.prefix}.{name}"
-                if modules is not None and not modules(full):
-                    continue
                 H = hessians[name]
                 dense = linear.weight.detach().float()
                 diag = torch.diagonal(H, dim1=-2, dim2=-1)
