@@ -39,6 +39,8 @@ def add_search_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--preset", default="fast", help="fast (CPU), paper or superfast")
     s.add_argument("--generations", type=int, default=None, help="override the preset's generations")
     s.add_argument("--offspring", type=int, default=None, help="override the preset's offspring")
+    s.add_argument("--confirm-tokens", type=int, default=None,
+                   help="re-score a child that beat the parent on this many fresh tokens before accepting it")
     s.add_argument("--calibration", default="brown",
                    help=f"built-in text ({', '.join(k for k in BUILTIN_TEXTS if k != 'wikitext2')}), text file or dataset")
     s.add_argument("--num-samples", type=int, default=128, help="calibration windows")
@@ -82,7 +84,7 @@ def arguments_from_namespace(ns: argparse.Namespace):
 
     return SearchArguments(
         model=ns.model, compression=ns.compression, target=ns.target, output_dir=ns.output_dir, mode=ns.mode,
-        preset=ns.preset, generations=ns.generations, offspring=ns.offspring, calibration=ns.calibration,
+        preset=ns.preset, generations=ns.generations, offspring=ns.offspring, confirm_tokens=ns.confirm_tokens, calibration=ns.calibration,
         num_samples=ns.num_samples, seq_len=ns.seq_len, fitness=ns.fitness, top_k=ns.top_k,
         evaluation=ns.evaluation, eval_windows=ns.eval_windows or None, eval_seq_len=ns.eval_seq_len,
         init=ns.init, random_candidates=ns.random_candidates, compare_baselines=ns.compare_baselines,

@@ -49,6 +49,8 @@ class SearchArguments:
         mode: depth units, ``"separate"`` (attention and MLP) or ``"block"``.
         preset: ``"fast"`` (CPU), ``"paper"`` (reference defaults) or ``"superfast"``.
         generations, offspring: override the preset.
+        confirm_tokens: re-score a child that beat the parent on this many fresh tokens before
+            accepting it (overrides the preset; see :class:`~optimum_evo.search.SearchConfig`).
         calibration: calibration text (built-in name, file, ...; see :mod:`optimum_evo.data`).
         num_samples, seq_len: calibration pool of ``num_samples`` windows of ``seq_len`` tokens.
         fitness: ``"topk"`` or ``"full"`` teacher cache; ``top_k`` its K.
@@ -85,6 +87,7 @@ class SearchArguments:
     preset: str = "fast"
     generations: int | None = None
     offspring: int | None = None
+    confirm_tokens: int | None = None
     calibration: object = "brown"
     num_samples: int = 128
     seq_len: int = 512
@@ -149,7 +152,7 @@ class SearchArguments:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
         if self.seq_len < 2:
             raise ValueError("seq_len must be at least 2 tokens.")
-        for name in ("generations", "offspring", "eval_windows"):
+        for name in ("generations", "offspring", "eval_windows", "confirm_tokens"):
             value = getattr(self, name)
             if value is not None and int(value) < (0 if name == "generations" else 1):
                 raise ValueError(f"{name} must be positive, got {value!r}.")
@@ -180,7 +183,8 @@ class SearchArguments:
 
     def search_config(self) -> SearchConfig:
         return SearchConfig.from_preset(self.preset, self.compression, generations=self.generations,
-                                        offspring=self.offspring, seed=self.seed)
+                                        offspring=self.offspring, confirm_tokens=self.confirm_tokens,
+                                        seed=self.seed)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -230,7 +234,7 @@ def _layerwise_setup(args, path, model, search_model, calib, progress):
     import statistics
 
     from .compressors.calibrate import linear_modules
-    from .compressors.database import LevelDatabase
+    from .compressors.database import LevelDatabase, full_settings
     from .modeling import find_decoder_layout
     from .spaces.layerwise import QuantizationSpace, SparsitySpace
 
@@ -249,7 +253,7 @@ def _layerwise_setup(args, path, model, search_model, calib, progress):
                                                                    args.max_offset)
         settings = None
     root = _database_root(args, {**identity, "kind": args.compression, "levels": str(args.levels),
-                                 "settings": settings})
+                                 "settings": full_settings(args.compression, settings)})
     start = time.perf_counter()
     select = (lambda name: re.search(args.modules, name) is not None) if args.modules is not None else None
     db = LevelDatabase.open_or_build(root, model, calib, args.compression, levels, settings, identity,

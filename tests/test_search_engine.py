@@ -221,3 +221,27 @@ def test_engine_imports_no_transformers():
     import subprocess
     code = "import sys, optimum_evo.search; assert 'transformers' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_confirmation_stage_rejects_noisy_false_improvements():
+    # Start at the optimum; the last stage sees one noisy sample (sd 1 >> the gaps of 0.5 or more),
+    # so without confirmation worse children replace the parent. Confirming on all 64 samples
+    # (sd 0.125) keeps the optimum and costs tokens only when a child looked better.
+    space = depth_like_space(8)
+    weights = [0.5 * i for i in range(8)]
+
+    def fn(c):
+        return sum(w * x for w, x in zip(weights, c))
+
+    start = (1, 1, 1, 1, 0, 0, 0, 0)
+    base = dict(generations=40, offspring=4, stages=(Stage(1, 16),), init_tokens=16, seed=1)
+    plain = EvolutionarySearch(space, TableObjective(fn, noise=1.0), SearchConfig(**base), progress=False).run([start])
+    confirmed = EvolutionarySearch(space, TableObjective(fn, noise=1.0), SearchConfig(**base, confirm_tokens=64 * 16),
+                                   progress=False).run([start])
+    assert fn(plain.best) > fn(start)  # noise drove the unconfirmed search away from the optimum
+    assert confirmed.best == start
+    extra = [h["tokens"] - 5 * 16 for h in confirmed.history]
+    assert set(extra) <= {0, 2 * 64 * 16} and 0 in extra  # paid only on challenges
+    with pytest.raises(ValueError, match="confirm_tokens"):
+        SearchConfig(confirm_tokens=0)
+    assert "confirm_tokens" not in SearchConfig().to_dict()  # old fingerprints unchanged

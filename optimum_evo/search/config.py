@@ -41,6 +41,10 @@ class SearchConfig:
         max_switches: a mutation applies ``min(U{1..m}, U{1..m})`` level switches.
         patience: stop after this many generations without a new parent (``None`` = never).
         seed: seed of every random choice (mutations and minibatches).
+        confirm_tokens: when the best child beats the parent at the last stage, score both again
+            on this many fresh tokens and replace the parent only if the child wins there too
+            (``None`` = no confirmation). Near-ties are then decided on more tokens while the
+            common case (no child beats the parent) costs nothing extra.
     """
 
     generations: int | None = 100
@@ -50,6 +54,7 @@ class SearchConfig:
     max_switches: int = 3
     patience: int | None = None
     seed: int = 0
+    confirm_tokens: int | None = None
 
     def __post_init__(self):
         stages = tuple(s if isinstance(s, Stage) else Stage(*s) for s in self.stages)
@@ -66,6 +71,8 @@ class SearchConfig:
             raise ValueError(f"max_switches must be >= 1, got {self.max_switches}.")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience}.")
+        if self.confirm_tokens is not None and self.confirm_tokens < 1:
+            raise ValueError(f"confirm_tokens must be >= 1 or None, got {self.confirm_tokens}.")
 
     @classmethod
     def from_preset(cls, preset: str, compression: str, **overrides) -> "SearchConfig":
@@ -90,6 +97,8 @@ class SearchConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["stages"] = [[s.survivors, s.tokens] for s in self.stages]
+        if d["confirm_tokens"] is None:  # keeps fingerprints of configs without it unchanged
+            del d["confirm_tokens"]
         return d
 
     def fingerprint(self) -> str:

@@ -245,6 +245,11 @@ class EvolutionarySearch:
                 candidates = [candidates[i] for i in keep]
                 best_child_score = child_scores[keep[0]] if keep else math.inf
             changed = bool(candidates) and best_child_score < parent_score
+            if changed and cfg.confirm_tokens:
+                ids = self._minibatch(rng, cfg.confirm_tokens)
+                best_child_score, parent_score = self._score([candidates[0], parent], ids)
+                gen_tokens += 2 * len(ids) * self.objective.tokens_per_sample
+                changed = best_child_score < parent_score
             if changed:
                 parent, fitness = candidates[0], best_child_score
                 stale = 0

@@ -26,7 +26,7 @@ FORMAT_VERSION = 1
 # EvoPressConfig field -> SearchArguments field (the search settings; validated by SearchArguments).
 SEARCH_FIELDS = {
     "compression": "compression", "target": "target", "dataset": "calibration", "mode": "mode",
-    "preset": "preset", "generations": "generations", "offspring": "offspring", "num_samples": "num_samples",
+    "preset": "preset", "generations": "generations", "offspring": "offspring", "confirm_tokens": "confirm_tokens", "num_samples": "num_samples",
     "seq_len": "seq_len", "fitness": "fitness", "top_k": "top_k", "eval_dataset": "evaluation",
     "eval_windows": "eval_windows", "eval_seq_len": "eval_seq_len", "init": "init",
     "random_candidates": "random_candidates", "search_dtype": "search_dtype", "levels": "levels",
@@ -55,8 +55,8 @@ class EvoPressConfig(QuantizationConfigMixin):
             strings, or a ``datasets`` name. WikiText-2 is refused (it is the evaluation text).
         tokenizer: tokenizer (object or path) for the calibration text; default: the model's own.
             Not saved.
-        preset: ``"fast"`` (CPU), ``"paper"`` or ``"superfast"``; ``generations`` / ``offspring``
-            override it.
+        preset: ``"fast"`` (CPU), ``"paper"`` or ``"superfast"``; ``generations``, ``offspring`` and
+            ``confirm_tokens`` override it.
         levels: quantization bit widths (default 2,3,4,5,6,8); ``group_size`` of GPTQ (0 = per row).
         num_samples, seq_len: calibration windows of ``seq_len`` tokens.
         eval_dataset, eval_windows, eval_seq_len: held-out evaluation (perplexity and KL of the dense
@@ -78,7 +78,7 @@ class EvoPressConfig(QuantizationConfigMixin):
 
     def __init__(self, compression: str = "depth", target: float = 0.25, dataset="brown", tokenizer=None,
                  mode: str = "separate", preset: str = "fast", generations: int | None = None,
-                 offspring: int | None = None, num_samples: int = 128, seq_len: int = 512, fitness: str = "topk",
+                 offspring: int | None = None, confirm_tokens: int | None = None, num_samples: int = 128, seq_len: int = 512, fitness: str = "topk",
                  top_k: int = 512, eval_dataset="wikitext2", eval_windows: int | None = 40,
                  eval_seq_len: int = 512, init: str = "baselines", random_candidates: int = 16,
                  search_dtype: str = "auto", levels=None, group_size: int = 128, sparsity_step: float = 0.05,
@@ -95,6 +95,7 @@ class EvoPressConfig(QuantizationConfigMixin):
         self.format_version = FORMAT_VERSION
         self.compression, self.target, self.dataset, self.tokenizer = compression, target, dataset, tokenizer
         self.mode, self.preset, self.generations, self.offspring = mode, preset, generations, offspring
+        self.confirm_tokens = confirm_tokens
         self.num_samples, self.seq_len, self.fitness, self.top_k = num_samples, seq_len, fitness, top_k
         self.eval_dataset, self.eval_windows, self.eval_seq_len = eval_dataset, eval_windows, eval_seq_len
         self.init, self.random_candidates, self.search_dtype = init, random_candidates, search_dtype
