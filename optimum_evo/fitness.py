@@ -38,6 +38,12 @@ from .modeling import find_decoder_layout, logits_from_hidden
 CHUNK_TOKENS = 256  # rows of logits materialized at once
 
 
+def unwrap(model):
+    """The transformers model under a ``peft.PeftModel`` (its LoRA layers stay in place)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def _final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
     out = model.base_model(input_ids=input_ids, use_cache=False)
     return out.last_hidden_state
@@ -74,6 +80,7 @@ class TeacherCache:
     def build(cls, model, windows: torch.Tensor, mode: str = "topk", top_k: int = 512,
               progress: bool = True) -> "TeacherCache":
         """Run the dense ``model`` on ``windows`` ([N, T] token ids) and keep its log-probs."""
+        model = unwrap(model)
         if mode not in ("topk", "full"):
             raise ValueError(f"Teacher cache mode must be 'topk' or 'full', got {mode!r}.")
         n, t = windows.shape
@@ -159,7 +166,8 @@ def window_kl(model, input_ids: torch.Tensor, teacher: TeacherCache, window: int
 def evaluate(model, windows: torch.Tensor, teacher: TeacherCache | None = None, progress: bool = True,
              desc: str = "Evaluating") -> dict:
     """Perplexity (exp of the mean next-token NLL over all windows) and, with a teacher cache of
-    the same windows, the mean per-token KL to the teacher."""
+    the same windows, the mean per-token KL to the teacher. ``model`` may be a ``peft.PeftModel``."""
+    model = unwrap(model)
     nll, count, kl = 0.0, 0, 0.0
     for i in tqdm(range(windows.shape[0]), desc=desc, disable=not progress, dynamic_ncols=True):
         ids = windows[i]
@@ -202,7 +210,7 @@ class KLObjective:
     def __init__(self, model, windows: torch.Tensor, teacher: TeacherCache, space, reuse_prefix: bool = True):
         if teacher.num_windows != windows.shape[0]:
             raise ValueError("The teacher cache must cover the same windows as the objective.")
-        self.model, self.windows, self.teacher, self.space = model, windows, teacher, space
+        self.model, self.windows, self.teacher, self.space = unwrap(model), windows, teacher, space
         self.num_samples, self.tokens_per_sample = windows.shape
         self.reuse_prefix = reuse_prefix
         self.layers = find_decoder_layout(model).layers

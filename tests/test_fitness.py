@@ -67,3 +67,20 @@ def test_perplexity_matches_transformers_loss(setup):
     result = evaluate(model, windows, progress=False)
     assert result["perplexity"] == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-4)
     assert result["tokens"] == 3 * 19
+
+
+def test_evaluate_accepts_peft_models():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("llama")
+    windows = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    teacher = TeacherCache.build(model, windows, "full", progress=False)
+    dense = evaluate(model, windows, teacher, progress=False)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    same = evaluate(peft_model, windows, teacher, progress=False)  # lora_B starts at zero
+    assert same["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-5) and same["kl"] < 1e-6
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    assert evaluate(peft_model, windows, teacher, progress=False)["kl"] > 1e-3  # the adapters are applied

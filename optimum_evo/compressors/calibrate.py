@@ -197,6 +197,13 @@ class Block:
         out = self.module(x, **self.kwargs)
         return out[0] if isinstance(out, tuple) else out
 
+    def set_outputs(self, outputs: list) -> None:
+        """Hand the next block these inputs (one per window) instead of this dense block's outputs,
+        e.g. the outputs of a corrected or compressed block."""
+        if len(outputs) != len(self.inputs):
+            raise ValueError(f"set_outputs needs one output per window ({len(self.inputs)}), got {len(outputs)}.")
+        self._outputs = list(outputs)
+
     @torch.no_grad()
     def advance(self) -> None:
         outputs = getattr(self, "_outputs", None)

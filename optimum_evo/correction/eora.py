@@ -364,10 +364,10 @@ def closed_form_adapters(compressed, dense, windows: torch.Tensor, rank: int = 1
             ad = low_rank_correction(target, st.H, ranks[f"{bd.prefix}.{n}"], method, damp, weight=dl[n].weight.detach())
             block_adapters[n] = ad
             adapters[f"{bd.prefix}.{n}"] = ad
-        bd._outputs = dense_outputs  # Block.advance() hands these to the next block
+        bd.set_outputs(dense_outputs)  # Block.advance() hands these to the next block
         if cross:  # the next compressed block sees the corrected outputs of this one
             with _added_corrections(cl, block_adapters):
-                bc._outputs = [bc._call(x) for x in bc.inputs]
+                bc.set_outputs([bc._call(x) for x in bc.inputs])
             bc.advance()
         bd.advance()
     return allocate_ranks(adapters, param_budget) if param_budget is not None else adapters
