@@ -346,7 +346,7 @@ def run_search(args: SearchArguments) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = _load_model(path, DTYPES[args.eval_dtype])
     outcome = search_loaded(args, model, tokenizer, path)
-    report, best, eval_space = outcome.report, outcome.best, outcome.space
+    report = outcome.report
     description = report["profile"]
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -361,15 +361,21 @@ def run_search(args: SearchArguments) -> dict:
         initial = report["search"].get("initial_scores")
         plot_fitness(outcome.history, out / "fitness.png", initial=min(initial) if initial else None)
         if args.save_model:
-            if args.compression == "depth":
-                record = eval_space.compress(model, best)
-            else:
-                eval_space.apply(model, best)
-                record = {"evopress_levels": report["levels"]}
-                model.config.evopress_levels = report["levels"]
+            # The same EvoPress checkpoint as from_pretrained(..., quantization_config=EvoPressConfig(...)):
+            # packed mixed-bit linears, exact zeros, removed blocks and sub-block stand-ins; reload
+            # with `import optimum_evo` + from_pretrained (exports: --export).
+            from .integrations.transformers.config import EvoPressConfig
+            from .integrations.transformers.quantizer import apply_search_outcome, mark_compressed
+
+            config = EvoPressConfig.from_search_arguments(args)
+            apply_search_outcome(model, config, outcome)
+            if args.compression != "depth":
+                model.config.evopress_levels = report["levels"]  # module kinds for LoRA correction
+            mark_compressed(model, config)
             model.save_pretrained(out / "model")
             tokenizer.save_pretrained(out / "model")
-            report["saved_model"] = {"path": str(out / "model"), **record}
+            report["saved_model"] = {"path": str(out / "model"), "format": "evopress",
+                                     **{k: v for k, v in config.profile.items() if k != "modules"}}
             if args.lora_correction:
                 from .correction.pipeline_step import lora_correction_step
 

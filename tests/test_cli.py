@@ -48,6 +48,26 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "optimum_evo", *map(str, args)], capture_output=True, text=True)
 
 
+def assert_saved_model_reloads_as_found(out):
+    """``OUTPUT/model`` is an EvoPress checkpoint: it reloads (with the plugin) into exactly the model
+    the search found, rebuilt independently from result.json (base model + candidate + database)."""
+    import optimum_evo
+    from transformers import AutoModelForCausalLM
+
+    from optimum_evo.integrations.exporters.from_result import compressed_model_from_result
+
+    report = json.loads((out / "result.json").read_text())
+    assert report["saved_model"]["format"] == "evopress"
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    qc = optimum_evo.check_evopress_model(reloaded)
+    assert qc is not None and qc.compression == report["compression"] and qc.metrics["profile"] == report["profile"]
+    rebuilt, _ = compressed_model_from_result(report)
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(reloaded(ids).logits, rebuilt(ids).logits)
+    assert (out / "model" / "README.md").exists()
+
+
 def small_args(model, out, calib, generations=30):
     return ["search", "--model", model, "--target", "0.34", "--output", out, "--generations", generations,
             "--offspring", 4, "--num-samples", 8, "--seq-len", 32, "--eval-windows", 2, "--eval-seq-len", 32,
@@ -108,6 +128,7 @@ def test_search_outputs(tmp_path, tiny_dir, calib_file):
     for png in ("profile.png", "fitness.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "model" / "config.json").exists() and (out / "model" / "tokenizer.json").exists()
+    assert_saved_model_reloads_as_found(out)
 
 
 def test_killed_search_resumes_to_same_result(tmp_path, tiny_dir, calib_file):
@@ -160,6 +181,7 @@ def test_layerwise_search_builds_then_reuses_database(tmp_path, tiny_dir, calib_
     for name in expected - {"dense"}:
         assert check(report["results"][name]), name
     assert all(v < 2 for v in report["database"]["bytes_per_weight"].values())
+    assert_saved_model_reloads_as_found(tmp_path / "a")
     manifest = (db / "manifest.json").stat().st_mtime_ns
     second = run_cli(*common, "--output", tmp_path / "b")
     assert second.returncode == 0, second.stderr

@@ -24,8 +24,7 @@ def compressed_model_from_result(result, dtype: torch.dtype = torch.float32):
     from ...compressors.database import LevelDatabase
     from ...models import resolve_model
     from ...spaces.depth import DepthSpace
-    from ..transformers.modules import EvoPressQuantLinear
-    from ..transformers.quantizer import _set_submodule
+    from ..transformers.quantizer import apply_levels
 
     if not isinstance(result, dict):
         result = json.loads(Path(result).read_text())
@@ -35,21 +34,8 @@ def compressed_model_from_result(result, dtype: torch.dtype = torch.float32):
     kind, args = result["compression"], result["arguments"]
     if kind == "depth":
         DepthSpace(model, args["target"], args["mode"]).compress(model, tuple(result["candidate"]))
-        return model, tokenizer
-    db = LevelDatabase.open(result["database"]["path"], verify=False)
-    if kind == "sparsity":
-        for name, level in result["levels"].items():
-            linear = model.get_submodule(name)
-            linear.weight.copy_(db.weight(name, level, dtype=linear.weight.dtype))
-        return model, tokenizer
-    settings = db.manifest["settings"]
-    group_size, act_order = settings.get("group_size") or 0, bool(settings.get("act_order", False))
-    for name, bits in result["levels"].items():
-        linear = model.get_submodule(name)
-        bias = linear.bias.detach() if linear.bias is not None else None
-        _set_submodule(model, name, EvoPressQuantLinear.from_packed(
-            db.tensors(name, int(bits)), linear.in_features, linear.out_features, int(bits), group_size, bias=bias,
-            act_order=act_order, dtype=linear.weight.dtype))
+    else:
+        apply_levels(model, kind, result["levels"], LevelDatabase.open(result["database"]["path"], verify=False))
     return model, tokenizer
 
 

@@ -125,6 +125,16 @@ class EvoPressConfig(QuantizationConfigMixin):
         if self.compression == "quantization":
             self.levels = sorted(int(b) for b in self.search_arguments().levels)
 
+    @classmethod
+    def from_search_arguments(cls, args) -> "EvoPressConfig":
+        """The config equivalent to a :class:`optimum_evo.SearchArguments` (the command line's
+        settings), e.g. to save a model compressed by :func:`optimum_evo.run_search` as an EvoPress
+        checkpoint."""
+        kwargs = {src: getattr(args, dst) for src, dst in SEARCH_FIELDS.items()}
+        if not isinstance(kwargs["dataset"], (str, list, tuple)):
+            kwargs["dataset"] = None  # e.g. a datasets.Dataset object: not serializable, not recorded
+        return cls(**kwargs)
+
     def search_arguments(self, model: str = "model", **overrides):
         """The :class:`optimum_evo.SearchArguments` of this config (``model`` names the checkpoint)."""
         from ...pipeline import SearchArguments

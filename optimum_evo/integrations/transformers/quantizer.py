@@ -229,37 +229,63 @@ def compress_on_load(model, config: EvoPressConfig) -> None:
     tokenizer = _tokenizer(config, path)
     args = config.search_arguments(model=path)
     outcome = search_loaded(args, work, tokenizer, path, evaluate_models=config.evaluate)
-    report, best = outcome.report, outcome.best
-
-    if config.compression == "depth":
-        space = outcome.space if work is model else DepthSpace(model, args.target, args.mode)
-        record = space.compress(model, best)
-        profile = {"mode": args.mode, **record}
-    else:
-        levels = outcome.space.profile(best)
-        db = outcome.db
-        if config.compression == "quantization":
-            settings = db.manifest["settings"]
-            group_size = settings.get("group_size") or 0
-            act_order = bool(settings.get("act_order", False))
-            for name, bits in levels.items():
-                linear = model.get_submodule(name)
-                bias = linear.bias.detach() if linear.bias is not None else None
-                _set_submodule(model, name, EvoPressQuantLinear.from_packed(
-                    db.tensors(name, bits), linear.in_features, linear.out_features, int(bits), group_size,
-                    bias=bias, act_order=act_order, device=linear.weight.device, dtype=linear.weight.dtype))
-            profile = {"modules": {n: int(b) for n, b in levels.items()}, "group_size": group_size,
-                       "act_order": act_order, "average_bits": report["profile"]["average_bits"],
-                       "effective_bits": report["profile"]["effective_bits"]}
-        else:
-            for name, level in levels.items():
-                linear = model.get_submodule(name)
-                linear.weight.copy_(db.weight(name, level, dtype=linear.weight.dtype).to(linear.weight.device))
-            profile = {"modules": {n: float(v) for n, v in levels.items()}, "sparsity": report["profile"]["sparsity"]}
     if work is not model:
+        if config.compression == "depth":  # the depth space must be bound to the model it compresses
+            outcome.space = DepthSpace(model, args.target, args.mode)
         del work
+    apply_search_outcome(model, config, outcome)
+
+
+@torch.no_grad()
+def apply_search_outcome(model, config: EvoPressConfig, outcome) -> None:
+    """Compress ``model`` in place with what a search found (:class:`optimum_evo.pipeline.SearchOutcome`)
+    and record ``config.profile`` / ``config.metrics``; then :func:`mark_compressed` makes it save as
+    an EvoPress checkpoint. ``outcome.space`` must be bound to ``model`` for depth."""
+    report, best = outcome.report, outcome.best
+    args = outcome.report["arguments"]
+    if config.compression == "depth":
+        record = outcome.space.compress(model, best)
+        profile = {"mode": args["mode"], **record}
+    else:
+        profile = apply_levels(model, config.compression, outcome.space.profile(best), outcome.db)
+        key = "average_bits" if config.compression == "quantization" else "sparsity"
+        profile.update({k: report["profile"][k] for k in (key, "effective_bits") if k in report["profile"]})
     config.profile = _jsonable(profile)
     config.metrics = _jsonable(_metrics(report))
+
+
+@torch.no_grad()
+def apply_levels(model, compression: str, levels: dict, db) -> dict:
+    """Put the database levels ``{module name: level}`` into ``model`` in place: packed
+    :class:`EvoPressQuantLinear` layers (quantization) or the sparse weights (sparsity). Returns the
+    profile recorded in the config (``modules`` and, for quantization, the grid settings)."""
+    if compression == "quantization":
+        settings = db.manifest["settings"]
+        group_size = settings.get("group_size") or 0
+        act_order = bool(settings.get("act_order", False))
+        for name, bits in levels.items():
+            linear = model.get_submodule(name)
+            bias = linear.bias.detach() if linear.bias is not None else None
+            _set_submodule(model, name, EvoPressQuantLinear.from_packed(
+                db.tensors(name, int(bits)), linear.in_features, linear.out_features, int(bits), group_size,
+                bias=bias, act_order=act_order, device=linear.weight.device, dtype=linear.weight.dtype))
+        return {"modules": {n: int(b) for n, b in levels.items()}, "group_size": group_size, "act_order": act_order}
+    for name, level in levels.items():
+        linear = model.get_submodule(name)
+        linear.weight.copy_(db.weight(name, level, dtype=linear.weight.dtype).to(linear.weight.device))
+    return {"modules": {n: float(v) for n, v in levels.items()}}
+
+
+def mark_compressed(model, config: EvoPressConfig) -> None:
+    """Make a model compressed outside ``from_pretrained`` (e.g. by the command line) look like one
+    loaded with ``quantization_config=config``: its config carries ``config``, it has the EvoPress
+    quantizer, and ``save_pretrained`` / ``push_to_hub`` write the EvoPress checkpoint and model card."""
+    from ..hub import attach_hub_methods
+
+    model.config.quantization_config = config
+    model.hf_quantizer = EvoPressHfQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    attach_hub_methods(model)
 
 
 def _metrics(report: dict) -> dict:
