@@ -181,13 +181,19 @@ def apply_saved_depth_profile(model) -> bool:
     record = getattr(model.config, CONFIG_KEY, None)
     if not record:
         return False
+    apply_depth_record(model, record)
+    return True
+
+
+def apply_depth_record(model, record: dict) -> None:
+    """Replace the sub-blocks listed in ``record`` (``dropped_attention`` / ``dropped_mlp`` layer
+    indices, after any whole-block removal) by the stand-ins that keep the KV cache valid."""
     layout = find_decoder_layout(model)
     for i in record.get("dropped_attention", []):
         orig = getattr(layout.layers[i], layout.attn_name)
         setattr(layout.layers[i], layout.attn_name, DroppedAttention(getattr(orig, "layer_idx", i)))
     for i in record.get("dropped_mlp", []):
         setattr(layout.layers[i], layout.mlp_name, DroppedMLP())
-    return True
 
 
 @torch.inference_mode()

@@ -211,3 +211,20 @@ def source_tokenizer(model):
     if path and Path(path, "tokenizer_config.json").exists():
         return str(path)
     return None
+
+
+def save_quantized(plain: nn.Module, save_dir, qconfig: dict, model: nn.Module, tokenizer=None,
+                   max_shard_size="5GB"):
+    """Save the plain model (packed tensors in its state dict), put ``qconfig`` into its
+    ``config.json`` as ``quantization_config``, and save the tokenizer (``model``'s own by default)."""
+    import json
+    from pathlib import Path
+
+    save_dir = Path(save_dir)
+    plain.save_pretrained(save_dir, max_shard_size=max_shard_size)
+    config_path = save_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = qconfig
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_tokenizer(tokenizer if tokenizer is not None else source_tokenizer(model), save_dir)
+    return save_dir

@@ -38,14 +38,12 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .common import ExportError, build_plain_model, model_contents, pack_int32, save_tokenizer, source_tokenizer
+from .common import ExportError, build_plain_model, model_contents, pack_int32, save_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -141,13 +139,7 @@ def export_compressed_tensors(model, save_dir, tokenizer=None, dtype: torch.dtyp
         logger.warning("%d asymmetric layers: compressed-tensors and vLLM read this checkpoint, transformers 5.24 "
                        "cannot load asymmetric pack-quantized layers yet (llm-compressor issue #1618); use the GPTQ "
                        "export for gptqmodel/transformers.", len(asymmetric))
-    save_dir = Path(save_dir)
-    plain.save_pretrained(save_dir, max_shard_size=max_shard_size)
-    config_path = save_dir / "config.json"
-    config = json.loads(config_path.read_text())
-    config["quantization_config"] = qconfig
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_tokenizer(tokenizer if tokenizer is not None else source_tokenizer(model), save_dir)
+    save_dir = save_quantized(plain, save_dir, qconfig, model, tokenizer, max_shard_size)
     return {"format": "compressed-tensors", "path": str(save_dir),
             "config_groups": {k: len(v["targets"]) for k, v in config_groups.items()},
             "asymmetric_modules": len(asymmetric)}

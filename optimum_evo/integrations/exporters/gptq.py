@@ -55,8 +55,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .common import ExportError, build_plain_model, model_contents, pack_int32, save_tokenizer, source_tokenizer, \
-    unpack_int32
+from .common import ExportError, build_plain_model, model_contents, pack_int32, save_quantized, unpack_int32
 
 logger = logging.getLogger(__name__)
 
@@ -169,14 +168,8 @@ def export_gptq(model, save_dir, tokenizer=None, checkpoint_format: str = "auto"
         "meta": {"quantizer": [f"optimum-evo:{_version()}"], "uri": "https://github.com/IST-DASLab/EvoPress",
                  "evopress": _profile_summary(model, layers)},
     }
-    save_dir = Path(save_dir)
-    plain.save_pretrained(save_dir, max_shard_size=max_shard_size)
-    config_path = save_dir / "config.json"
-    config = json.loads(config_path.read_text())
-    config["quantization_config"] = qconfig
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_dir = save_quantized(plain, save_dir, qconfig, model, tokenizer, max_shard_size)
     (save_dir / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n")
-    save_tokenizer(tokenizer if tokenizer is not None else source_tokenizer(model), save_dir)
     return {"format": "gptq", "path": str(save_dir), "checkpoint_format": checkpoint_format, "bits": base_bits,
             "group_size": base_group, "desc_act": desc_act, "sym": sym, "modules": len(layers),
             "dynamic_overrides": sum(1 for k in dynamic if k.startswith("+:")),

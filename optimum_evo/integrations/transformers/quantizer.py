@@ -31,6 +31,7 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
 from ...modeling import DroppedAttention, DroppedMLP, find_decoder_layout
+from ...spaces.depth import apply_depth_record
 from .config import QUANT_METHOD, EvoPressConfig, EvoPressConfigError, _jsonable
 from .modules import EvoPressQuantLinear
 
@@ -111,15 +112,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _apply_depth_record(model, record: dict) -> None:
-    layout = find_decoder_layout(model)
-    for i in record.get("dropped_attention", []):
-        original = getattr(layout.layers[i], layout.attn_name)
-        setattr(layout.layers[i], layout.attn_name, DroppedAttention(getattr(original, "layer_idx", i)))
-    for i in record.get("dropped_mlp", []):
-        setattr(layout.layers[i], layout.mlp_name, DroppedMLP())
-
-
 def build_compressed_skeleton(model, config: EvoPressConfig) -> None:
     """Swap the modules of a (meta) model skeleton for the compressed ones recorded in ``config``,
     so the checkpoint's tensors load into them (used before weight loading)."""
@@ -130,7 +122,7 @@ def build_compressed_skeleton(model, config: EvoPressConfig) -> None:
         if len(layout) != expected:
             raise EvoPressLoadError(f"The config has {len(layout)} decoder layers but the EvoPress profile expects "
                                     f"{expected}; config.json and its quantization_config disagree.")
-        _apply_depth_record(model, profile)
+        apply_depth_record(model, profile)
     elif config.compression == "quantization":
         group_size, act_order = profile["group_size"], profile.get("act_order", False)
         for name, bits in profile["modules"].items():
