@@ -40,3 +40,13 @@ ARCHS = ["llama", "qwen3", "mistral", "gemma3"]
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run on one thread: on shared 2-core machines several threads per process
+    oversubscribe the cores (up to 50x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

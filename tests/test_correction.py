@@ -19,13 +19,7 @@ from optimum_evo.correction.eora import compressed_weight
 from optimum_evo.modeling import find_decoder_layout
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run tiny models: one thread avoids oversubscribing shared CPUs (50x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _windows(n=6, t=32, vocab=128, seed=1):

@@ -13,12 +13,7 @@ from optimum_evo.pipeline import SearchArguments
 CALIB = ("The committee met on Tuesday to discuss the new budget for the school district. " * 40 + "\n") * 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_search_with_lora_correction(tmp_path):

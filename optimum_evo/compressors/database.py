@@ -246,8 +246,9 @@ class LevelDatabase:
             if not selected[block.index]:
                 continue  # the walk advances the calibration inputs through this block
             hessians = block.hessians(selected[block.index])
+            linears = block.linears()
             for name in selected[block.index]:
-                linear = block.linears()[name]
+                linear = linears[name]
                 full = f"{block.prefix}.{name}"
                 H = hessians[name]
                 dense = linear.weight.detach().float()
