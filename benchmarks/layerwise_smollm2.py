@@ -34,6 +34,51 @@ def rows_markdown(report: dict) -> list:
     return lines
 
 
+MARK_START, MARK_END = "<!-- tables:start -->", "<!-- tables:end -->"
+
+
+def section(report: dict, meta: dict) -> list:
+    db, t = report["database"], report["timings"]
+    return [f"## {report['compression']}, target {report['arguments']['target']}", "",
+            f"- Command: `{meta.get('command', '?')}`; {meta.get('date', '?')}; {meta.get('machine', '?')}; "
+            f"torch threads {meta.get('threads') or 'default'}.",
+            f"- Database: {db['build_seconds']} s to build, {db['disk_bytes'] / 1e6:.1f} MB on disk, bytes per "
+            f"weight per level {json.dumps({k: round(v, 3) for k, v in db['bytes_per_weight'].items()})}.",
+            f"- Search: {report['search']['generations']} generations, {t['search_seconds']:.0f} s, "
+            f"{report['search']['tokens'] / 1e6:.2f}M candidate-tokens; teacher cache {t['teacher_seconds']:.0f} s, "
+            f"heuristic baselines {t['baseline_seconds']:.0f} s, best-of-N random {t['random_baseline_seconds']:.0f} s.",
+            f"- Baseline settings: {report['baseline_settings'] or '-'}.", "",
+            "| target | method | WikiText-2 ppl | KL | budget |", "|---|---|---|---|---|",
+            *rows_markdown(report), ""]
+
+
+def write_doc(doc: Path, root: Path, model: str) -> None:
+    """Rewrite the tables between the markers of ``doc`` from every finished run under ``root``
+    (quantization first, then sparsity, by target); text outside the markers is kept."""
+    order = {"quantization": 0, "sparsity": 1}
+    reports = []
+    for result in root.glob("*/result.json"):
+        report = json.loads(result.read_text())
+        meta_path = result.parent / "benchmark.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        reports.append((order.get(report["compression"], 2), float(report["arguments"]["target"]), report, meta))
+    body = [MARK_START, ""]
+    for _, _, report, meta in sorted(reports, key=lambda r: r[:2]):
+        body += section(report, meta)
+    body.append(MARK_END)
+    text = doc.read_text() if doc.exists() else ""
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        tail = rest.split(MARK_END, 1)[1]
+    else:
+        head = (f"# Sparsity and quantization benchmark: {model}\n\n"
+                "- Evaluation: WikiText-2 test, first 40 windows of 512 tokens, float32; KL = mean per-token "
+                "KL(dense || model), top-512.\n- Quantization budget column: average bits over the searched "
+                "linears (effective bits with scales and zeros in parentheses); GPTQ group size 128, asymmetric.\n\n")
+        tail = "\n"
+    doc.write_text(head + "\n".join(body) + tail)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
@@ -52,30 +97,18 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(ns.threads)
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    lines = [f"# Sparsity and quantization benchmark: {ns.model}", "",
-             f"- Command: `{command}`", f"- Date: {datetime.date.today().isoformat()}; machine: {machine()}",
-             "- Evaluation: WikiText-2 test, first N windows of 512 tokens, float32; KL = mean per-token "
-             "KL(dense || model), top-512.", "- Quantization budget column: average bits over the searched "
-             "linears (effective bits with scales and zeros in parentheses); GPTQ group size 128, asymmetric.", ""]
     runs = [("quantization", t) for t in ns.bits] + [("sparsity", t) for t in ns.sparsity]
     for kind, target in runs:
         out = Path(ns.output) / f"{kind}-{target}"
         args = SearchArguments(model=ns.model, compression=kind, target=target, preset=ns.preset,
                                generations=ns.generations, eval_windows=ns.eval_windows, output_dir=str(out),
                                compare_baselines=True, save_model=False)
-        report = run_search(args)
-        db, t = report["database"], report["timings"]
-        lines += [f"## {kind}, target {target}", "",
-                  f"Database: {db['build_seconds']} s to build, {db['disk_bytes'] / 1e6:.1f} MB on disk, bytes per "
-                  f"weight per level {json.dumps({k: round(v, 3) for k, v in db['bytes_per_weight'].items()})}. "
-                  f"Search: {report['search']['generations']} generations, {t['search_seconds']:.0f} s, "
-                  f"{report['search']['tokens'] / 1e6:.2f}M candidate-tokens. "
-                  f"Baseline settings: {report['baseline_settings'] or '-'}.", "",
-                  "| target | method | WikiText-2 ppl | KL | budget |", "|---|---|---|---|---|",
-                  *rows_markdown(report), ""]
-        print("\n".join(lines[-(len(report['results']) + 4):]), flush=True)
+        run_search(args)
+        (out / "benchmark.json").write_text(json.dumps(
+            {"command": command, "date": datetime.date.today().isoformat(), "machine": machine(),
+             "threads": ns.threads}, indent=1))
         if ns.doc:  # after every run, so finished runs survive an interrupted benchmark
-            Path(ns.doc).write_text("\n".join(lines) + "\n")
+            write_doc(Path(ns.doc), Path(ns.output), ns.model)
     return 0
 
 

@@ -1,7 +1,11 @@
-"""Shared fixtures: tiny randomly initialised decoder models of several architectures."""
+"""Shared fixtures: tiny randomly initialised decoder models of several architectures; an
+intercepted Hugging Face Hub (``hub``)."""
+
+import types
 
 import pytest
 import torch
+from huggingface_hub import HfApi, ModelCard
 from transformers import (
     Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
     Qwen3Config, Qwen3ForCausalLM,
@@ -50,3 +54,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """Intercepted Hub: records created repos and every committed file's bytes."""
+    calls = types.SimpleNamespace(repos=[], commits=[])
+
+    def create_repo(self, repo_id, *args, **kwargs):
+        calls.repos.append((repo_id, kwargs))
+        return types.SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(self, repo_id, operations, *args, **kwargs):
+        files = {}
+        for op in operations:
+            src = op.path_or_fileobj
+            files[op.path_in_repo] = open(src, "rb").read() if isinstance(src, str) else bytes(src)
+        calls.commits.append({"repo_id": repo_id, "files": files, **kwargs})
+        return types.SimpleNamespace(oid="0" * 40, commit_url=f"https://hub.invalid/{repo_id}")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Hub was contacted for something other than create_repo / create_commit")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(ModelCard, "load", no_network)
+    return calls

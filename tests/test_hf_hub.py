@@ -1,11 +1,8 @@
 """push_to_hub uploads exactly what save_pretrained writes (model card included); the upload is
 intercepted at the huggingface_hub boundary (HfApi.create_repo / create_commit), no network."""
 
-import types
-
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from optimum_evo import EvoPressConfig, EvoPressQuantLinear
@@ -35,32 +32,6 @@ def quantized_tiny(bits_of=lambda i: 2 + i % 3):
     model.hf_quantizer = EvoPressHfQuantizer(cfg, pre_quantized=True)
     attach_hub_methods(model)
     return model
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    """Intercepted Hub: records created repos and every committed file's bytes."""
-    calls = types.SimpleNamespace(repos=[], commits=[])
-
-    def create_repo(self, repo_id, *args, **kwargs):
-        calls.repos.append((repo_id, kwargs))
-        return types.SimpleNamespace(repo_id=repo_id)
-
-    def create_commit(self, repo_id, operations, *args, **kwargs):
-        files = {}
-        for op in operations:
-            src = op.path_or_fileobj
-            files[op.path_in_repo] = open(src, "rb").read() if isinstance(src, str) else bytes(src)
-        calls.commits.append({"repo_id": repo_id, "files": files, **kwargs})
-        return types.SimpleNamespace(oid="0" * 40, commit_url=f"https://hub.invalid/{repo_id}")
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("the Hub was contacted for something other than create_repo / create_commit")
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    monkeypatch.setattr(ModelCard, "load", no_network)
-    return calls
 
 
 def folder_bytes(path):

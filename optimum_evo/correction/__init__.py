@@ -25,7 +25,7 @@ from .eora import (
 )
 from .peft_io import (
     ADAPTER_SUBFOLDER, MergeRefusedError, adapter_bytes, attach_adapters, extract_adapters, load_corrected,
-    merge_correction, read_metadata, save_correction,
+    merge_correction, read_metadata, save_correction, set_correction_enabled,
 )
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ __all__ = [
     "attach_adapters",
     "closed_form_adapters", "compressed_weight", "correct", "extract_adapters", "load_corrected",
     "low_rank_correction", "merge_correction", "read_metadata", "resolve_ranks", "save_correction",
+    "set_correction_enabled",
 ]
 
 

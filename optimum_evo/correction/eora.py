@@ -67,12 +67,14 @@ class Adapter:
 def compressed_weight(module: nn.Module) -> torch.Tensor:
     """The weight a compressed linear actually computes with, as a float tensor.
 
-    Uses ``module.dequantize()`` when the layer has one (packed quantized layers), else
+    Uses ``module.dequantize_weight()`` (:class:`EvoPressQuantLinear`) or ``module.dequantize()``
+    when the layer has one (packed quantized layers), else
     ``module.weight`` (sparse weights with zeros, or quantized weights loaded dequantized).
     """
-    deq = getattr(module, "dequantize", None)
-    if callable(deq):
-        return deq().detach().float()
+    for method in ("dequantize_weight", "dequantize"):  # EvoPressQuantLinear; other packed layers
+        deq = getattr(module, method, None)
+        if callable(deq):
+            return deq().detach().float()
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{type(module).__name__} has neither a tensor `weight` nor a `dequantize()` method; "

@@ -21,6 +21,7 @@ quantized layers unless ``allow_dense=True`` (the result is then an uncompressed
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -95,11 +96,13 @@ def load_adapter_weights(peft_model, adapters: dict, adapter_name: str = "defaul
 
 
 def extract_adapters(peft_model, adapter_name: str = "default") -> dict:
-    """``{full module name: Adapter}`` of a ``PeftModel``'s LoRA layers (scaling folded into ``B``)."""
+    """``{full module name: Adapter}`` of a ``PeftModel``'s (or an adapter-carrying transformers
+    model's) LoRA layers (scaling folded into ``B``)."""
     from peft.tuners.lora import LoraLayer
 
     out = {}
-    for name, module in peft_model.get_base_model().named_modules():
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    for name, module in base.named_modules():
         if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
             s = module.scaling[adapter_name]
             out[name] = Adapter(module.lora_A[adapter_name].weight.detach().float().clone(),
@@ -115,13 +118,14 @@ def adapter_bytes(peft_model, dtype: torch.dtype = torch.float16, adapter_name: 
 
 def save_correction(peft_model, model_dir, base_model_name_or_path: str | None = None,
                     subfolder: str = ADAPTER_SUBFOLDER, dtype: torch.dtype | None = torch.float16,
-                    metadata: dict | None = None) -> Path:
+                    metadata: dict | None = None, adapter_name: str = "default") -> Path:
     """Save the correction adapter in ``model_dir/subfolder`` with ``base_model_name_or_path``
     pointing at the compressed model, so ``AutoPeftModelForCausalLM.from_pretrained`` restores
     compressed model + adapter.
 
     Args:
-        peft_model: the corrected model (:func:`attach_adapters` or trained).
+        peft_model: the corrected model: a ``PeftModel`` (:func:`attach_adapters` or trained) or a
+            transformers model carrying the adapter through transformers' PEFT integration.
         model_dir: folder of the saved compressed model (must hold its ``config.json``).
         base_model_name_or_path: what the adapter config points at; default the absolute path of
             ``model_dir``. Use the Hub repo id when the folder is pushed.
@@ -132,21 +136,61 @@ def save_correction(peft_model, model_dir, base_model_name_or_path: str | None =
     Returns:
         the adapter folder.
     """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} holds no saved model (config.json): save the compressed model first "
                                 "(model.save_pretrained), then the correction beside it.")
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    if adapter_name not in (getattr(base, "peft_config", None) or {}):
+        raise ValueError(f"The model carries no adapter named {adapter_name!r}.")
     out = model_dir / subfolder
-    config = peft_model.peft_config["default"]
+    out.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(base.peft_config[adapter_name])
     config.base_model_name_or_path = base_model_name_or_path or str(model_dir.resolve())
-    state = None
-    if dtype is not None:
-        state = {k: (v.to(dtype) if "lora_" in k else v) for k, v in peft_model.state_dict().items()}
-    peft_model.save_pretrained(str(out), state_dict=state)
+    config.save_pretrained(str(out))
+    state = get_peft_model_state_dict(base, adapter_name=adapter_name)
+    state = {f"base_model.model.{k}": (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+             .detach().cpu().contiguous() for k, v in state.items()}
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     info = {"adapter_bytes": os.path.getsize(out / "adapter_model.safetensors"),
-            "ranks": {n: a.rank for n, a in extract_adapters(peft_model).items()}, **(metadata or {})}
+            "ranks": {n: a.rank for n, a in extract_adapters(base, adapter_name).items()}, **(metadata or {})}
     (out / METADATA_NAME).write_text(json.dumps(info, indent=1, sort_keys=True))
     return out
+
+
+def adopt_adapter(peft_model):
+    """The base model of ``peft_model`` (modified in place by peft), registered with transformers'
+    PEFT integration: it stays a plain ``PreTrainedModel`` whose adapter ``"default"`` is active,
+    as after ``model.load_adapter(...)`` (``active_adapters()``, ``disable_adapters()``,
+    ``get_adapter_state_dict()`` work)."""
+    base = peft_model.get_base_model()
+    base._hf_peft_config_loaded = True
+    return base
+
+
+def set_correction_enabled(model, enabled: bool = True) -> int:
+    """Switch the LoRA layers of ``model`` (a ``PeftModel`` or a model carrying the correction) on
+    or off, e.g. to compare with and without it; returns the number of layers switched. (Works
+    with peft 0.21, which transformers 5's own ``disable_adapters()`` refuses.)
+
+    Example:
+        >>> set_correction_enabled(model, False)   # the compressed model alone   # doctest: +SKIP
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(enabled)
+    return len(layers)
+
+
+def base_state_dict(model) -> dict:
+    """``model``'s state dict without its LoRA tensors and with the names it has without adapters
+    (``q_proj.base_layer.weight`` -> ``q_proj.weight``): what the compressed model alone saves."""
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
 
 
 def load_corrected(path, **kwargs):
@@ -167,8 +211,13 @@ def read_metadata(path) -> dict:
 
 
 def module_kinds(model) -> dict:
-    """``{full module name: "sparsity" | "quantization"}`` from ``config.evopress_levels`` (written by
-    the EvoPress pipeline: fractions < 1 are sparsity levels, integers >= 1 bit widths)."""
+    """``{full module name: "sparsity" | "quantization"}`` of an EvoPress model: from its
+    ``quantization_config`` profile (``from_pretrained`` / ``optimum-evo search`` checkpoints), else
+    from ``config.evopress_levels`` (fractions < 1 are sparsity levels, integers >= 1 bit widths)."""
+    qc = getattr(model.config, "quantization_config", None)
+    get = qc.get if isinstance(qc, dict) else (lambda key, default=None: getattr(qc, key, default))
+    if qc is not None and get("quant_method") == "evopress" and get("compression") in ("sparsity", "quantization"):
+        return {n: get("compression") for n in ((get("profile") or {}).get("modules") or {})}
     levels = getattr(model.config, "evopress_levels", None) or {}
     return {n: ("sparsity" if float(v) < 1 else "quantization") for n, v in levels.items()}
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 
-def lora_correction_step(args, model, path, report: dict, model_dir) -> dict:
+def lora_correction_step(args, model, path, report: dict, model_dir=None):
     """Correct ``model`` (compressed, already saved in ``model_dir``) and record it in ``report``.
 
     Args:
@@ -22,10 +22,11 @@ def lora_correction_step(args, model, path, report: dict, model_dir) -> dict:
         model: the compressed model (wrapped in place by peft).
         path: the dense model's folder.
         report: the run's report (``results`` gets an ``"evopress+lora"`` row).
-        model_dir: folder of the saved compressed model.
+        model_dir: folder of the saved compressed model (``None``: do not save the adapter).
 
     Returns:
-        the ``"lora_correction"`` section of the report.
+        the corrected ``PeftModel`` (its base is ``model``); the ``"lora_correction"`` section
+        is in ``report``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -35,7 +36,8 @@ def lora_correction_step(args, model, path, report: dict, model_dir) -> dict:
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    dense = AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype).eval()
+    device = next(model.parameters()).device
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype).to(device).eval()
     calib = calibration_windows(args.calibration, tokenizer, args.num_samples, args.seq_len, args.seed)
     train = {"max_steps": args.lora_train_steps, "learning_rate": args.lora_learning_rate} \
         if args.lora_train_steps else False
@@ -57,4 +59,4 @@ def lora_correction_step(args, model, path, report: dict, model_dir) -> dict:
         section["path"] = str(folder)
     section["seconds"] = round(time.perf_counter() - start, 1)
     report["lora_correction"] = section
-    return section
+    return peft_model

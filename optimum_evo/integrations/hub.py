@@ -100,7 +100,7 @@ def model_card(model, repo_id: str | None = None, tags=None) -> str:
         lines.append(f"- **{key}**: {value}")
     if kind != "depth" and cfg.profile and cfg.profile.get("modules"):
         lines += ["", "<details><summary>level of every module</summary>", "", "| module | level |", "|---|---|"]
-        lines += [f"| `{m}` | {lv} |" for m, lv in cfg.profile["modules"].items()]
+        lines += [f"| `{m}` | {_level(lv)} |" for m, lv in cfg.profile["modules"].items()]
         lines += ["", "</details>"]
     evaluation = metrics.get("evaluation")
     lines += ["", "## Metrics", ""]
@@ -114,6 +114,21 @@ def model_card(model, repo_id: str | None = None, tags=None) -> str:
             if row in evaluation:
                 r = evaluation[row]
                 lines.append(f"| {row} | {r.get('perplexity', float('nan')):.2f} | {r.get('kl', float('nan')):.4f} |")
+        if "evopress+lora" in evaluation:
+            r = evaluation["evopress+lora"]
+            lines.append(f"| evopress + LoRA correction | {r.get('perplexity', float('nan')):.2f} | "
+                         f"{r.get('kl', float('nan')):.4f} |")
+    if _has_adapter(model):
+        from ..correction.peft_io import ADAPTER_SUBFOLDER
+
+        info = metrics.get("lora_correction") or {}
+        lines += ["", "## LoRA error correction", "",
+                  f"`{ADAPTER_SUBFOLDER}/` holds a LoRA adapter (PEFT format; method {info.get('method', '?')}, "
+                  f"rank <= {info.get('rank', '?')}, {info.get('trained_steps', 0) or 0} distillation steps) that "
+                  "corrects the compression error. Load the compressed model with it:", "", "```python",
+                  "import optimum_evo", "from transformers import AutoModelForCausalLM", "from peft import PeftModel", "",
+                  f'base = AutoModelForCausalLM.from_pretrained("{name}")',
+                  f'model = PeftModel.from_pretrained(base, "{name}", subfolder="{ADAPTER_SUBFOLDER}")', "```"]
     lines += ["", "The full settings, profile and metrics are in `config.json` under `quantization_config`.", ""]
     card = ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(lines))
     return str(card)
@@ -122,15 +137,15 @@ def model_card(model, repo_id: str | None = None, tags=None) -> str:
 def save_pretrained(model, save_directory, *args, **kwargs):
     """``model.save_pretrained`` (transformers) plus the EvoPress ``README.md`` model card.
     ``push_to_hub=True`` uploads the folder afterwards (``repo_id``, ``commit_message``,
-    ``create_pr``, ``token`` as in transformers)."""
-    from transformers import PreTrainedModel
-
+    ``create_pr``, ``token`` as in transformers). A LoRA correction adapter attached to the model
+    (``EvoPressConfig(lora_correction=...)``) goes to ``save_directory/lora-correction`` beside the
+    compressed model (transformers alone would save only the adapter)."""
     from .transformers.quantizer import check_evopress_model
 
     check_evopress_model(model)  # never save (or push) a randomly initialised "EvoPress" model
     push = kwargs.pop("push_to_hub", False)
     hub = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private") if k in kwargs}
-    PreTrainedModel.save_pretrained(model, save_directory, *args, **kwargs)
+    _save_folder(model, save_directory, hub.get("repo_id") if push else None, *args, **kwargs)
     if kwargs.get("is_main_process", True) and _evopress_config(model) is not None:
         name = hub.get("repo_id", str(save_directory))
         Path(save_directory, CARD_NAME).write_text(model_card(model, name), encoding="utf-8")
@@ -154,19 +169,49 @@ def _upload(model, folder, repo_id, token=None, private=None, commit_message=Non
 def push_to_hub(model, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
                 private: bool | None = None, token=None, revision: str | None = None, create_pr: bool = False,
                 max_shard_size="50GB", tags=None):
-    """Upload exactly the files :func:`save_pretrained` writes (weights, configs, model card) to
-    ``repo_id`` in one commit; same keyword arguments as transformers' ``push_to_hub``."""
-    from transformers import PreTrainedModel
-
+    """Upload exactly the files :func:`save_pretrained` writes (weights, configs, model card, LoRA
+    correction) to ``repo_id`` in one commit; same keyword arguments as transformers' ``push_to_hub``."""
     from .transformers.quantizer import check_evopress_model
 
     check_evopress_model(model)
     with tempfile.TemporaryDirectory() as tmp:
-        PreTrainedModel.save_pretrained(model, tmp, max_shard_size=max_shard_size, token=token)
+        _save_folder(model, tmp, repo_id, max_shard_size=max_shard_size, token=token)
         if _evopress_config(model) is not None:  # the card names the repository in its loading snippet
             Path(tmp, CARD_NAME).write_text(model_card(model, repo_id, tags), encoding="utf-8")
         return _upload(model, tmp, repo_id, token=token, private=private, commit_message=commit_message,
                        commit_description=commit_description, create_pr=create_pr, revision=revision)
+
+
+def _has_adapter(model) -> bool:
+    return bool(getattr(model, "_hf_peft_config_loaded", False)) and "default" in (getattr(model, "peft_config", None) or {})
+
+
+def _level(value):
+    return f"{value:.4f}".rstrip("0").rstrip(".") if isinstance(value, float) else value
+
+
+def _save_folder(model, folder, adapter_base: str | None, *args, **kwargs) -> None:
+    """transformers' ``save_pretrained`` of the compressed model; an attached adapter ``"default"``
+    is saved beside it in ``lora-correction/`` with ``base_model_name_or_path = adapter_base``
+    (default: the folder's absolute path)."""
+    from transformers import PreTrainedModel
+
+    if not _has_adapter(model):
+        PreTrainedModel.save_pretrained(model, folder, *args, **kwargs)
+        return
+    from ..correction.peft_io import base_state_dict, save_correction
+
+    kwargs.setdefault("state_dict", base_state_dict(model))
+    model._hf_peft_config_loaded = False  # else transformers writes the adapter alone
+    try:
+        PreTrainedModel.save_pretrained(model, folder, *args, **kwargs)
+    finally:
+        model._hf_peft_config_loaded = True
+    if kwargs.get("is_main_process", True):
+        cfg = _evopress_config(model)
+        metadata = ((cfg.metrics or {}).get("lora_correction") if cfg is not None else None) or {}
+        save_correction(model, folder, base_model_name_or_path=adapter_base,
+                        metadata={k: v for k, v in metadata.items() if k != "path"})
 
 
 def attach_hub_methods(model) -> None:

@@ -34,7 +34,10 @@ SEARCH_FIELDS = {
     "modules": "modules", "cache_dir": "database_dir", "output_dir": "output_dir", "seed": "seed", "progress": "progress",
 }
 # Written to config.json (everything else, e.g. a tokenizer object, stays out).
-SERIALIZED_FIELDS = ("quant_method", "format_version", *SEARCH_FIELDS, "profile", "metrics")
+SERIALIZED_FIELDS = ("quant_method", "format_version", *SEARCH_FIELDS, "lora_correction", "profile", "metrics")
+# ``lora_correction`` dict key -> SearchArguments field.
+LORA_FIELDS = {"rank": "lora_correction", "method": "lora_method", "inputs": "lora_inputs",
+               "train_steps": "lora_train_steps", "learning_rate": "lora_learning_rate"}
 
 
 class EvoPressConfigError(ValueError):
@@ -68,6 +71,14 @@ class EvoPressConfig(QuantizationConfigMixin):
             reused by later loads).
         output_dir: optional folder for the search checkpoint and teacher cache (a repeated load
             with the same settings resumes from it).
+        lora_correction: LoRA error-correction adapters computed right after compression
+            (sparsity and quantization): a rank (``16``), or a dict with ``rank`` and optionally
+            ``method`` (``"eora"`` / ``"svd"``), ``inputs`` (``"dense"`` / ``"compressed"``),
+            ``train_steps`` (KL distillation steps, 0 = closed form only) and ``learning_rate``.
+            The returned model carries the adapter (transformers' PEFT integration, adapter
+            ``"default"``, active); ``save_pretrained(dir)`` writes the compressed model to ``dir``
+            and the adapter to ``dir/lora-correction`` (load that folder to get both). See
+            :mod:`optimum_evo.correction`.
         mode, fitness, top_k, init, random_candidates, search_dtype, sparsity_step, max_offset, seed,
             progress: as in :class:`optimum_evo.SearchArguments`.
         profile, metrics: filled in by the search (do not set them by hand).
@@ -82,8 +93,9 @@ class EvoPressConfig(QuantizationConfigMixin):
                  top_k: int = 512, eval_dataset="wikitext2", eval_windows: int | None = 40,
                  eval_seq_len: int = 512, init: str = "baselines", random_candidates: int = 16,
                  search_dtype: str = "auto", levels=None, group_size: int = 128, sparsity_step: float = 0.05,
-                 max_offset: int = 5, modules: str | None = None, cache_dir: str | None = None, output_dir: str | None = None, seed: int = 0,
-                 progress: bool = True, profile: dict | None = None, metrics: dict | None = None,
+                 max_offset: int = 5, modules: str | None = None, cache_dir: str | None = None,
+                 output_dir: str | None = None, seed: int = 0, progress: bool = True, lora_correction=None,
+                 profile: dict | None = None, metrics: dict | None = None,
                  format_version: int = FORMAT_VERSION, quant_method: str = QUANT_METHOD):
         if quant_method != QUANT_METHOD:
             raise EvoPressConfigError(f"EvoPressConfig has quant_method={QUANT_METHOD!r}, got {quant_method!r}.")
@@ -103,6 +115,7 @@ class EvoPressConfig(QuantizationConfigMixin):
         self.group_size, self.sparsity_step, self.max_offset = group_size, sparsity_step, max_offset
         self.modules = modules
         self.cache_dir, self.output_dir, self.seed, self.progress = cache_dir, output_dir, seed, progress
+        self.lora_correction = _lora_dict(lora_correction)
         self.profile = copy.deepcopy(profile)
         self.metrics = copy.deepcopy(metrics)
         self.post_init()
@@ -131,6 +144,8 @@ class EvoPressConfig(QuantizationConfigMixin):
         settings), e.g. to save a model compressed by :func:`optimum_evo.run_search` as an EvoPress
         checkpoint."""
         kwargs = {src: getattr(args, dst) for src, dst in SEARCH_FIELDS.items()}
+        if getattr(args, "lora_correction", 0):
+            kwargs["lora_correction"] = {key: getattr(args, dst) for key, dst in LORA_FIELDS.items()}
         if not isinstance(kwargs["dataset"], (str, list, tuple)):
             kwargs["dataset"] = None  # e.g. a datasets.Dataset object: not serializable, not recorded
         return cls(**kwargs)
@@ -144,6 +159,9 @@ class EvoPressConfig(QuantizationConfigMixin):
             kwargs["eval_windows"] = 1
         if isinstance(kwargs["calibration"], list):
             kwargs["calibration"] = list(kwargs["calibration"])
+        for key, dst in LORA_FIELDS.items():
+            if self.lora_correction and key in self.lora_correction:
+                kwargs[dst] = self.lora_correction[key]
         kwargs.update(model=str(model), save_model=False, **overrides)
         try:
             return SearchArguments(**kwargs)
@@ -216,9 +234,38 @@ class EvoPressConfig(QuantizationConfigMixin):
             return {}
         counts: dict = {}
         for level in modules.values():
+            level = round(level, 4) if isinstance(level, float) else level
             counts[level] = counts.get(level, 0) + 1
         key = "average_bits" if self.compression == "quantization" else "sparsity"
         return {key: p.get(key), "modules per level": dict(sorted(counts.items())), "modules": len(modules)}
+
+
+def _lora_dict(value) -> dict | None:
+    """Normalise ``lora_correction`` (``None`` / ``0`` / a rank / a dict) to ``None`` or a dict with ``rank``."""
+    if value is None or value is False or (isinstance(value, int) and not isinstance(value, bool) and value == 0):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = {"rank": value}
+    if not isinstance(value, dict):
+        raise EvoPressConfigError(f"lora_correction must be a rank (e.g. 16) or a dict such as "
+                                  f"{{'rank': 16, 'train_steps': 200}}, got {value!r}.")
+    unknown = sorted(set(value) - set(LORA_FIELDS))
+    if unknown:
+        raise EvoPressConfigError(f"Unknown lora_correction keys {unknown}; known keys: {sorted(LORA_FIELDS)}.")
+    rank = value.get("rank")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise EvoPressConfigError(f"lora_correction needs a positive integer 'rank', got {rank!r}.")
+    choices = {"method": ("eora", "svd"), "inputs": ("dense", "compressed")}
+    for key, allowed in choices.items():
+        if key in value and value[key] not in allowed:
+            raise EvoPressConfigError(f"lora_correction[{key!r}] must be one of {allowed}, got {value[key]!r}.")
+    steps = value.get("train_steps", 0)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise EvoPressConfigError(f"lora_correction['train_steps'] must be an integer >= 0, got {steps!r}.")
+    lr = value.get("learning_rate", 5e-4)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise EvoPressConfigError(f"lora_correction['learning_rate'] must be a positive number, got {lr!r}.")
+    return dict(value)
 
 
 def _jsonable(value):

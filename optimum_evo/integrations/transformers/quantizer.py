@@ -101,6 +101,16 @@ class EvoPressHfQuantizer(HfQuantizer):
     def is_serializable(self, safe_serialization=None):
         return True
 
+    def get_state_dict_and_metadata(self, model):
+        """What ``save_pretrained`` writes: the compressed model's own tensors. With a LoRA correction
+        attached (``lora_correction``), its LoRA tensors are left out and the wrapped layers keep
+        their plain names (the adapter is saved separately, see :mod:`optimum_evo.integrations.hub`)."""
+        if any(".lora_" in name for name, _ in model.named_parameters()):
+            from ...correction.peft_io import base_state_dict
+
+            return base_state_dict(model), {}
+        return None, {}
+
     @property
     def is_trainable(self) -> bool:
         return True  # adapters (LoRA) train on top of the compressed modules
@@ -165,6 +175,7 @@ def check_evopress_model(model) -> EvoPressConfig | None:
     if qc.compression == "quantization":
         for name, bits in profile.get("modules", {}).items():
             module = model.get_submodule(name)
+            module = module.get_base_layer() if hasattr(module, "get_base_layer") else module  # under LoRA
             if not isinstance(module, EvoPressQuantLinear) or module.bits != int(bits):
                 raise EvoPressLoadError(f"{name} should be a {bits}-bit EvoPressQuantLinear, found {module!r}. {hint}")
             if module.scales.device.type == "meta" or not bool(module.scales.abs().sum() > 0):
@@ -210,7 +221,8 @@ def _tokenizer(config: EvoPressConfig, path: str):
 @torch.no_grad()
 def compress_on_load(model, config: EvoPressConfig) -> None:
     """Run the search for ``model`` (just loaded, dense) and compress it in place; fill
-    ``config.profile`` and ``config.metrics``."""
+    ``config.profile`` and ``config.metrics``. With ``config.lora_correction``, the correction
+    adapter is then computed and attached through transformers' PEFT integration."""
     from ...pipeline import search_loaded
     from ...spaces.depth import DepthSpace
 
@@ -226,6 +238,12 @@ def compress_on_load(model, config: EvoPressConfig) -> None:
             outcome.space = DepthSpace(model, args.target, args.mode)
         del work
     apply_search_outcome(model, config, outcome)
+    if config.lora_correction:
+        from ...correction.peft_io import adopt_adapter
+        from ...correction.pipeline_step import lora_correction_step
+
+        adopt_adapter(lora_correction_step(args, model, path, outcome.report))  # adapter "default", active
+        config.metrics = _jsonable({**_metrics(outcome.report), "lora_correction": outcome.report["lora_correction"]})
 
 
 @torch.no_grad()
