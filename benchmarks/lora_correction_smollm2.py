@@ -103,6 +103,20 @@ def quantize(dense, database: str, bits: float, profile: str | None, quantizer: 
     return model, desc, linear_bytes, source
 
 
+def profile_model(dense, kind: str, database: str, result: str):
+    """``dense`` with the levels of a search's ``result.json`` applied from its level database."""
+    from optimum_evo.compressors.database import LevelDatabase
+    from optimum_evo.integrations.transformers.quantizer import apply_levels
+
+    if not database:
+        raise SystemExit(f"--{kind}-profile needs --{kind}-database (the database the search used).")
+    model = copy.deepcopy(dense)
+    levels = json.loads(Path(result).read_text())["levels"]
+    apply_levels(model, kind, levels, LevelDatabase.open(database, verify=False))
+    model.config.evopress_levels = levels
+    return model, f"EvoPress profile of {result}"
+
+
 def deployable_bytes(model, linear_bytes: float) -> float:
     """Compressed linears at ``linear_bytes`` plus every other parameter at 16 bits."""
     linears = sum(m.weight.numel() for n, m in model.named_modules()
@@ -125,6 +139,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--sparsity", type=float, default=0.7)
     p.add_argument("--sparse-model", default=None, help="a saved sparse model instead of uniform SparseGPT")
+    p.add_argument("--sparsity-profile", default=None,
+                   help="a sparsity search's result.json: its EvoPress levels, read from --sparsity-database")
+    p.add_argument("--sparsity-database", default=None, help="the sparsity level database of --sparsity-profile")
     p.add_argument("--bits", type=float, default=2.5)
     p.add_argument("--database", default=str(Path.home() / ".cache/optimum_evo/databases/quantization-de9858ad40a058d2"))
     p.add_argument("--profile", default=None, help="JSON {module: bits} (or a result.json with 'levels')")
@@ -197,7 +214,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if kind == "sparsity":
             cache = out / f"sparse-{ns.sparsity}" / "model"
-            if ns.sparse_model:
+            if ns.sparsity_profile:
+                comp, source = profile_model(dense, "sparsity", ns.sparsity_database, ns.sparsity_profile)
+            elif ns.sparse_model:
                 comp = AutoModelForCausalLM.from_pretrained(ns.sparse_model, dtype=torch.float32).eval()
                 source = ns.sparse_model
             elif (cache / "config.json").is_file():
