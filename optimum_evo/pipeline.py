@@ -369,8 +369,6 @@ def run_search(args: SearchArguments) -> dict:
 
             config = EvoPressConfig.from_search_arguments(args)
             apply_search_outcome(model, config, outcome)
-            if args.compression != "depth":
-                model.config.evopress_levels = report["levels"]  # module kinds for LoRA correction
             mark_compressed(model, config)
             model.save_pretrained(out / "model")
             tokenizer.save_pretrained(out / "model")

@@ -103,6 +103,13 @@ def test_save_writes_compressed_model_and_adapter_and_both_reload(corrected):
         merge_correction(peft_model)
 
 
+def test_exporting_a_corrected_model_is_refused_with_the_way_out(corrected, tmp_path):
+    from optimum_evo.integrations.exporters import export
+
+    with pytest.raises(ValueError, match="lora-correction/ subfolder"):
+        export(corrected[0], tmp_path / "gptq", "gptq")
+
+
 def test_push_uploads_the_adapter_pointing_at_the_repo(corrected, hub):
     model, _ = corrected
     model.push_to_hub("me/tiny-evopress-lora")

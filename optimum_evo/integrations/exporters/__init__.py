@@ -42,4 +42,10 @@ def export(model, save_dir, format: str, tokenizer=None, **kwargs) -> dict:
     key = format.replace("_", "-").lower()
     if key not in functions:
         raise ValueError(f"Unknown export format {format!r}; choose one of {EXPORT_FORMATS}.")
+    if any(".lora_" in name for name, _ in model.named_parameters()):
+        raise ValueError(
+            "This model carries a LoRA correction adapter; the export formats hold the compressed weights only. "
+            "Export the compressed model without it (optimum_evo.correction.set_correction_enabled does not remove "
+            "it: reload the saved folder without its lora-correction/ subfolder, export that, and ship the "
+            "adapter folder beside it: it is a standard PEFT adapter).")
     return functions[key](model, save_dir, tokenizer=tokenizer, **kwargs)
