@@ -168,7 +168,6 @@ def main(argv=None) -> int:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    t_start = time.perf_counter()
     out = Path(ns.output)
     path = resolve_model(ns.model)
     tok = AutoTokenizer.from_pretrained(path)
@@ -186,29 +185,30 @@ def main(argv=None) -> int:
         print(f"{desc}: ppl {r['perplexity']:.2f} kl {r['kl']:.4f}", flush=True)
         return r
 
-    def write_doc(sections):
+    def write_doc():
+        """The doc: a common header, then the latest section of every setting run so far (each
+        section is kept in ``OUTPUT/section-KIND.md`` with the command and date that produced it)."""
         lines = [
             "# LoRA error correction on SmolLM2-135M", "",
-            f"- Command: `{command}`",
-            f"- Date: {datetime.date.today().isoformat()}; machine: {machine()}; elapsed "
-            f"{(time.perf_counter() - t_start) / 60:.0f} min.",
-            f"- Evaluation: WikiText-2 test, first {ns.eval_windows} windows of 512 tokens, float32; KL = mean "
-            "per-token KL(dense || model), top-512. Gap recovered = (ppl compressed - ppl corrected) / "
-            "(ppl compressed - ppl dense).",
-            f"- Closed form: {ns.calib_samples} x {ns.calib_seq_len} tokens of `{ns.calibration}` (never "
-            f"WikiText-2). Training: KL distillation to the dense model (top-512 teacher cache), "
-            f"{ns.train_samples} windows of {ns.train_seq_len} tokens, batch 1, AdamW lr {ns.lr}, cosine, "
-            f"{ns.train_steps} steps, only the LoRA factors train.",
+            "- Each section names the command that produced it (`benchmarks/lora_correction_smollm2.py`); the "
+            "page is rebuilt from the latest run of each setting.",
+            "- Evaluation: WikiText-2 test, first N windows of 512 tokens, float32; KL = mean per-token "
+            "KL(dense || model), top-512. Gap recovered = (ppl compressed - ppl corrected) / (ppl compressed - "
+            "ppl dense).",
+            "- Closed form: calibration windows of Brown (never WikiText-2). Training: KL distillation to the dense "
+            "model (top-512 teacher cache), batch 1, AdamW, cosine schedule, only the LoRA factors train.",
             "- Deployable size: sparse linears as 16-bit non-zeros + 1-bit mask; quantized linears at the level "
             "database's bytes per weight (codes + group scales/zeros); embeddings and norms at 16 bits. Adapters in "
             "float16 (`save_correction` default).", "",
-            *sections,
         ]
+        for f in [out / "section-sparsity.md", out / "section-quantization.md", out / "notes.md"]:
+            if f.is_file():
+                lines += [f.read_text().rstrip(), ""]
         if ns.doc:
             Path(ns.doc).write_text("\n".join(lines) + "\n")
 
     dense_row = ev(dense, "dense")
-    sections = []
+    out.mkdir(parents=True, exist_ok=True)
     settings = [k for k in ("sparsity", "quantization") if ns.only in (None, k)]
     for kind in settings:
         t0 = time.perf_counter()
@@ -282,8 +282,11 @@ def main(argv=None) -> int:
             size = f"{sizes[name] / 1e6:.2f}M | {2 * sizes[name] / model_bytes:.2%}" if name in sizes else " | "
             table.append(f"| {name} | {r['perplexity']:.2f} | {r['kl']:.4f} | {rec} | {size} |")
         ranks = [a.rank for a in best_ads.values()]
-        sections += [
+        section = [
             f"## {label}", "",
+            f"- Command: `{command}`", f"- Date: {datetime.date.today().isoformat()}; machine: {machine()}; "
+            f"{ns.eval_windows} evaluation windows; closed form on {ns.calib_samples} x {ns.calib_seq_len} tokens; "
+            f"training {ns.train_steps} steps on {ns.train_samples} x {ns.train_seq_len} tokens, lr {ns.lr}.", "",
             f"Compressed model deployable size {model_bytes / 1e6:.1f} MB (compressed linears {linear_bytes / 1e6:.1f} "
             f"MB, other weights at 16 bits). Adapter budget {ns.budget:.1%} of it = {budget / 1e6:.2f}M float16 "
             f"parameters; budget-allocated ranks: {len(ranks)} of {len(full)} linears corrected, rank min "
@@ -293,10 +296,11 @@ def main(argv=None) -> int:
             "Times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items())
             + f"; section total {time.perf_counter() - t0:.0f} s.", "",
         ]
-        write_doc(sections)
+        (out / f"section-{kind}.md").write_text("\n".join(section) + "\n")
+        write_doc()
         print("\n".join(table), flush=True)
         del comp
-    write_doc(sections)
+    write_doc()
     return 0
 
 

@@ -117,3 +117,18 @@ def test_push_uploads_the_adapter_pointing_at_the_repo(corrected, hub):
     assert "model.safetensors" in files and f"{ADAPTER_SUBFOLDER}/adapter_model.safetensors" in files
     cfg = json.loads(files[f"{ADAPTER_SUBFOLDER}/adapter_config.json"])
     assert cfg["base_model_name_or_path"] == "me/tiny-evopress-lora"
+
+
+def test_sparsity_with_trained_correction_keeps_the_exact_zeros(tmp_path):
+    tiny = save_tiny(tmp_path / "tiny")
+    cfg = tiny_config("sparsity", tmp_path, lora_correction={"rank": 4, "train_steps": 2, "learning_rate": 1e-3})
+    model = AutoModelForCausalLM.from_pretrained(tiny, quantization_config=cfg, dtype=torch.float32)
+    info = model.config.quantization_config.metrics["lora_correction"]
+    assert info["trained_steps"] == 2 and info["method"] == "eora"
+    assert not model.training and not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    for name, level in model.config.quantization_config.profile["modules"].items():
+        w = model.get_submodule(name).get_base_layer().weight
+        assert abs(float((w == 0).float().mean()) - level) < 0.01  # training touched only the adapter
+    model.save_pretrained(tmp_path / "saved")
+    meta = json.loads((tmp_path / "saved" / ADAPTER_SUBFOLDER / "evopress_correction.json").read_text())
+    assert meta["trained_steps"] == 2 and meta["adapter_bytes"] > 0

@@ -242,7 +242,8 @@ def compress_on_load(model, config: EvoPressConfig) -> None:
         from ...correction.peft_io import adopt_adapter
         from ...correction.pipeline_step import lora_correction_step
 
-        adopt_adapter(lora_correction_step(args, model, path, outcome.report))  # adapter "default", active
+        with torch.enable_grad():  # the optional distillation trains (this function runs under no_grad)
+            adopt_adapter(lora_correction_step(args, model, path, outcome.report))  # adapter "default", active
         config.metrics = _jsonable({**_metrics(outcome.report), "lora_correction": outcome.report["lora_correction"]})
 
 
