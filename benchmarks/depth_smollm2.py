@@ -81,11 +81,18 @@ def main(argv=None) -> int:
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--no-prefix-reuse", dest="reuse_prefix", action="store_false")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--confirm-tokens", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (1 when another job shares the 2 cores: oversubscription is slow)")
     p.add_argument("--output", default="outputs/bench-depth")
     p.add_argument("--doc", default="docs/depth-benchmark.md", help="markdown table to (over)write; '' = none")
     ns = p.parse_args(argv)
+    if ns.threads:
+        import torch
+
+        torch.set_num_threads(ns.threads)
     args = SearchArguments(model=ns.model, target=ns.target, preset=ns.preset, generations=ns.generations,
-                           init=ns.init, eval_windows=ns.eval_windows, reuse_prefix=ns.reuse_prefix, seed=ns.seed,
+                           confirm_tokens=ns.confirm_tokens, init=ns.init, eval_windows=ns.eval_windows, reuse_prefix=ns.reuse_prefix, seed=ns.seed,
                            output_dir=ns.output, compare_baselines=True, save_model=False)
     report = run_search(args)
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
