@@ -72,6 +72,8 @@ def add_search_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--lora-train-steps", type=int, default=0,
                    help="KL-distillation steps after the closed form (0 = closed form only)")
     s.add_argument("--lora-learning-rate", type=float, default=5e-4)
+    s.add_argument("--lora-param-budget", type=int, default=None, metavar="N",
+                   help="total adapter parameters, allocated where they remove the most error (ranks <= RANK)")
     s.add_argument("--export", action="append", default=[], choices=["dense", "gptq", "compressed-tensors"],
                    help="also write the result in a format that loads without optimum-evo, in OUTPUT/export-FORMAT "
                         "(repeatable; gptq / compressed-tensors need --compression quantization)")
@@ -94,6 +96,7 @@ def arguments_from_namespace(ns: argparse.Namespace):
         save_model=ns.save_model, seed=ns.seed, progress=not ns.quiet,
         lora_correction=ns.lora_correction, lora_method=ns.lora_method, lora_inputs=ns.lora_inputs,
         lora_train_steps=ns.lora_train_steps, lora_learning_rate=ns.lora_learning_rate,
+        lora_param_budget=ns.lora_param_budget,
     )
 
 

@@ -76,7 +76,9 @@ class SearchArguments:
             quantization search (0 = none); saved in ``model/lora-correction/`` (see
             :mod:`optimum_evo.correction`). ``lora_method`` ``"eora"`` or ``"svd"``,
             ``lora_inputs`` ``"dense"`` or ``"compressed"``, ``lora_train_steps`` of KL distillation
-            (0 = closed form only) at ``lora_learning_rate``.
+            (0 = closed form only) at ``lora_learning_rate``; ``lora_param_budget``: total adapter
+            parameters, allocated over the linears where they remove the most error (ranks capped
+            at ``lora_correction``; ``None`` = that rank everywhere).
     """
 
     model: str = "smollm2"
@@ -114,6 +116,7 @@ class SearchArguments:
     lora_inputs: str = "dense"
     lora_train_steps: int = 0
     lora_learning_rate: float = 5e-4
+    lora_param_budget: int | None = None
     seed: int = 0
     progress: bool = True
 
@@ -159,6 +162,10 @@ class SearchArguments:
         if self.lora_correction:
             if int(self.lora_correction) < 0 or self.lora_train_steps < 0:
                 raise ValueError("lora_correction (a rank) and lora_train_steps must be >= 0.")
+            if self.lora_param_budget is not None and (isinstance(self.lora_param_budget, bool) or not isinstance(
+                    self.lora_param_budget, int) or self.lora_param_budget <= 0):
+                raise ValueError(f"lora_param_budget must be a positive number of adapter parameters, got "
+                                 f"{self.lora_param_budget!r}.")
             if self.compression == "depth":
                 raise ValueError("lora_correction applies to sparsity and quantization: a depth-pruned model has "
                                  "no per-linear compression residual to correct.")

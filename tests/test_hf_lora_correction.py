@@ -20,7 +20,7 @@ from optimum_evo.integrations.transformers import EvoPressConfigError
 @pytest.mark.parametrize("value, message", [
     (True, "must be a rank"), ({"rank": 0}, "positive integer 'rank'"), ({"rnak": 4}, "Unknown lora_correction keys"),
     ({"rank": 4, "method": "qr"}, "lora_correction['method']"), ({"rank": 4, "train_steps": -1}, "train_steps"),
-    ({"rank": 4, "learning_rate": 0}, "learning_rate"),
+    ({"rank": 4, "learning_rate": 0}, "learning_rate"), ({"rank": 4, "param_budget": 0}, "param_budget"),
 ])
 def test_invalid_lora_correction_fails_at_construction(value, message):
     with pytest.raises(EvoPressConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -44,7 +44,7 @@ def test_lora_correction_config_normalises_validates_and_round_trips():
 def corrected(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora-on-load")
     tiny = save_tiny(root / "tiny")
-    cfg = tiny_config("quantization", root, levels=[2, 3], target=2.5, lora_correction=4)
+    cfg = tiny_config("quantization", root, levels=[2, 3], target=2.5, lora_correction={"rank": 4, "param_budget": 6000})
     model = AutoModelForCausalLM.from_pretrained(tiny, quantization_config=cfg, dtype=torch.float32)
     return model, root
 
@@ -63,10 +63,13 @@ def test_from_pretrained_attaches_an_active_correction_that_lowers_kl(corrected)
     metrics = model.config.quantization_config.metrics
     ev = metrics["evaluation"]
     assert ev["evopress+lora"]["kl"] < ev["evopress"]["kl"]
-    assert metrics["lora_correction"]["adapter_parameters"] > 0
+    assert 0 < metrics["lora_correction"]["adapter_parameters"] <= 6000  # the budget, allocated over the linears
+    assert metrics["lora_correction"]["param_budget"] == 6000
     ids = torch.randint(0, 128, (1, 24))
     with_adapter = logits(model, ids)
-    assert set_correction_enabled(model, False) == len(model.config.quantization_config.profile["modules"])
+    wrapped = sum(1 for m in model.modules() if hasattr(m, "lora_A"))
+    assert 0 < wrapped < len(model.config.quantization_config.profile["modules"])  # the budget left some out
+    assert set_correction_enabled(model, False) == wrapped
     try:
         assert (logits(model, ids) - with_adapter).abs().max() > 1e-4  # the adapter changes the output
     finally:

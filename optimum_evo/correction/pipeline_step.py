@@ -41,7 +41,8 @@ def lora_correction_step(args, model, path, report: dict, model_dir=None):
     calib = calibration_windows(args.calibration, tokenizer, args.num_samples, args.seq_len, args.seed)
     train = {"max_steps": args.lora_train_steps, "learning_rate": args.lora_learning_rate} \
         if args.lora_train_steps else False
-    peft_model = correct(model, dense, calib, rank=args.lora_correction, method=args.lora_method,
+    peft_model = correct(model, dense, calib, rank=args.lora_correction, param_budget=args.lora_param_budget,
+                         method=args.lora_method,
                          inputs=args.lora_inputs, train=train, top_k=args.top_k, progress=args.progress)
     section = {**peft_model.evopress_correction, "adapter_bytes_float16": adapter_bytes(peft_model)}
     if report.get("results"):

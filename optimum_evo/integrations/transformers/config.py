@@ -37,7 +37,8 @@ SEARCH_FIELDS = {
 SERIALIZED_FIELDS = ("quant_method", "format_version", *SEARCH_FIELDS, "lora_correction", "profile", "metrics")
 # ``lora_correction`` dict key -> SearchArguments field.
 LORA_FIELDS = {"rank": "lora_correction", "method": "lora_method", "inputs": "lora_inputs",
-               "train_steps": "lora_train_steps", "learning_rate": "lora_learning_rate"}
+               "train_steps": "lora_train_steps", "learning_rate": "lora_learning_rate",
+               "param_budget": "lora_param_budget"}
 
 
 class EvoPressConfigError(ValueError):
@@ -74,7 +75,9 @@ class EvoPressConfig(QuantizationConfigMixin):
         lora_correction: LoRA error-correction adapters computed right after compression
             (sparsity and quantization): a rank (``16``), or a dict with ``rank`` and optionally
             ``method`` (``"eora"`` / ``"svd"``), ``inputs`` (``"dense"`` / ``"compressed"``),
-            ``train_steps`` (KL distillation steps, 0 = closed form only) and ``learning_rate``.
+            ``train_steps`` (KL distillation steps, 0 = closed form only), ``learning_rate`` and
+            ``param_budget`` (total adapter parameters, allocated where they remove the most
+            error, ranks capped at ``rank``).
             The returned model carries the adapter (transformers' PEFT integration, adapter
             ``"default"``, active); ``save_pretrained(dir)`` writes the compressed model to ``dir``
             and the adapter to ``dir/lora-correction`` (load that folder to get both). See
@@ -262,6 +265,9 @@ def _lora_dict(value) -> dict | None:
     steps = value.get("train_steps", 0)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise EvoPressConfigError(f"lora_correction['train_steps'] must be an integer >= 0, got {steps!r}.")
+    budget = value.get("param_budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+        raise EvoPressConfigError(f"lora_correction['param_budget'] must be a positive integer, got {budget!r}.")
     lr = value.get("learning_rate", 5e-4)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise EvoPressConfigError(f"lora_correction['learning_rate'] must be a positive number, got {lr!r}.")
