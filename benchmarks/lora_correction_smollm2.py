@@ -201,7 +201,8 @@ def main(argv=None) -> int:
             "database's bytes per weight (codes + group scales/zeros); embeddings and norms at 16 bits. Adapters in "
             "float16 (`save_correction` default).", "",
         ]
-        for f in [out / "section-sparsity.md", out / "section-quantization.md", out / "notes.md"]:
+        for f in [out / "section-sparsity.md", out / "section-sparsity-evopress.md", out / "section-quantization.md",
+                  out / "notes.md"]:  # (section-sparsity-evopress.md: a --sparsity-profile run's section, copied)
             if f.is_file():
                 lines += [f.read_text().rstrip(), ""]
         if ns.doc:
