@@ -164,8 +164,9 @@ def save_correction(peft_model, model_dir, base_model_name_or_path: str | None =
 def adopt_adapter(peft_model):
     """The base model of ``peft_model`` (modified in place by peft), registered with transformers'
     PEFT integration: it stays a plain ``PreTrainedModel`` whose adapter ``"default"`` is active,
-    as after ``model.load_adapter(...)`` (``active_adapters()``, ``disable_adapters()``,
-    ``get_adapter_state_dict()`` work)."""
+    as after ``model.load_adapter(...)`` (e.g. ``Trainer`` accepts it for fine-tuning the adapter).
+    transformers 5.24's adapter methods (``active_adapters()``, ``disable_adapters()``, ...) need
+    peft >= 0.22; with peft 0.21 use :func:`set_correction_enabled`."""
     base = peft_model.get_base_model()
     base._hf_peft_config_loaded = True
     return base
@@ -185,6 +186,11 @@ def set_correction_enabled(model, enabled: bool = True) -> int:
     for layer in layers:
         layer.enable_adapters(enabled)
     return len(layers)
+
+
+def has_lora_layers(model) -> bool:
+    """Whether ``model`` holds LoRA tensors (an adapter injected by peft, active or not)."""
+    return any(".lora_" in name for name, _ in model.named_parameters())
 
 
 def base_state_dict(model) -> dict:

@@ -110,14 +110,11 @@ def model_card(model, repo_id: str | None = None, tags=None) -> str:
     if evaluation:
         lines += ["", f"Held-out evaluation on `{evaluation.get('text')}` ({evaluation.get('windows')} windows of "
                       f"{evaluation.get('seq_len')} tokens):", "", "| model | perplexity | KL to dense |", "|---|---|---|"]
-        for row in ("dense", "evopress"):
+        for row, label in (("dense", "dense"), ("evopress", "evopress"),
+                           ("evopress+lora", "evopress + LoRA correction")):
             if row in evaluation:
                 r = evaluation[row]
-                lines.append(f"| {row} | {r.get('perplexity', float('nan')):.2f} | {r.get('kl', float('nan')):.4f} |")
-        if "evopress+lora" in evaluation:
-            r = evaluation["evopress+lora"]
-            lines.append(f"| evopress + LoRA correction | {r.get('perplexity', float('nan')):.2f} | "
-                         f"{r.get('kl', float('nan')):.4f} |")
+                lines.append(f"| {label} | {r.get('perplexity', float('nan')):.2f} | {r.get('kl', float('nan')):.4f} |")
     if _has_adapter(model):
         from ..correction.peft_io import ADAPTER_SUBFOLDER
 
@@ -201,7 +198,10 @@ def _save_folder(model, folder, adapter_base: str | None, *args, **kwargs) -> No
         return
     from ..correction.peft_io import base_state_dict, save_correction
 
-    kwargs.setdefault("state_dict", base_state_dict(model))
+    if getattr(model, "hf_quantizer", None) is None:
+        # With a quantizer transformers ignores `state_dict` and takes the quantizer's
+        # (EvoPressHfQuantizer.get_state_dict_and_metadata leaves the LoRA tensors out).
+        kwargs.setdefault("state_dict", base_state_dict(model))
     model._hf_peft_config_loaded = False  # else transformers writes the adapter alone
     try:
         PreTrainedModel.save_pretrained(model, folder, *args, **kwargs)

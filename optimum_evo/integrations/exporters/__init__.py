@@ -42,7 +42,9 @@ def export(model, save_dir, format: str, tokenizer=None, **kwargs) -> dict:
     key = format.replace("_", "-").lower()
     if key not in functions:
         raise ValueError(f"Unknown export format {format!r}; choose one of {EXPORT_FORMATS}.")
-    if any(".lora_" in name for name, _ in model.named_parameters()):
+    from ...correction.peft_io import has_lora_layers
+
+    if has_lora_layers(model):
         raise ValueError(
             "This model carries a LoRA correction adapter; the export formats hold the compressed weights only. "
             "Export the compressed model without it (optimum_evo.correction.set_correction_enabled does not remove "

@@ -105,9 +105,9 @@ class EvoPressHfQuantizer(HfQuantizer):
         """What ``save_pretrained`` writes: the compressed model's own tensors. With a LoRA correction
         attached (``lora_correction``), its LoRA tensors are left out and the wrapped layers keep
         their plain names (the adapter is saved separately, see :mod:`optimum_evo.integrations.hub`)."""
-        if any(".lora_" in name for name, _ in model.named_parameters()):
-            from ...correction.peft_io import base_state_dict
+        from ...correction.peft_io import base_state_dict, has_lora_layers
 
+        if has_lora_layers(model):
             return base_state_dict(model), {}
         return None, {}
 
