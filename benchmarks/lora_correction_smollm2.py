@@ -37,7 +37,7 @@ from depth_smollm2 import machine  # noqa: E402
 from optimum_evo.compressors.calibrate import walk_blocks  # noqa: E402
 from optimum_evo.compressors.obs import sparsegpt  # noqa: E402
 from optimum_evo.correction import (  # noqa: E402
-    adapter_parameters, allocate_ranks, attach_adapters, closed_form_adapters, save_correction,
+    adapter_parameters, allocate_ranks, attach_adapters, closed_form_adapters, save_correction, select_inputs,
 )
 from optimum_evo.correction.train import distill  # noqa: E402
 from optimum_evo.data import calibration_windows, evaluation_windows  # noqa: E402
@@ -134,6 +134,35 @@ def sparse_linear_bytes(model) -> float:
     return b
 
 
+def write_doc(out: Path, doc: str) -> None:
+    """The doc: a common header, then the latest section of every setting run so far (each
+    section is kept in ``OUTPUT/section-KIND.md`` with the command and date that produced it)."""
+    lines = [
+        "# LoRA error correction on SmolLM2-135M", "",
+        "- Each section names the command that produced it (`benchmarks/lora_correction_smollm2.py`); the "
+        "page is rebuilt from the latest run of each setting.",
+        "- Evaluation: WikiText-2 test, first N windows of 512 tokens, float32; KL = mean per-token "
+        "KL(dense || model), top-512. Gap recovered = (ppl compressed - ppl corrected) / (ppl compressed - "
+        "ppl dense).",
+        "- Closed form: calibration windows of Brown (never WikiText-2). Training: KL distillation to the dense "
+        "model (top-512 teacher cache), batch 1, AdamW, cosine schedule, only the LoRA factors train.",
+        "- Deployable size: sparse linears as 16-bit non-zeros + 1-bit mask; quantized linears at the level "
+        "database's bytes per weight (codes + group scales/zeros); embeddings and norms at 16 bits. Adapters in "
+        "float16 (`save_correction` default).", "",
+    ]
+    order = ["section-sparsity", "section-sparsity-evopress", "section-quantization"]
+
+    def key(f):  # a --section run's page follows the main section it extends (longest matching name)
+        main = max((o for o in order if f.stem == o or f.stem.startswith(o + "-")), key=len, default=None)
+        return (order.index(main) if main else len(order), f.stem != main, f.name)
+
+    for f in [*sorted(out.glob("section-*.md"), key=key), out / "notes.md"]:
+        if f.is_file():
+            lines += [f.read_text().rstrip(), ""]
+    if doc:
+        Path(doc).write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
@@ -159,7 +188,15 @@ def main(argv=None) -> int:
     p.add_argument("--train-samples", type=int, default=128)
     p.add_argument("--train-seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--ablations", default="svd,compressed", help="extra closed-form rows: svd, compressed")
+    p.add_argument("--ablations", default="svd,compressed", help="extra closed-form rows: svd, compressed (uniform rank), compressed-budget (budget-allocated "
+                        "ranks), auto (inputs chosen by held-out calibration KL)")
+    p.add_argument("--doc-only", action="store_true", help="rebuild --doc from the sections in --output and exit")
+    p.add_argument("--section", default="",
+                   help="suffix of this run's section file (OUTPUT/section-KIND-SUFFIX.md), so that a run with other "
+                        "settings adds a section instead of replacing the setting's main one")
+    p.add_argument("--train-from", choices=["dense", "compressed"], default="dense",
+                   help="closed form the distillation starts from (and the saved adapter): EoRA on dense or on "
+                        "compressed inputs, budget-allocated ranks")
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--output", default="outputs/bench-lora")
@@ -169,6 +206,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(ns.threads)
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     out = Path(ns.output)
+    if ns.doc_only:
+        write_doc(out, ns.doc)
+        return 0
     path = resolve_model(ns.model)
     tok = AutoTokenizer.from_pretrained(path)
     dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -184,29 +224,6 @@ def main(argv=None) -> int:
         r = evaluate(model, eval_ids, eval_teacher, desc=desc)
         print(f"{desc}: ppl {r['perplexity']:.2f} kl {r['kl']:.4f}", flush=True)
         return r
-
-    def write_doc():
-        """The doc: a common header, then the latest section of every setting run so far (each
-        section is kept in ``OUTPUT/section-KIND.md`` with the command and date that produced it)."""
-        lines = [
-            "# LoRA error correction on SmolLM2-135M", "",
-            "- Each section names the command that produced it (`benchmarks/lora_correction_smollm2.py`); the "
-            "page is rebuilt from the latest run of each setting.",
-            "- Evaluation: WikiText-2 test, first N windows of 512 tokens, float32; KL = mean per-token "
-            "KL(dense || model), top-512. Gap recovered = (ppl compressed - ppl corrected) / (ppl compressed - "
-            "ppl dense).",
-            "- Closed form: calibration windows of Brown (never WikiText-2). Training: KL distillation to the dense "
-            "model (top-512 teacher cache), batch 1, AdamW, cosine schedule, only the LoRA factors train.",
-            "- Deployable size: sparse linears as 16-bit non-zeros + 1-bit mask; quantized linears at the level "
-            "database's bytes per weight (codes + group scales/zeros); embeddings and norms at 16 bits. Adapters in "
-            "float16 (`save_correction` default).", "",
-        ]
-        for f in [out / "section-sparsity.md", out / "section-sparsity-evopress.md", out / "section-quantization.md",
-                  out / "notes.md"]:  # (section-sparsity-evopress.md: a --sparsity-profile run's section, copied)
-            if f.is_file():
-                lines += [f.read_text().rstrip(), ""]
-        if ns.doc:
-            Path(ns.doc).write_text("\n".join(lines) + "\n")
 
     dense_row = ev(dense, "dense")
     out.mkdir(parents=True, exist_ok=True)
@@ -236,7 +253,7 @@ def main(argv=None) -> int:
         model_bytes = deployable_bytes(comp, linear_bytes)
         rows = {"dense": dense_row, "compressed": ev(comp, f"{kind} compressed")}
         budget = int(ns.budget * model_bytes / 2)  # float16 adapter parameters
-        timing, variants = {}, {}
+        timing, variants, notes = {}, {}, []
         t = time.perf_counter()
         full = closed_form_adapters(comp, dense, calib, rank=ns.rank, rank_pattern=rank_pattern, method="eora")
         timing["EoRA statistics + SVDs"] = time.perf_counter() - t
@@ -252,11 +269,27 @@ def main(argv=None) -> int:
             variants[f"EoRA on compressed inputs, uniform rank {uniform}"] = closed_form_adapters(
                 comp, dense, calib, rank=uniform, method="eora", inputs="compressed")
             timing["compressed-inputs walk"] = time.perf_counter() - t
+        if "compressed-budget" in ablations or ns.train_from == "compressed":
+            t = time.perf_counter()
+            variants[f"EoRA on compressed inputs, budget-allocated ranks <= {ns.rank}"] = closed_form_adapters(
+                comp, dense, calib, rank=ns.rank, rank_pattern=rank_pattern, method="eora", inputs="compressed",
+                param_budget=budget)
+            timing["compressed-inputs walk (budget ranks)"] = time.perf_counter() - t
+        if "auto" in ablations:
+            t = time.perf_counter()
+            chosen, ads, scores = select_inputs(comp, dense, calib, rank=ns.rank, rank_pattern=rank_pattern,
+                                                method="eora", param_budget=budget)
+            variants[f"EoRA, inputs='auto' (chose {chosen}), budget-allocated ranks <= {ns.rank}"] = ads
+            selection = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "held_out_windows")
+            notes.append(f"inputs='auto': held-out calibration KL ({scores['held_out_windows']} of "
+                         f"{ns.calib_samples} windows) {selection}; chose {chosen}.")
+            timing["inputs='auto' selection"] = time.perf_counter() - t
         sizes = {}
         for name, ads in variants.items():
             rows[name] = ev(attach_adapters(copy.deepcopy(comp), ads), f"{kind} {name}")
             sizes[name] = adapter_parameters(ads)
-        best_name = f"EoRA, budget-allocated ranks <= {ns.rank}"
+        best_name = f"EoRA{' on compressed inputs' if ns.train_from == 'compressed' else ''}, budget-allocated " \
+                    f"ranks <= {ns.rank}"
         best_ads = variants[best_name]
         saved = None
         if ns.train_steps:
@@ -293,15 +326,15 @@ def main(argv=None) -> int:
             f"parameters; budget-allocated ranks: {len(ranks)} of {len(full)} linears corrected, rank min "
             f"{min(ranks)} / median {sorted(ranks)[len(ranks) // 2]} / max {max(ranks)}"
             + (f"; saved adapter file {saved_bytes / 1e6:.2f} MB ({saved})" if saved_bytes else "") + ".", "",
-            *table, "",
+            *table, "", *[f"- {n}" for n in notes], *([""] if notes else []),
             "Times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items())
             + f"; section total {time.perf_counter() - t0:.0f} s.", "",
         ]
-        (out / f"section-{kind}.md").write_text("\n".join(section) + "\n")
-        write_doc()
+        (out / f"section-{kind}{'-' + ns.section if ns.section else ''}.md").write_text("\n".join(section) + "\n")
+        write_doc(out, ns.doc)
         print("\n".join(table), flush=True)
         del comp
-    write_doc()
+    write_doc(out, ns.doc)
     return 0
 
 

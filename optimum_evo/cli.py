@@ -67,8 +67,9 @@ def add_search_arguments(s: argparse.ArgumentParser) -> None:
                    help="after a sparsity/quantization search, add LoRA error-correction adapters of this rank "
                         "(saved in OUTPUT/model/lora-correction; 0 = none)")
     s.add_argument("--lora-method", default="eora", choices=["eora", "svd"], help="closed-form correction method")
-    s.add_argument("--lora-inputs", default="dense", choices=["dense", "compressed"],
-                   help="activation statistics of the dense or the compressed model")
+    s.add_argument("--lora-inputs", default="dense", choices=["dense", "compressed", "auto"],
+                   help="activation statistics of the dense or the compressed model, or auto: both, keep the one "
+                        "with the lower KL on held-out calibration windows")
     s.add_argument("--lora-train-steps", type=int, default=0,
                    help="KL-distillation steps after the closed form (0 = closed form only)")
     s.add_argument("--lora-learning-rate", type=float, default=5e-4)

@@ -75,7 +75,7 @@ class SearchArguments:
         lora_correction: rank of LoRA error-correction adapters computed after a sparsity or
             quantization search (0 = none); saved in ``model/lora-correction/`` (see
             :mod:`optimum_evo.correction`). ``lora_method`` ``"eora"`` or ``"svd"``,
-            ``lora_inputs`` ``"dense"`` or ``"compressed"``, ``lora_train_steps`` of KL distillation
+            ``lora_inputs`` ``"dense"``, ``"compressed"`` or ``"auto"``, ``lora_train_steps`` of KL distillation
             (0 = closed form only) at ``lora_learning_rate``; ``lora_param_budget``: total adapter
             parameters, allocated over the linears where they remove the most error (ranks capped
             at ``lora_correction``; ``None`` = that rank everywhere).
@@ -169,8 +169,9 @@ class SearchArguments:
             if self.compression == "depth":
                 raise ValueError("lora_correction applies to sparsity and quantization: a depth-pruned model has "
                                  "no per-linear compression residual to correct.")
-            if self.lora_method not in ("eora", "svd") or self.lora_inputs not in ("dense", "compressed"):
-                raise ValueError("lora_method must be 'eora' or 'svd' and lora_inputs 'dense' or 'compressed'.")
+            if self.lora_method not in ("eora", "svd") or self.lora_inputs not in ("dense", "compressed", "auto"):
+                raise ValueError("lora_method must be 'eora' or 'svd' and lora_inputs 'dense', 'compressed' or "
+                                 "'auto'.")
         if self.fitness not in ("topk", "full"):
             raise ValueError(f"fitness must be 'topk' or 'full', got {self.fitness!r}.")
         if self.init not in ("baselines", "random"):

@@ -13,7 +13,7 @@ from optimum_evo.compressors.obs import magnitude_prune
 from optimum_evo.compressors.quantizer import dequantize_codes, find_params, quantize_codes
 from optimum_evo.correction import (
     MergeRefusedError, attach_adapters, closed_form_adapters, correct, extract_adapters, low_rank_correction,
-    merge_correction, read_metadata, resolve_ranks, save_correction,
+    merge_correction, read_metadata, resolve_ranks, save_correction, select_inputs,
 )
 from optimum_evo.correction.eora import compressed_weight
 from optimum_evo.modeling import find_decoder_layout
@@ -103,8 +103,9 @@ def test_param_budget_allocates_ranks_where_error_is():
     uniform_rank = budget // sum(a.A.shape[1] + a.B.shape[0] for a in full.values())
     gain = sum(float(a.gains.sum()) for a in ads.values())
     assert gain > sum(float(a.gains[:uniform_rank].sum()) for a in full.values())
-    with pytest.raises(ValueError, match="inputs='dense'"):
-        closed_form_adapters(comp, dense, calib, rank=8, param_budget=budget, inputs="compressed", progress=False)
+    # compressed inputs: the same ranks (taken from the dense-input allocation), refitted on the walk
+    seq = closed_form_adapters(comp, dense, calib, rank=8, param_budget=budget, inputs="compressed", progress=False)
+    assert {n: a.rank for n, a in seq.items()} == {n: a.rank for n, a in ads.items()}
 
 
 def test_resolve_ranks_uses_peft_pattern_semantics():
@@ -256,3 +257,43 @@ def test_correct_trains_and_lowers_kl():
                 assert torch.equal(trained.get_base_model().get_submodule(n).get_base_layer().weight, m.weight)
     with pytest.raises(ValueError, match="teacher"):
         correct(copy.deepcopy(comp), dense, calib, rank=2, train=1, teacher="nope", progress=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_compressed_inputs_fit_linears_in_the_order_the_block_computes_them(arch):
+    from optimum_evo.compressors.calibrate import walk_blocks
+    from optimum_evo.correction.eora import _input_stages
+
+    dense = tiny_model(arch)
+    block = next(iter(walk_blocks(dense, _windows(n=2), progress=False)))
+    stages = _input_stages(block, list(block.linears()))
+    assert stages == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_compressed_inputs_at_full_rank_reproduce_the_dense_model():
+    """True-sequential statistics: at full rank every stage is fitted on the inputs it will see
+    once the earlier stages are corrected, so the corrected model computes the dense model's outputs
+    (with a stage's statistics taken before the earlier stages' corrections, ``o_proj`` and
+    ``down_proj`` would undo errors that are no longer there)."""
+    dense, comp = _pair("quantization")
+    calib = _windows(n=8)
+    ads = closed_form_adapters(comp, dense, calib, rank=1000, inputs="compressed", damp=1e-9, progress=False)
+    assert _kl(dense, comp, calib) > 0.05
+    assert _kl(dense, attach_adapters(comp, ads), calib) < 1e-4
+
+
+def test_auto_inputs_picks_the_correction_with_the_lower_held_out_kl():
+    dense, comp = _pair("quantization")
+    calib = _windows(n=32)
+    inputs, ads, scores = select_inputs(comp, dense, calib, rank=4, progress=False)
+    assert inputs in ("dense", "compressed") and scores["held_out_windows"] == 4
+    assert scores[inputs] == min(scores["dense"], scores["compressed"]) < scores["none"]
+    # the chosen correction is refitted on all windows: the same as asking for it directly
+    direct = closed_form_adapters(comp, dense, calib, rank=4, inputs=inputs, progress=False)
+    assert all(torch.allclose(ads[n].delta(), direct[n].delta(), atol=1e-5) for n in direct)
+    peft_model = correct(comp, dense, calib, rank=4, inputs="auto", progress=False)
+    assert peft_model.evopress_correction["inputs"] == inputs
+    assert peft_model.evopress_correction["selection"]["none"] == pytest.approx(scores["none"])
+    with pytest.raises(ValueError, match="inputs must be one of"):
+        correct(comp, dense, calib, rank=4, inputs="both", progress=False)

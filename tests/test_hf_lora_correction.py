@@ -21,6 +21,7 @@ from optimum_evo.integrations.transformers import EvoPressConfigError
     (True, "must be a rank"), ({"rank": 0}, "positive integer 'rank'"), ({"rnak": 4}, "Unknown lora_correction keys"),
     ({"rank": 4, "method": "qr"}, "lora_correction['method']"), ({"rank": 4, "train_steps": -1}, "train_steps"),
     ({"rank": 4, "learning_rate": 0}, "learning_rate"), ({"rank": 4, "param_budget": 0}, "param_budget"),
+    ({"rank": 4, "inputs": "both"}, "lora_correction['inputs']"),
 ])
 def test_invalid_lora_correction_fails_at_construction(value, message):
     with pytest.raises(EvoPressConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -35,6 +36,8 @@ def test_lora_correction_config_normalises_validates_and_round_trips():
     cfg = EvoPressConfig(compression="quantization", target=3.0, lora_correction={"rank": 4, "train_steps": 3})
     args = cfg.search_arguments()
     assert (args.lora_correction, args.lora_train_steps, args.lora_method) == (4, 3, "eora")
+    auto = EvoPressConfig(compression="sparsity", target=0.5, lora_correction={"rank": 4, "inputs": "auto"})
+    assert auto.search_arguments().lora_inputs == "auto"
     again = EvoPressConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again.lora_correction == {"rank": 4, "train_steps": 3}
     assert EvoPressConfig.from_search_arguments(args).lora_correction["rank"] == 4

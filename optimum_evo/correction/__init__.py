@@ -20,8 +20,8 @@ import logging
 import torch
 
 from .eora import (
-    Adapter, adapter_parameters, allocate_ranks, closed_form_adapters, compressed_weight, low_rank_correction,
-    resolve_ranks,
+    INPUTS, Adapter, adapter_parameters, allocate_ranks, closed_form_adapters, compressed_weight,
+    low_rank_correction, resolve_ranks, select_inputs,
 )
 from .peft_io import (
     ADAPTER_SUBFOLDER, MergeRefusedError, adapter_bytes, attach_adapters, extract_adapters, load_corrected,
@@ -35,7 +35,7 @@ __all__ = [
     "attach_adapters",
     "closed_form_adapters", "compressed_weight", "correct", "extract_adapters", "load_corrected",
     "low_rank_correction", "merge_correction", "read_metadata", "resolve_ranks", "save_correction",
-    "set_correction_enabled",
+    "select_inputs", "set_correction_enabled",
 ]
 
 
@@ -88,7 +88,10 @@ def correct(model, dense_model_or_path, calibration, rank: int = 16, rank_patter
             (:func:`~optimum_evo.correction.eora.allocate_ranks`).
         method: ``"eora"`` (residual in the activation eigenspace) or ``"svd"`` (plain SVD).
         inputs: activation statistics from the ``"dense"`` model (EoRA) or the ``"compressed"``
-            model, block by block with earlier blocks corrected, fitting the dense outputs.
+            model, block by block with earlier blocks corrected, fitting the dense outputs; or
+            ``"auto"``: both, each fitted on 7/8 of the windows and scored by KL to the dense model
+            on the remaining 1/8; the better one is refitted on all windows (see
+            :func:`select_inputs`).
         train: ``False`` (closed form only), a number of training steps, or a dict of
             :func:`~optimum_evo.correction.train.distill` arguments (``max_steps``,
             ``learning_rate``, ...), for KL distillation to the dense model.
@@ -101,15 +104,24 @@ def correct(model, dense_model_or_path, calibration, rank: int = 16, rank_patter
         a ``peft.PeftModelForCausalLM``; save it with :func:`save_correction` beside the
         compressed model.
     """
+    if inputs not in INPUTS + ("auto",):
+        raise ValueError(f"inputs must be one of {INPUTS + ('auto',)}, got {inputs!r}.")
     dense = _load_dense(dense_model_or_path, next(model.parameters()).dtype)
     windows = _windows(calibration, tokenizer, dense, num_samples, seq_len, seed)
-    adapters = closed_form_adapters(model, dense, windows, rank=rank, rank_pattern=rank_pattern, method=method,
-                                    inputs=inputs, damp=damp, param_budget=param_budget, progress=progress)
+    fit = dict(rank=rank, rank_pattern=rank_pattern, method=method, damp=damp, param_budget=param_budget,
+               progress=progress)
+    selection = None
+    if inputs == "auto":
+        inputs, adapters, selection = select_inputs(model, dense, windows, **fit)
+    else:
+        adapters = closed_form_adapters(model, dense, windows, inputs=inputs, **fit)
     peft_model = attach_adapters(model, adapters)
     peft_model.evopress_correction = {"method": method, "inputs": inputs, "rank": rank,
                                       "rank_pattern": rank_pattern or {}, "param_budget": param_budget,
                                       "adapter_parameters": adapter_parameters(adapters), "calibration_windows": list(windows.shape),
                                       "trained_steps": 0}
+    if selection is not None:
+        peft_model.evopress_correction["selection"] = selection
     if train:
         from ..fitness import TeacherCache
         from .train import distill

@@ -16,7 +16,11 @@ quantized and dequantized), we look for a rank-``r`` correction ``B A`` so that 
   outputs from its own (compressed) inputs. The unconstrained solution is
   ``M* = W G H^-1 - W_c`` with ``G = X_d^T X_c``, ``H = X_c^T X_c``; the rank-``r`` solution is the
   truncated SVD of ``M* S`` (reduced-rank regression), so a layer also compensates the error
-  that reaches it from the layers before it.
+  that reaches it from the layers before it. Within a block the linears are fitted in the order
+  the block computes them (true-sequential, as GPTQ does): ``o_proj``'s statistics are collected
+  with the ``q/k/v`` corrections active, ``down_proj``'s with ``gate/up``'s, so no error is
+  corrected twice. Measured on SmolLM2-135M, 70% uniform SparseGPT, uniform rank 9: 50.2% of the
+  WikiText-2 perplexity gap recovered, against 26.1% with dense inputs (docs/lora-correction.md).
 * ``method="svd"``: plain truncated SVD of ``D`` (activation-blind ablation).
 
 Example:
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..compressors.calibrate import linear_modules, walk_blocks
+from ..compressors.calibrate import Block, linear_modules, walk_blocks
 from ..modeling import find_decoder_layout
 
 logger = logging.getLogger(__name__)
@@ -282,8 +286,9 @@ def closed_form_adapters(compressed, dense, windows: torch.Tensor, rank: int = 1
         damp: eigenvalue floor, relative to the mean input energy.
         param_budget: total adapter parameters; ranks are then chosen per module (at most the
             module's ``rank``) by :func:`allocate_ranks`, spending the budget where it removes the
-            most relative output error. Needs ``inputs="dense"`` (with compressed inputs a block's
-            correction feeds the next block, so ranks must be fixed before the walk).
+            most relative output error. With ``inputs="compressed"`` the ranks come from that
+            allocation on dense inputs (a block's correction feeds the next block, so ranks must be
+            fixed before the walk), which costs one more pass.
         min_residual: linears whose relative residual ``||W - W_c|| / ||W||`` is at most this are
             skipped (with the default 0, only exactly unchanged linears are skipped).
 
@@ -299,9 +304,6 @@ def closed_form_adapters(compressed, dense, windows: torch.Tensor, rank: int = 1
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if inputs not in INPUTS:
         raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}.")
-    if param_budget is not None and inputs == "compressed":
-        raise ValueError("param_budget needs inputs='dense': with compressed inputs each block's correction changes "
-                         "the next block's inputs, so ranks cannot be reallocated afterwards.")
     _check_same_structure(compressed, dense)
     layout = find_decoder_layout(compressed)
     names = [f"{layout.path}.{i}.{n}" for i, layer in enumerate(layout.layers) for n in linear_modules(layer)]
@@ -318,61 +320,177 @@ def closed_form_adapters(compressed, dense, windows: torch.Tensor, rank: int = 1
                     adapters[full] = low_rank_correction(D, None, ranks[full], "svd", weight=dl[n].weight.detach())
         return allocate_ranks(adapters, param_budget) if param_budget is not None else adapters
 
-    cross = inputs == "compressed"
-    dense_walk = walk_blocks(dense, windows, progress=progress and not cross, desc="Correction (dense inputs)")
-    walks = zip(dense_walk, walk_blocks(compressed, windows, progress=progress, desc="Correction (compressed inputs)")) \
-        if cross else ((b, None) for b in dense_walk)
-    for bd, bc in walks:
+    if inputs == "compressed":
+        if param_budget is not None:  # ranks must be fixed before the walk: take the dense-input allocation's
+            allocated = closed_form_adapters(compressed, dense, windows, rank, rank_pattern, method, "dense", damp,
+                                             min_residual, param_budget, progress)
+            ranks = {n: allocated[n].rank if n in allocated else 0 for n in names}
+        _compressed_input_adapters(compressed, dense, windows, layout, ranks, adapters, method, damp, min_residual,
+                                   progress)
+        return adapters
+    for bd in walk_blocks(dense, windows, progress=progress, desc="Correction (dense inputs)"):
         dl = bd.linears()
-        cl = bc.linears() if cross else linear_modules(layout.layers[bd.index])
+        cl = linear_modules(layout.layers[bd.index])
         todo = {}
         for n in dl:
             full = f"{bd.prefix}.{n}"
             D = dl[n].weight.detach().float() - compressed_weight(cl[n])
             if ranks[full] and _significant(D, dl[n].weight, min_residual):
                 todo[n] = D
-        stats = {n: _Stats(dl[n].in_features, cross) for n in todo}
+        stats = {n: _Stats(dl[n].in_features, False) for n in todo}
         dense_outputs = []
         first = True
         for w in range(len(bd.inputs)):
             xd: dict = {}
             with _capture_inputs({n: dl[n] for n in todo}, xd):
                 dense_outputs.append(bd._call(bd.inputs[w]))
-            xc: dict = {}
-            if cross:
-                with _capture_inputs({n: cl[n] for n in todo}, xc):
-                    bc._call(bc.inputs[w])
             if first:  # linears sharing an input (same tensor object) share their statistics
                 shared: dict = {}
-                key_x = xc if cross else xd
                 for n in todo:
-                    key = (id(key_x[n]), id(xd[n]) if cross else None)
-                    stats[n] = shared.setdefault(key, stats[n])
+                    stats[n] = shared.setdefault(id(xd[n]), stats[n])
                 first = False
-            if cross:
-                _accumulate(stats, xc, xd)
-            else:
-                _accumulate(stats, xd, None)
-        block_adapters = {}
+            _accumulate(stats, xd, None)
         for n, D in todo.items():
-            st = stats[n]
-            target = D
-            if cross:
-                # M* = W G H^-1 - W_c, with the same damping as the whitening
-                H = st.H + damp * float(torch.diagonal(st.H).mean().clamp(min=1e-12)) * torch.eye(st.H.shape[0],
-                                                                                                  dtype=st.H.dtype)
-                W = dl[n].weight.detach().double()
-                target = (torch.linalg.solve(H, (W @ st.G).t()).t() - compressed_weight(cl[n]).double()).float()
-            ad = low_rank_correction(target, st.H, ranks[f"{bd.prefix}.{n}"], method, damp, weight=dl[n].weight.detach())
-            block_adapters[n] = ad
-            adapters[f"{bd.prefix}.{n}"] = ad
+            adapters[f"{bd.prefix}.{n}"] = low_rank_correction(D, stats[n].H, ranks[f"{bd.prefix}.{n}"], method, damp,
+                                                               weight=dl[n].weight.detach())
         bd.set_outputs(dense_outputs)  # Block.advance() hands these to the next block
-        if cross:  # the next compressed block sees the corrected outputs of this one
-            with _added_corrections(cl, block_adapters):
-                bc.set_outputs([bc._call(x) for x in bc.inputs])
-            bc.advance()
         bd.advance()
     return allocate_ranks(adapters, param_budget) if param_budget is not None else adapters
+
+
+class _Reached(Exception):
+    """Stops a block's forward once the linears of interest have their inputs."""
+
+
+def _input_stages(block: Block, names) -> list:
+    """``names`` grouped by shared input, in the order the block computes them: e.g.
+    ``[[q, k, v], [o], [gate, up], [down]]`` for a Llama block (found by running window 0)."""
+    linears = block.linears()
+    seen: list = []  # (name, input tensor): holding the tensors keeps their ids unique during the pass
+    handles = [linears[n].register_forward_hook(lambda mod, args, out, n=n: seen.append((n, args[0])))
+               for n in names]
+    try:
+        block._call(block.inputs[0])
+    finally:
+        for h in handles:
+            h.remove()
+    stages: dict = {}
+    done: set = set()
+    for n, x in seen:
+        if n not in done:
+            done.add(n)
+            stages.setdefault(id(x), []).append(n)
+    return list(stages.values())
+
+
+@torch.no_grad()
+def _stage_input(block: Block, window: int, linear: nn.Module) -> torch.Tensor:
+    """The input of ``linear`` on one window, running the block only as far as needed."""
+    box = []
+
+    def grab(mod, args):
+        box.append(args[0].detach())
+        raise _Reached
+
+    handle = linear.register_forward_pre_hook(grab)
+    try:
+        block._call(block.inputs[window])
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not box:
+        raise RuntimeError(f"Block {block.prefix} never called one of its linears; cannot collect its inputs.")
+    return box[0]
+
+
+def _compressed_input_adapters(compressed, dense, windows, layout, ranks, adapters, method, damp, min_residual,
+                               progress) -> None:
+    """``inputs="compressed"``, true-sequential: within a block, linears are fitted stage by stage in
+    the order the block computes them (``q/k/v``, then ``o``, then ``gate/up``, then ``down`` for a
+    Llama block), and a stage's statistics are collected with the corrections of the earlier stages
+    (and blocks) already active, so no error is corrected twice: without this, ``o_proj`` and
+    ``down_proj`` would learn to undo errors that the corrected ``v_proj`` / ``gate/up`` no longer
+    make, and over-correct."""
+    walks = zip(walk_blocks(dense, windows, progress=False),
+                walk_blocks(compressed, windows, progress=progress, desc="Correction (compressed inputs)"))
+    for bd, bc in walks:
+        dl, cl = bd.linears(), bc.linears()
+        todo = {}
+        for n in dl:
+            full = f"{bd.prefix}.{n}"
+            D = dl[n].weight.detach().float() - compressed_weight(cl[n])
+            if ranks[full] and _significant(D, dl[n].weight, min_residual):
+                todo[n] = D
+        block_adapters: dict = {}
+        for stage in _input_stages(bc, list(todo)):
+            st = _Stats(dl[stage[0]].in_features, cross=True)
+            with _added_corrections(cl, block_adapters):
+                for w in range(len(bc.inputs)):
+                    st.add(_stage_input(bc, w, cl[stage[0]]), _stage_input(bd, w, dl[stage[0]]))
+            # unconstrained least squares M* = W G H^-1 - W_c (same damping as the whitening), then rank-r
+            H = st.H + damp * float(torch.diagonal(st.H).mean().clamp(min=1e-12)) * torch.eye(st.H.shape[0],
+                                                                                              dtype=st.H.dtype)
+            for n in stage:
+                W = dl[n].weight.detach().double()
+                target = (torch.linalg.solve(H, (W @ st.G).t()).t() - compressed_weight(cl[n]).double()).float()
+                block_adapters[n] = low_rank_correction(target, st.H, ranks[f"{bd.prefix}.{n}"], method, damp,
+                                                        weight=dl[n].weight.detach())
+                adapters[f"{bd.prefix}.{n}"] = block_adapters[n]
+        with _added_corrections(cl, block_adapters):  # the next block sees this block's corrected outputs
+            bc.set_outputs([bc._call(x) for x in bc.inputs])
+        bc.advance()
+        bd.advance()
+
+@torch.no_grad()
+def calibration_kl(model, dense, windows: torch.Tensor, linears: dict | None = None,
+                   adapters: dict | None = None) -> float:
+    """Mean per-token KL(dense || model) on ``windows``, with ``adapters`` (``{name: Adapter}``)
+    added to the ``linears`` (``{name: module}``) of ``model`` by forward hooks."""
+    total, n = 0.0, 0
+    dev_d, dev_m = next(dense.parameters()).device, next(model.parameters()).device
+    with _added_corrections(linears or {}, adapters or {}):
+        for w in windows:
+            p = torch.log_softmax(dense(input_ids=w[None].to(dev_d)).logits.float(), -1)
+            q = torch.log_softmax(model(input_ids=w[None].to(dev_m)).logits.float(), -1).to(p.device)
+            total += float((p.exp() * (p - q)).sum(-1).sum())
+            n += w.numel()
+    return total / max(n, 1)
+
+
+def select_inputs(compressed, dense, windows: torch.Tensor, held_out: float = 0.125, **fit):
+    """Choose ``inputs="dense"`` or ``"compressed"`` for this model by measurement.
+
+    Both corrections are fitted on the first ``1 - held_out`` of the windows and scored by KL to
+    the dense model on the rest; the better one is refitted on all windows. Neither is better
+    everywhere: on SmolLM2-135M, fitting on compressed inputs recovers twice the perplexity gap of
+    dense inputs after uniform 70% SparseGPT, while after an EvoPress 70% profile (chosen by the
+    search for the *uncorrected* layers) it raises the KL. A warning says when neither correction
+    lowers the held-out KL (then only KL distillation helps).
+
+    Returns:
+        ``(inputs, adapters, scores)`` with ``scores = {"none": kl, "dense": kl, "compressed": kl,
+        "held_out_windows": n}``.
+    """
+    if windows.shape[0] < 2:
+        raise ValueError("inputs='auto' needs at least 2 calibration windows (one is held out for scoring).")
+    n_held = min(windows.shape[0] - 1, max(1, round(windows.shape[0] * held_out)))
+    fit_w, held = windows[:-n_held], windows[-n_held:]
+    layout = find_decoder_layout(compressed)
+    linears = {f"{layout.path}.{i}.{n}": m for i, layer in enumerate(layout.layers)
+               for n, m in linear_modules(layer).items()}
+    scores = {"none": calibration_kl(compressed, dense, held)}
+    for inputs in INPUTS:
+        ads = closed_form_adapters(compressed, dense, fit_w, inputs=inputs, **fit)
+        scores[inputs] = calibration_kl(compressed, dense, held, linears, ads)
+    best = min(INPUTS, key=scores.get)
+    if scores[best] >= scores["none"]:
+        logger.warning("Closed-form correction does not lower the KL to the dense model on held-out calibration "
+                       "windows (none %.4f, dense inputs %.4f, compressed inputs %.4f); keeping the better one. "
+                       "KL distillation (train steps) recovers what the closed form cannot.",
+                       scores["none"], scores["dense"], scores["compressed"])
+    scores["held_out_windows"] = n_held
+    return best, closed_form_adapters(compressed, dense, windows, inputs=best, **fit), scores
 
 
 def _significant(D: torch.Tensor, W: torch.Tensor, min_residual: float) -> bool:

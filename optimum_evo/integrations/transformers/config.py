@@ -74,7 +74,7 @@ class EvoPressConfig(QuantizationConfigMixin):
             with the same settings resumes from it).
         lora_correction: LoRA error-correction adapters computed right after compression
             (sparsity and quantization): a rank (``16``), or a dict with ``rank`` and optionally
-            ``method`` (``"eora"`` / ``"svd"``), ``inputs`` (``"dense"`` / ``"compressed"``),
+            ``method`` (``"eora"`` / ``"svd"``), ``inputs`` (``"dense"`` / ``"compressed"`` / ``"auto"``),
             ``train_steps`` (KL distillation steps, 0 = closed form only), ``learning_rate`` and
             ``param_budget`` (total adapter parameters, allocated where they remove the most
             error, ranks capped at ``rank``).
@@ -258,7 +258,7 @@ def _lora_dict(value) -> dict | None:
     rank = value.get("rank")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise EvoPressConfigError(f"lora_correction needs a positive integer 'rank', got {rank!r}.")
-    choices = {"method": ("eora", "svd"), "inputs": ("dense", "compressed")}
+    choices = {"method": ("eora", "svd"), "inputs": ("dense", "compressed", "auto")}
     for key, allowed in choices.items():
         if key in value and value[key] not in allowed:
             raise EvoPressConfigError(f"lora_correction[{key!r}] must be one of {allowed}, got {value[key]!r}.")
