@@ -1,5 +1,7 @@
 """The on-disk level database: packed levels, manifest, staleness and corruption detection."""
 
+import os
+
 import pytest
 import torch
 
@@ -78,3 +80,18 @@ def test_module_filter_builds_only_selected_layers_identically(model, windows, t
     only_v = LevelDatabase.build(model, windows, "quantization", [3], tmp_path / "v", progress=False,
                                  modules=lambda n: n == v)
     assert list(only_v.modules) == [v] and torch.equal(only_v.weight(v, 3), full.weight(v, 3))
+
+
+def test_a_killed_build_leaves_no_orphan_folder_behind(model, windows, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()  # its pid is now free: a build folder named after it is an orphan
+    orphan = tmp_path / f".db.build-{done.pid}"
+    (orphan / "layers").mkdir(parents=True)
+    alive = tmp_path / f".db.build-{os.getppid()}"  # a live process's build is left alone
+    alive.mkdir()
+    LevelDatabase.build(model, windows, "sparsity", [0.5], tmp_path / "db", progress=False)
+    assert not orphan.exists() and alive.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "db"])

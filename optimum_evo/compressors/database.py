@@ -56,6 +56,24 @@ class StaleDatabaseError(ValueError):
     """The database on disk does not match the request, or is corrupt."""
 
 
+def _remove_orphan_builds(root: Path) -> None:
+    """Delete ``.NAME.build-PID`` siblings of ``root`` left by builds whose process is gone (a killed
+    build never reaches its final move; its partial folder would otherwise stay on disk forever).
+    POSIX only: elsewhere a liveness probe by signal is not available, so nothing is removed."""
+    if os.name != "posix" or not root.parent.is_dir():
+        return
+    for stale in root.parent.glob(f".{root.name}.build-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:  # alive, owned by someone else
+            pass
+
+
 def level_key(level) -> str:
     """Tensor-name prefix of a level (``3`` -> ``"3"``, ``0.6`` -> ``"0.6"``)."""
     return repr(float(level)).rstrip("0").rstrip(".") if isinstance(level, float) else str(level)
@@ -231,6 +249,7 @@ class LevelDatabase:
         root = Path(root)
         build_dir = root.with_name(f".{root.name}.build-{os.getpid()}")
         shutil.rmtree(build_dir, ignore_errors=True)
+        _remove_orphan_builds(root)
         (build_dir / "layers").mkdir(parents=True)
         start = time.perf_counter()
         entries, totals = {}, {}  # module entries; level key -> [bytes, weights]
@@ -303,6 +322,7 @@ class LevelDatabase:
         """Reuse the database at ``root`` when it matches the request, else (re)build it."""
         expected = {"kind": kind, "levels": "per-module" if callable(levels) else sorted(levels),
                     "settings": full_settings(kind, settings), **(identity or {})}
+        _remove_orphan_builds(Path(root))
         try:
             return cls.open(root, expected)
         except StaleDatabaseError as e:
