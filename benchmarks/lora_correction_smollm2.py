@@ -158,7 +158,13 @@ def write_doc(out: Path, doc: str) -> None:
 
     for f in [*sorted(out.glob("section-*.md"), key=key), out / "notes.md"]:
         if f.is_file():
-            lines += [f.read_text().rstrip(), ""]
+            text = f.read_text().rstrip()
+            main = key(f)[0] < len(order) and max((o for o in order if f.stem.startswith(o)), key=len)
+            if main and f.stem != main and text.startswith("## "):  # name the extra run in its heading
+                head, _, rest = text.partition("\n")
+                suffix = f.stem.split("-", 2)[2]  # section-KIND-SUFFIX
+                text = f"{head}, run `--section {suffix}`\n{rest}"
+            lines += [text, ""]
     if doc:
         Path(doc).write_text("\n".join(lines) + "\n")
 

@@ -283,10 +283,17 @@ def test_compressed_inputs_at_full_rank_reproduce_the_dense_model():
     assert _kl(dense, attach_adapters(comp, ads), calib) < 1e-4
 
 
-def test_auto_inputs_picks_the_correction_with_the_lower_held_out_kl():
+def test_auto_inputs_picks_the_correction_with_the_lower_held_out_kl(caplog):
     dense, comp = _pair("quantization")
     calib = _windows(n=32)
-    inputs, ads, scores = select_inputs(comp, dense, calib, rank=4, progress=False)
+    with caplog.at_level("WARNING", logger="optimum_evo.correction.eora"):
+        inputs, ads, scores = select_inputs(comp, dense, calib, rank=4, progress=False)
+    gain = 1 - scores[inputs] / scores["none"]
+    assert ("less than 1%" in caplog.text) == (gain < 0.01)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="optimum_evo.correction.eora"):  # demanding more than it gains warns
+        select_inputs(comp, dense, calib, rank=4, progress=False, min_gain=min(0.99, gain + 0.01))
+    assert "KL distillation" in caplog.text
     assert inputs in ("dense", "compressed") and scores["held_out_windows"] == 4
     assert scores[inputs] == min(scores["dense"], scores["compressed"]) < scores["none"]
     # the chosen correction is refitted on all windows: the same as asking for it directly
