@@ -279,7 +279,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             variants[f"EoRA on compressed inputs, budget-allocated ranks <= {ns.rank}"] = closed_form_adapters(
                 comp, dense, calib, rank=ns.rank, rank_pattern=rank_pattern, method="eora", inputs="compressed",
-                param_budget=budget)
+                param_budget=budget, dense_allocation=variants[f"EoRA, budget-allocated ranks <= {ns.rank}"])
             timing["compressed-inputs walk (budget ranks)"] = time.perf_counter() - t
         if "auto" in ablations:
             t = time.perf_counter()

@@ -106,6 +106,9 @@ def test_param_budget_allocates_ranks_where_error_is():
     # compressed inputs: the same ranks (taken from the dense-input allocation), refitted on the walk
     seq = closed_form_adapters(comp, dense, calib, rank=8, param_budget=budget, inputs="compressed", progress=False)
     assert {n: a.rank for n, a in seq.items()} == {n: a.rank for n, a in ads.items()}
+    reused = closed_form_adapters(comp, dense, calib, rank=8, param_budget=budget, inputs="compressed",
+                                  dense_allocation=ads, progress=False)  # the allocation handed in, not recomputed
+    assert all(torch.equal(reused[n].delta(), seq[n].delta()) for n in seq) and reused.keys() == seq.keys()
 
 
 def test_resolve_ranks_uses_peft_pattern_semantics():

@@ -212,18 +212,17 @@ class _Stats:
         self.rows += xc.shape[0]
 
 
-def _accumulate(stats: dict, xc: dict, xd: dict | None) -> None:
+def _accumulate(stats: dict, x: dict) -> None:
     """Add one window to every linear's statistics; linears fed the very same input tensor (q/k/v,
     gate/up) share one statistics object, so each product is computed once."""
     done = {}
     for n, st in stats.items():
-        key = (id(xc[n]), id(xd[n]) if xd is not None else None)
-        if key in done:
-            if done[key] is not st:
+        if id(x[n]) in done:
+            if done[id(x[n])] is not st:
                 raise AssertionError("shared statistics out of sync")
             continue
-        done[key] = st
-        st.add(xc[n], None if xd is None else xd[n])
+        done[id(x[n])] = st
+        st.add(x[n])
 
 
 @contextmanager
@@ -273,7 +272,8 @@ def _check_same_structure(compressed, dense) -> None:
 @torch.no_grad()
 def closed_form_adapters(compressed, dense, windows: torch.Tensor, rank: int = 16, rank_pattern: dict | None = None,
                          method: str = "eora", inputs: str = "dense", damp: float = 0.01, min_residual: float = 0.0,
-                         param_budget: int | None = None, progress: bool = True) -> dict:
+                         param_budget: int | None = None, progress: bool = True,
+                         dense_allocation: dict | None = None) -> dict:
     """Rank-``r`` corrections of every compressed linear of the decoder blocks.
 
     Args:
@@ -288,7 +288,8 @@ def closed_form_adapters(compressed, dense, windows: torch.Tensor, rank: int = 1
             module's ``rank``) by :func:`allocate_ranks`, spending the budget where it removes the
             most relative output error. With ``inputs="compressed"`` the ranks come from that
             allocation on dense inputs (a block's correction feeds the next block, so ranks must be
-            fixed before the walk), which costs one more pass.
+            fixed before the walk), which costs one more pass unless ``dense_allocation`` (the
+            result of the same call with ``inputs="dense"``) is given.
         min_residual: linears whose relative residual ``||W - W_c|| / ||W||`` is at most this are
             skipped (with the default 0, only exactly unchanged linears are skipped).
 
@@ -313,30 +314,24 @@ def closed_form_adapters(compressed, dense, windows: torch.Tensor, rank: int = 1
     if not needs_stats:  # plain SVD: no calibration pass at all
         for i, (lc, ld) in enumerate(zip(layout.layers, find_decoder_layout(dense).layers)):
             dl = linear_modules(ld)
-            for n, m in linear_modules(lc).items():
-                full = f"{layout.path}.{i}.{n}"
-                D = dl[n].weight.detach().float() - compressed_weight(m)
-                if ranks[full] and _significant(D, dl[n].weight, min_residual):
-                    adapters[full] = low_rank_correction(D, None, ranks[full], "svd", weight=dl[n].weight.detach())
+            prefix = f"{layout.path}.{i}"
+            for n, D in _residuals(prefix, dl, linear_modules(lc), ranks, min_residual).items():
+                adapters[f"{prefix}.{n}"] = low_rank_correction(D, None, ranks[f"{prefix}.{n}"], "svd",
+                                                                weight=dl[n].weight.detach())
         return allocate_ranks(adapters, param_budget) if param_budget is not None else adapters
 
     if inputs == "compressed":
         if param_budget is not None:  # ranks must be fixed before the walk: take the dense-input allocation's
-            allocated = closed_form_adapters(compressed, dense, windows, rank, rank_pattern, method, "dense", damp,
-                                             min_residual, param_budget, progress)
+            allocated = dense_allocation if dense_allocation is not None else closed_form_adapters(
+                compressed, dense, windows, rank, rank_pattern, method, "dense", damp, min_residual, param_budget,
+                progress)
             ranks = {n: allocated[n].rank if n in allocated else 0 for n in names}
         _compressed_input_adapters(compressed, dense, windows, layout, ranks, adapters, method, damp, min_residual,
                                    progress)
         return adapters
     for bd in walk_blocks(dense, windows, progress=progress, desc="Correction (dense inputs)"):
         dl = bd.linears()
-        cl = linear_modules(layout.layers[bd.index])
-        todo = {}
-        for n in dl:
-            full = f"{bd.prefix}.{n}"
-            D = dl[n].weight.detach().float() - compressed_weight(cl[n])
-            if ranks[full] and _significant(D, dl[n].weight, min_residual):
-                todo[n] = D
+        todo = _residuals(bd.prefix, dl, linear_modules(layout.layers[bd.index]), ranks, min_residual)
         stats = {n: _Stats(dl[n].in_features, False) for n in todo}
         dense_outputs = []
         first = True
@@ -349,7 +344,7 @@ def closed_form_adapters(compressed, dense, windows: torch.Tensor, rank: int = 1
                 for n in todo:
                     stats[n] = shared.setdefault(id(xd[n]), stats[n])
                 first = False
-            _accumulate(stats, xd, None)
+            _accumulate(stats, xd)
         for n, D in todo.items():
             adapters[f"{bd.prefix}.{n}"] = low_rank_correction(D, stats[n].H, ranks[f"{bd.prefix}.{n}"], method, damp,
                                                                weight=dl[n].weight.detach())
@@ -416,12 +411,7 @@ def _compressed_input_adapters(compressed, dense, windows, layout, ranks, adapte
                 walk_blocks(compressed, windows, progress=progress, desc="Correction (compressed inputs)"))
     for bd, bc in walks:
         dl, cl = bd.linears(), bc.linears()
-        todo = {}
-        for n in dl:
-            full = f"{bd.prefix}.{n}"
-            D = dl[n].weight.detach().float() - compressed_weight(cl[n])
-            if ranks[full] and _significant(D, dl[n].weight, min_residual):
-                todo[n] = D
+        todo = _residuals(bd.prefix, dl, cl, ranks, min_residual)
         block_adapters: dict = {}
         for stage in _input_stages(bc, list(todo)):
             st = _Stats(dl[stage[0]].in_features, cross=True)
@@ -441,6 +431,7 @@ def _compressed_input_adapters(compressed, dense, windows, layout, ranks, adapte
             bc.set_outputs([bc._call(x) for x in bc.inputs])
         bc.advance()
         bd.advance()
+
 
 @torch.no_grad()
 def calibration_kl(model, dense, windows: torch.Tensor, linears: dict | None = None,
@@ -480,10 +471,12 @@ def select_inputs(compressed, dense, windows: torch.Tensor, held_out: float = 0.
     layout = find_decoder_layout(compressed)
     linears = {f"{layout.path}.{i}.{n}": m for i, layer in enumerate(layout.layers)
                for n, m in linear_modules(layer).items()}
-    scores = {"none": calibration_kl(compressed, dense, held)}
-    for inputs in INPUTS:
-        ads = closed_form_adapters(compressed, dense, fit_w, inputs=inputs, **fit)
-        scores[inputs] = calibration_kl(compressed, dense, held, linears, ads)
+    fitted = {"dense": closed_form_adapters(compressed, dense, fit_w, inputs="dense", **fit)}
+    # with a budget, compressed inputs reuse the dense fit's rank allocation instead of recomputing it
+    fitted["compressed"] = closed_form_adapters(compressed, dense, fit_w, inputs="compressed", **fit,
+                                                dense_allocation=fitted["dense"])
+    scores = {"none": calibration_kl(compressed, dense, held),
+              **{inputs: calibration_kl(compressed, dense, held, linears, ads) for inputs, ads in fitted.items()}}
     best = min(INPUTS, key=scores.get)
     if scores[best] > (1 - min_gain) * scores["none"]:
         logger.warning("Closed-form correction lowers the KL to the dense model on held-out calibration windows by "
@@ -497,6 +490,17 @@ def select_inputs(compressed, dense, windows: torch.Tensor, held_out: float = 0.
 def _significant(D: torch.Tensor, W: torch.Tensor, min_residual: float) -> bool:
     norm = float(D.norm())
     return norm > 0 and norm > min_residual * float(W.detach().float().norm())
+
+
+def _residuals(prefix: str, dense_linears: dict, compressed_linears: dict, ranks: dict, min_residual: float) -> dict:
+    """``{relative name: W - W_c}`` of the block's linears that get an adapter: a rank above 0
+    and a residual above ``min_residual`` (relative to ``||W||``)."""
+    out = {}
+    for n, lin in dense_linears.items():
+        D = lin.weight.detach().float() - compressed_weight(compressed_linears[n])
+        if ranks[f"{prefix}.{n}"] and _significant(D, lin.weight, min_residual):
+            out[n] = D
+    return out
 
 
 def adapter_parameters(adapters: dict) -> int:
