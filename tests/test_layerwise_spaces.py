@@ -90,6 +90,15 @@ def test_sparsity_levels_and_exact_budget(tmp_path):
     assert zeros == base
     with pytest.raises(ValueError, match="do not match"):
         SparsitySpace(model, db, target, 700, max_offset)
+    # A database for another target has the same shape of space (units, level counts) but other
+    # levels: its fingerprint differs, so a search checkpoint of one is never resumed on the other.
+    levels6 = lambda name, shape: SparsitySpace.level_fractions(shape[0] * shape[1], 0.55, step, max_offset)  # noqa: E731
+    db6 = LevelDatabase.build(model, WINDOWS, "sparsity", levels6, tmp_path / "db6", progress=False,
+                              identity={"target": 0.55})
+    space6 = SparsitySpace(model, db6, 0.55, step, max_offset)
+    assert space6.level_space.num_levels == space.level_space.num_levels
+    assert space6.level_space.fingerprint() != space.level_space.fingerprint()
+    assert SparsitySpace(model, db, target, step, max_offset).level_space.fingerprint() == space.level_space.fingerprint()
 
 
 def test_knapsack_is_exact_and_optimal():

@@ -34,12 +34,16 @@ class LevelSpace:
         step_costs: optional cost of each step of each unit (``step_costs[i][l]``: from level
             ``l`` to ``l + 1``), e.g. ``(1, 1, 1, 1, 2)`` for bit widths 2,3,4,5,6,8. Without it
             every step costs 1.
+        meaning: optional text identifying what the levels *are* (e.g. a hash of the level values
+            and of the database they come from). It goes into :meth:`fingerprint`, so a checkpoint
+            written for 60% sparsity levels is not resumed on 70% ones with the same shape.
     """
 
     unit_names: tuple
     num_levels: tuple
     groups: tuple
     step_costs: tuple | None = None
+    meaning: str | None = None
 
     def __post_init__(self):
         n = len(self.unit_names)
@@ -90,5 +94,8 @@ class LevelSpace:
     def fingerprint(self) -> str:
         """A short hash identifying the space (stored in checkpoints)."""
         costs = None if self.step_costs is None else [list(c) for c in self.step_costs]
-        payload = json.dumps([list(self.unit_names), list(self.num_levels), list(self.groups), costs])
+        fields = [list(self.unit_names), list(self.num_levels), list(self.groups), costs]
+        if self.meaning is not None:
+            fields.append(self.meaning)
+        payload = json.dumps(fields)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]

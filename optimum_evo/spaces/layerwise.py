@@ -11,12 +11,22 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 
 import torch
 
 from ..modeling import find_decoder_layout
 from ..search import LevelSpace
+
+
+def _levels_identity(db, unit_levels) -> str:
+    """Hash of the level values and of the database's identity (model, calibration, settings)."""
+    manifest = getattr(db, "manifest", None) or {}
+    identity = {k: v for k, v in manifest.items() if k not in ("modules", "bytes_per_weight", "build_seconds")}
+    payload = json.dumps([[[float(x) for x in lv] for lv in unit_levels], identity], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 class DatabaseSpace:
@@ -39,7 +49,7 @@ class DatabaseSpace:
                 raise ValueError(f"Database module {n!r} is not inside the decoder layers {layout.path!r}.")
             self.layer_of_unit.append(int(n[len(prefix):].split(".")[0]))
         self.level_space = LevelSpace(tuple(self.names), tuple(len(lv) for lv in unit_levels), tuple(groups),
-                                      step_costs)
+                                      step_costs, meaning=_levels_identity(db, unit_levels))
         self.numel = [m.weight.numel() for m in self.modules]
         self._dense = [m.weight.detach().clone() for m in self.modules]
         self._current = [None] * len(self.names)  # None = dense weight loaded
