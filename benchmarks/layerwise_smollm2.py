@@ -52,30 +52,53 @@ def section(report: dict, meta: dict) -> list:
             *rows_markdown(report), ""]
 
 
-def write_doc(doc: Path, root: Path, model: str) -> None:
-    """Rewrite the tables between the markers of ``doc`` from every finished run under ``root``
-    (quantization first, then sparsity, by target); text outside the markers is kept."""
+def _section_key(heading: str) -> tuple:
+    """Sort key of a ``## <compression>, target <t>`` heading: quantization first, then sparsity."""
     order = {"quantization": 0, "sparsity": 1}
-    reports = []
-    for result in root.glob("*/result.json"):
-        report = json.loads(result.read_text())
-        meta_path = result.parent / "benchmark.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        reports.append((order.get(report["compression"], 2), float(report["arguments"]["target"]), report, meta))
-    body = [MARK_START, ""]
-    for _, _, report, meta in sorted(reports, key=lambda r: r[:2]):
-        body += section(report, meta)
-    body.append(MARK_END)
+    kind, _, target = heading[3:].partition(", target ")
+    try:
+        return order.get(kind, 2), float(target)
+    except ValueError:
+        return order.get(kind, 2), float("inf")
+
+
+def _existing_sections(tables: str) -> dict:
+    """Sections (heading -> markdown lines) already between the markers of the doc."""
+    sections, heading = {}, None
+    for line in tables.splitlines():
+        if line.startswith("## "):
+            heading = line
+            sections[heading] = []
+        if heading is not None:
+            sections[heading].append(line)
+    return {h: lines + [""] if lines[-1].strip() else lines for h, lines in sections.items()}
+
+
+def write_doc(doc: Path, root: Path, model: str) -> None:
+    """Write every finished run under ``root`` between the markers of ``doc`` (quantization first,
+    then sparsity, by target). Sections of runs that are not under ``root`` (an earlier machine's
+    output folder) are kept; text outside the markers is kept."""
     text = doc.read_text() if doc.exists() else ""
     if MARK_START in text and MARK_END in text:
         head, rest = text.split(MARK_START, 1)
-        tail = rest.split(MARK_END, 1)[1]
+        tables, tail = rest.split(MARK_END, 1)
     else:
         head = (f"# Sparsity and quantization benchmark: {model}\n\n"
                 "- Evaluation: WikiText-2 test, first 40 windows of 512 tokens, float32; KL = mean per-token "
                 "KL(dense || model), top-512.\n- Quantization budget column: average bits over the searched "
                 "linears (effective bits with scales and zeros in parentheses); GPTQ group size 128, asymmetric.\n\n")
-        tail = "\n"
+        tables, tail = "", "\n"
+    sections = _existing_sections(tables)
+    for result in root.glob("*/result.json"):
+        report = json.loads(result.read_text())
+        meta_path = result.parent / "benchmark.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        lines = section(report, meta)
+        sections[lines[0]] = lines
+    body = [MARK_START, ""]
+    for heading in sorted(sections, key=_section_key):
+        body += sections[heading]
+    body.append(MARK_END)
     doc.write_text(head + "\n".join(body) + tail)
 
 

@@ -1,0 +1,56 @@
+"""The layer-wise benchmark's doc writer keeps sections of runs whose output folder is gone."""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _writer():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module("layerwise_smollm2")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def _report(kind, target, ppl):
+    result = {"perplexity": ppl, "kl": 1.0}
+    result.update({"sparsity": target} if kind == "sparsity" else {"average_bits": target, "effective_bits": target + 0.16})
+    return {"compression": kind, "arguments": {"target": target},
+            "results": {"dense": {"perplexity": 29.0, "kl": 0.0}, "evopress": result},
+            "database": {"build_seconds": 1.0, "disk_bytes": 2e6, "bytes_per_weight": {"per-module": 0.74}},
+            "search": {"generations": 3, "tokens": 1e6},
+            "timings": {"search_seconds": 1, "teacher_seconds": 1, "baseline_seconds": 0, "random_baseline_seconds": 1},
+            "baseline_settings": {}}
+
+
+def _run(root: Path, kind: str, target: float, ppl: float) -> None:
+    out = root / f"{kind}-{target}"
+    out.mkdir(parents=True)
+    (out / "result.json").write_text(json.dumps(_report(kind, target, ppl)))
+    (out / "benchmark.json").write_text(json.dumps({"command": f"bench {kind} {target}", "date": "d", "machine": "m"}))
+
+
+def test_write_doc_merges_new_runs_with_kept_sections(tmp_path):
+    writer = _writer()
+    doc = tmp_path / "bench.md"
+    first, second = tmp_path / "machine1", tmp_path / "machine2"
+    _run(first, "sparsity", 0.7, 240.0)
+    _run(first, "quantization", 3.0, 77.0)
+    writer.write_doc(doc, first, "smollm2")
+    doc.write_text(doc.read_text() + "Notes kept.\n")
+    # A later machine has only its own run (0.5) and a re-run of 0.7 with a new result.
+    _run(second, "sparsity", 0.5, 40.0)
+    _run(second, "sparsity", 0.7, 230.0)
+    writer.write_doc(doc, second, "smollm2")
+    text = doc.read_text()
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == ["## quantization, target 3.0", "## sparsity, target 0.5", "## sparsity, target 0.7"]
+    assert "| 3.0 | evopress | 77.00 |" in text  # kept from the first machine
+    assert "| 0.7 | evopress | 230.00 |" in text and "240.00" not in text  # replaced by the re-run
+    assert text.endswith("Notes kept.\n")
+    writer.write_doc(doc, second, "smollm2")
+    assert doc.read_text() == text  # idempotent
