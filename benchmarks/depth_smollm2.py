@@ -6,6 +6,9 @@ writes a markdown table (with the command, machine and date) to ``docs/depth-ben
 Usage::
 
     python benchmarks/depth_smollm2.py --output outputs/bench-depth [--model smollm2] [--target 0.25]
+
+Diagnostic only (never a result): ``--oracle-calibration`` calibrates on the WikiText-2 *test* text
+that follows the evaluation windows, to measure what in-domain calibration would change.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import sys
 from pathlib import Path
 
 from optimum_evo.pipeline import SearchArguments, run_search
+
+ORACLE_SKIP = 0.15  # fraction of WikiText-2 test lines left out of the oracle calibration text
 
 
 def machine() -> str:
@@ -71,6 +76,29 @@ def markdown(report: dict, command: str, extra: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def oracle_calibration_file(model: str, eval_windows: int, seq_len: int, out: Path) -> Path:
+    """Write the WikiText-2 test lines after the first ``ORACLE_SKIP`` of them to ``out`` and check
+    that the evaluation windows (the first ``eval_windows * seq_len`` tokens) lie wholly in the
+    skipped part, so the oracle never calibrates on the evaluated tokens."""
+    from transformers import AutoTokenizer
+
+    from optimum_evo.data import builtin_text_path
+    from optimum_evo.models import resolve_model
+
+    lines = builtin_text_path("wikitext2").read_text(encoding="utf-8").splitlines()
+    cut = int(len(lines) * ORACLE_SKIP)
+    tok = AutoTokenizer.from_pretrained(resolve_model(model))
+    evaluated = tok("\n\n".join(t for t in lines if t.strip()), add_special_tokens=True,
+                    return_offsets_mapping=True)["offset_mapping"][: eval_windows * seq_len]
+    skipped_chars = len("\n\n".join(t for t in lines[:cut] if t.strip()))
+    if evaluated[-1][1] > skipped_chars:
+        raise SystemExit(f"The evaluation windows reach character {evaluated[-1][1]}, beyond the {skipped_chars} "
+                         f"characters left out of the oracle calibration text; raise ORACLE_SKIP.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines[cut:]) + "\n", encoding="utf-8")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
@@ -78,6 +106,11 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="fast")
     p.add_argument("--generations", type=int, default=None)
     p.add_argument("--init", default="baselines", choices=["baselines", "random"])
+    p.add_argument("--calibration", default="brown", help="calibration text (built-in name or file)")
+    p.add_argument("--oracle-calibration", action="store_true",
+                   help="diagnostic: calibrate on the WikiText-2 test text after the evaluation windows")
+    p.add_argument("--no-baselines", dest="compare_baselines", action="store_false",
+                   help="evaluate EvoPress and dense only")
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--no-prefix-reuse", dest="reuse_prefix", action="store_false")
     p.add_argument("--seed", type=int, default=0)
@@ -91,9 +124,14 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(ns.threads)
+    calibration = ns.calibration
+    if ns.oracle_calibration:
+        calibration = str(oracle_calibration_file(ns.model, ns.eval_windows, 512,
+                                                  Path(ns.output) / "oracle-calibration.txt"))
     args = SearchArguments(model=ns.model, target=ns.target, preset=ns.preset, generations=ns.generations,
-                           confirm_tokens=ns.confirm_tokens, init=ns.init, eval_windows=ns.eval_windows, reuse_prefix=ns.reuse_prefix, seed=ns.seed,
-                           output_dir=ns.output, compare_baselines=True, save_model=False)
+                           confirm_tokens=ns.confirm_tokens, init=ns.init, calibration=calibration,
+                           eval_windows=ns.eval_windows, reuse_prefix=ns.reuse_prefix, seed=ns.seed,
+                           output_dir=ns.output, compare_baselines=ns.compare_baselines, save_model=False)
     report = run_search(args)
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     text = markdown(report, command)

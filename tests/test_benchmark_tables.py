@@ -54,3 +54,28 @@ def test_write_doc_merges_new_runs_with_kept_sections(tmp_path):
     assert text.endswith("Notes kept.\n")
     writer.write_doc(doc, second, "smollm2")
     assert doc.read_text() == text  # idempotent
+
+
+def test_depth_oracle_calibration_text_leaves_out_the_evaluated_tokens(tmp_path):
+    """The in-domain diagnostic calibrates on WikiText-2 test text *after* the evaluation windows:
+    the evaluated text is not in the file, and a window count that would overlap it is refused."""
+    import pytest
+
+    from optimum_evo.data import builtin_text_path, evaluation_windows
+    from transformers import AutoTokenizer
+    from optimum_evo.models import resolve_model
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        depth = importlib.import_module("depth_smollm2")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    out = depth.oracle_calibration_file("smollm2", 40, 512, tmp_path / "oracle.txt")
+    text = out.read_text(encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    last_window = tok.decode(evaluation_windows("wikitext2", tok, 512, 40)[-1])
+    assert last_window[100:300] in builtin_text_path("wikitext2").read_text(encoding="utf-8")
+    assert last_window[100:300] not in text
+    assert len(text) > 500_000  # most of the test text is still there
+    with pytest.raises(SystemExit, match="raise ORACLE_SKIP"):
+        depth.oracle_calibration_file("smollm2", 200, 512, tmp_path / "oracle2.txt")
