@@ -79,3 +79,18 @@ def test_depth_oracle_calibration_text_leaves_out_the_evaluated_tokens(tmp_path)
     assert len(text) > 500_000  # most of the test text is still there
     with pytest.raises(SystemExit, match="raise ORACLE_SKIP"):
         depth.oracle_calibration_file("smollm2", 200, 512, tmp_path / "oracle2.txt")
+
+
+def test_depth_profile_specs_parse():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        profiles = importlib.import_module("depth_profiles_kl")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert profiles.parse_layers("6,12-14, 3") == [3, 6, 12, 13, 14]
+    assert profiles.parse_profile("w:attention=12-13;mlp=1") == ("w", [12, 13], [1])
+    assert profiles.parse_profile("a:attention=2") == ("a", [2], [])
+    import pytest
+
+    with pytest.raises(SystemExit, match="unknown keys"):
+        profiles.parse_profile("x:blocks=1-3")
