@@ -120,6 +120,9 @@ def main(argv=None) -> int:
     p.add_argument("--output", default="outputs/bench-depth")
     p.add_argument("--doc", default="docs/depth-benchmark.md", help="markdown table to (over)write; '' = none")
     ns = p.parse_args(argv)
+    if ns.oracle_calibration and ns.doc:
+        raise SystemExit("--oracle-calibration calibrates on the evaluation text (a diagnostic, never a result): it does "
+                         f"not write the benchmark table; pass --doc '' (got --doc {ns.doc!r}).")
     if ns.threads:
         import torch
 

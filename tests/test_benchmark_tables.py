@@ -94,3 +94,15 @@ def test_depth_profile_specs_parse():
 
     with pytest.raises(SystemExit, match="unknown keys"):
         profiles.parse_profile("x:blocks=1-3")
+
+
+def test_depth_oracle_run_never_writes_the_benchmark_table():
+    import pytest
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        depth = importlib.import_module("depth_smollm2")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    with pytest.raises(SystemExit, match="pass --doc ''"):
+        depth.main(["--oracle-calibration"])
