@@ -65,8 +65,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimum_evo.data import calibration_windows, evaluation_windows
-    from optimum_evo.fitness import TeacherCache, _chunks, _final_hidden
-    from optimum_evo.modeling import logits_from_hidden
+    from optimum_evo.fitness import TeacherCache, evaluate
     from optimum_evo.models import resolve_model
     from optimum_evo.spaces.depth import DepthSpace
 
@@ -91,17 +90,8 @@ def main(argv=None) -> int:
     rows = []
     for name, attention, mlp in profiles:
         space.apply(model, space.candidate(attention=attention, mlp=mlp))
-        kl, nll = torch.zeros(len(windows)), torch.zeros(len(windows))
-        with torch.inference_mode():
-            for w, ids in enumerate(windows):
-                hidden = _final_hidden(model, ids[None])[0]
-                for sl in _chunks(len(ids)):
-                    logits = logits_from_hidden(model, hidden[sl])
-                    kl[w] += float(teacher.kl(w, sl, logits))
-                    targets = ids[sl.start + 1: sl.stop + 1]
-                    nll[w] += float(torch.nn.functional.cross_entropy(logits[: len(targets)].float(), targets,
-                                                                      reduction="sum"))
-        rows.append((name, attention, mlp, kl / ids.numel(), nll / (ids.numel() - 1)))
+        r = evaluate(model, windows, teacher, progress=False, per_window=True)
+        rows.append((name, attention, mlp, torch.tensor(r["window_kl"]), torch.tensor(r["window_nll"])))
     space.restore(model)
     print(f"\n{source}; top-512 KL, {ns.dtype}; {time.perf_counter() - start:.0f} s\n")
     print(f"| profile | dropped attention | dropped MLP | KL | KL - {rows[0][0]} (+- 2 s.e.) | perplexity "

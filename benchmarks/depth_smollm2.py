@@ -82,15 +82,15 @@ def oracle_calibration_file(model: str, eval_windows: int, seq_len: int, out: Pa
     skipped part, so the oracle never calibrates on the evaluated tokens."""
     from transformers import AutoTokenizer
 
-    from optimum_evo.data import builtin_text_path
+    from optimum_evo.data import builtin_text_path, join_corpus
     from optimum_evo.models import resolve_model
 
     lines = builtin_text_path("wikitext2").read_text(encoding="utf-8").splitlines()
     cut = int(len(lines) * ORACLE_SKIP)
     tok = AutoTokenizer.from_pretrained(resolve_model(model))
-    evaluated = tok("\n\n".join(t for t in lines if t.strip()), add_special_tokens=True,
+    evaluated = tok(join_corpus(lines), add_special_tokens=True,
                     return_offsets_mapping=True)["offset_mapping"][: eval_windows * seq_len]
-    skipped_chars = len("\n\n".join(t for t in lines[:cut] if t.strip()))
+    skipped_chars = len(join_corpus(lines[:cut]))
     if evaluated[-1][1] > skipped_chars:
         raise SystemExit(f"The evaluation windows reach character {evaluated[-1][1]}, beyond the {skipped_chars} "
                          f"characters left out of the oracle calibration text; raise ORACLE_SKIP.")

@@ -103,9 +103,14 @@ def load_texts(source, purpose: str = "calibration") -> list:
     raise TypeError(f"Unsupported text source of type {type(source).__name__}.")
 
 
+def join_corpus(texts: Sequence[str], separator: str = "\n\n") -> str:
+    """The non-empty documents joined with ``separator`` (the text :func:`tokenize_corpus` tokenizes)."""
+    return separator.join(t for t in texts if t and t.strip())
+
+
 def tokenize_corpus(texts: Sequence[str], tokenizer, separator: str = "\n\n") -> torch.Tensor:
     """Join non-empty documents with ``separator`` and tokenize once into a 1-D id tensor."""
-    joined = separator.join(t for t in texts if t and t.strip())
+    joined = join_corpus(texts, separator)
     if not joined.strip():
         raise ValueError("The text source is empty: give at least one non-empty document.")
     ids = tokenizer(joined, return_tensors="pt", add_special_tokens=True)["input_ids"][0]

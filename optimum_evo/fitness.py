@@ -164,14 +164,17 @@ def window_kl(model, input_ids: torch.Tensor, teacher: TeacherCache, window: int
 
 @torch.inference_mode()
 def evaluate(model, windows: torch.Tensor, teacher: TeacherCache | None = None, progress: bool = True,
-             desc: str = "Evaluating") -> dict:
+             desc: str = "Evaluating", per_window: bool = False) -> dict:
     """Perplexity (exp of the mean next-token NLL over all windows) and, with a teacher cache of
-    the same windows, the mean per-token KL to the teacher. ``model`` may be a ``peft.PeftModel``."""
+    the same windows, the mean per-token KL to the teacher. ``model`` may be a ``peft.PeftModel``.
+    ``per_window=True`` adds ``window_nll`` (and ``window_kl``): the per-token means of each window,
+    for paired comparisons of models on the same windows."""
     model = unwrap(model)
-    nll, count, kl = 0.0, 0, 0.0
+    window_nll, window_kl, window_targets = [], [], []
     for i in tqdm(range(windows.shape[0]), desc=desc, disable=not progress, dynamic_ncols=True):
         ids = windows[i]
         hidden = _final_hidden(model, ids.unsqueeze(0))[0]
+        nll, count, kl = 0.0, 0, 0.0
         for sl in _chunks(ids.numel()):
             logits = logits_from_hidden(model, hidden[sl])
             if teacher is not None:
@@ -180,9 +183,17 @@ def evaluate(model, windows: torch.Tensor, teacher: TeacherCache | None = None, 
             logits = logits[: targets.numel()]
             nll += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
             count += targets.numel()
+        window_nll.append(nll)
+        window_kl.append(kl)
+        window_targets.append(count)
+    nll, count = sum(window_nll), sum(window_targets)
     out = {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
     if teacher is not None:
-        out["kl"] = kl / windows.numel()
+        out["kl"] = sum(window_kl) / windows.numel()
+    if per_window:
+        out["window_nll"] = [v / c for v, c in zip(window_nll, window_targets)]
+        if teacher is not None:
+            out["window_kl"] = [v / windows.shape[1] for v in window_kl]
     return out
 
 

@@ -1,19 +1,27 @@
-"""The layer-wise benchmark's doc writer keeps sections of runs whose output folder is gone."""
+"""Benchmark scripts: the layer-wise doc writer keeps sections of runs whose output folder is gone;
+the depth benchmark's in-domain diagnostic never sees the evaluated tokens."""
 
 import importlib
 import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _writer():
+def _benchmark(name: str):
+    """Import a script of ``benchmarks/`` as a module."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        return importlib.import_module("layerwise_smollm2")
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
+
+
+def _writer():
+    return _benchmark("layerwise_smollm2")
 
 
 def _report(kind, target, ppl):
@@ -59,17 +67,12 @@ def test_write_doc_merges_new_runs_with_kept_sections(tmp_path):
 def test_depth_oracle_calibration_text_leaves_out_the_evaluated_tokens(tmp_path):
     """The in-domain diagnostic calibrates on WikiText-2 test text *after* the evaluation windows:
     the evaluated text is not in the file, and a window count that would overlap it is refused."""
-    import pytest
+    from transformers import AutoTokenizer
 
     from optimum_evo.data import builtin_text_path, evaluation_windows
-    from transformers import AutoTokenizer
     from optimum_evo.models import resolve_model
 
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        depth = importlib.import_module("depth_smollm2")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    depth = _benchmark("depth_smollm2")
     out = depth.oracle_calibration_file("smollm2", 40, 512, tmp_path / "oracle.txt")
     text = out.read_text(encoding="utf-8")
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
@@ -82,27 +85,15 @@ def test_depth_oracle_calibration_text_leaves_out_the_evaluated_tokens(tmp_path)
 
 
 def test_depth_profile_specs_parse():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        profiles = importlib.import_module("depth_profiles_kl")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    profiles = _benchmark("depth_profiles_kl")
     assert profiles.parse_layers("6,12-14, 3") == [3, 6, 12, 13, 14]
     assert profiles.parse_profile("w:attention=12-13;mlp=1") == ("w", [12, 13], [1])
     assert profiles.parse_profile("a:attention=2") == ("a", [2], [])
-    import pytest
-
     with pytest.raises(SystemExit, match="unknown keys"):
         profiles.parse_profile("x:blocks=1-3")
 
 
 def test_depth_oracle_run_never_writes_the_benchmark_table():
-    import pytest
-
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        depth = importlib.import_module("depth_smollm2")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    depth = _benchmark("depth_smollm2")
     with pytest.raises(SystemExit, match="pass --doc ''"):
         depth.main(["--oracle-calibration"])

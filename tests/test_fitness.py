@@ -84,3 +84,21 @@ def test_evaluate_accepts_peft_models():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     assert evaluate(peft_model, windows, teacher, progress=False)["kl"] > 1e-3  # the adapters are applied
+
+
+def test_evaluate_per_window_means(setup):
+    import copy
+
+    model, windows = setup
+    teacher = TeacherCache.build(model, windows, "full", progress=False)
+    student = copy.deepcopy(model)
+    space = DepthSpace(student, 0.34)
+    space.apply(student, space.candidate(attention=[1, 2], mlp=[3, 4]))
+    with torch.inference_mode():
+        losses = [float(student(input_ids=w[None], labels=w[None]).loss) for w in windows]
+    result = evaluate(student, windows, teacher, progress=False, per_window=True)
+    assert result["window_nll"] == pytest.approx(losses, rel=1e-4)
+    assert result["window_kl"] == pytest.approx(
+        [window_kl(student, w, teacher, i) for i, w in enumerate(windows)], rel=1e-5)
+    assert sum(result["window_kl"]) / 3 == pytest.approx(result["kl"], rel=1e-6)
+    assert "window_nll" not in evaluate(student, windows, teacher, progress=False)
