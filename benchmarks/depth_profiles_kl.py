@@ -66,8 +66,8 @@ def main(argv=None) -> int:
 
     from optimum_evo.data import calibration_windows, evaluation_windows
     from optimum_evo.fitness import TeacherCache, evaluate
-    from optimum_evo.models import resolve_model
-    from optimum_evo.spaces.depth import DepthSpace
+    from optimum_evo.embedded_models import resolve_model
+    from optimum_evo.methods.depth import DepthSpace
 
     path = resolve_model(ns.model)
     tok = AutoTokenizer.from_pretrained(path)

@@ -83,7 +83,7 @@ def oracle_calibration_file(model: str, eval_windows: int, seq_len: int, out: Pa
     from transformers import AutoTokenizer
 
     from optimum_evo.data import builtin_text_path, join_corpus
-    from optimum_evo.models import resolve_model
+    from optimum_evo.embedded_models import resolve_model
 
     lines = builtin_text_path("wikitext2").read_text(encoding="utf-8").splitlines()
     cut = int(len(lines) * ORACLE_SKIP)
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         calibration = str(oracle_calibration_file(ns.model, ns.eval_windows, 512,
                                                   Path(ns.output) / "oracle-calibration.txt"))
     args = SearchArguments(model=ns.model, target=ns.target, preset=ns.preset, generations=ns.generations,
-                           confirm_tokens=ns.confirm_tokens, init=ns.init, calibration=calibration,
+                           confirm_tokens=ns.confirm_tokens, init=ns.init, dataset=calibration,
                            eval_windows=ns.eval_windows, reuse_prefix=ns.reuse_prefix, seed=ns.seed,
                            output_dir=ns.output, compare_baselines=ns.compare_baselines, save_model=False)
     report = run_search(args)

@@ -42,7 +42,7 @@ from optimum_evo.correction import (  # noqa: E402
 from optimum_evo.correction.train import distill  # noqa: E402
 from optimum_evo.data import calibration_windows, evaluation_windows  # noqa: E402
 from optimum_evo.fitness import TeacherCache, evaluate  # noqa: E402
-from optimum_evo.models import resolve_model  # noqa: E402
+from optimum_evo.embedded_models import resolve_model  # noqa: E402
 
 
 def sparsify(dense, windows, sparsity: float):
@@ -53,15 +53,13 @@ def sparsify(dense, windows, sparsity: float):
         for name, lin in block.linears().items():
             with torch.no_grad():
                 lin.weight.copy_(sparsegpt(lin.weight, hs[name], sparsity))
-    model.config.evopress_levels = {n: sparsity for n, m in model.named_modules()
-                                    if isinstance(m, torch.nn.Linear) and ".layers." in n}
     return model
 
 
 @torch.no_grad()
 def rtn(weight: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:
     """Round-to-nearest, asymmetric min-max, one scale/zero per group of ``group_size`` inputs."""
-    from optimum_evo.compressors.quantizer import dequantize_codes, find_params, quantize_codes
+    from optimum_evo.compressors.grid import dequantize_codes, find_params, quantize_codes
 
     W = weight.detach().float()
     out = torch.empty_like(W)
@@ -74,7 +72,8 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:
 
 def quantize(dense, database: str, bits: float, profile: str | None, quantizer: str = "database"):
     from optimum_evo.compressors.database import LevelDatabase
-    from optimum_evo.spaces.layerwise import QuantizationSpace, dp_candidate
+    from optimum_evo.methods.layerwise import dp_candidate
+    from optimum_evo.methods.quantization import QuantizationSpace
 
     model = copy.deepcopy(dense)
     db = LevelDatabase.open(database, verify=False)
@@ -96,7 +95,6 @@ def quantize(dense, database: str, bits: float, profile: str | None, quantizer: 
     else:
         space.apply(model, cand)
         source += "; GPTQ weights from the database"
-    model.config.evopress_levels = space.profile(cand)
     desc = space.describe(cand)
     bpw = db.bytes_per_weight()
     linear_bytes = sum(n * bpw[str(space.bits[i])] for n, i in zip(space.numel, cand))
@@ -106,14 +104,16 @@ def quantize(dense, database: str, bits: float, profile: str | None, quantizer: 
 def profile_model(dense, kind: str, database: str, result: str):
     """``dense`` with the levels of a search's ``result.json`` applied from its level database."""
     from optimum_evo.compressors.database import LevelDatabase
-    from optimum_evo.integrations.transformers.quantizer import apply_levels
 
     if not database:
         raise SystemExit(f"--{kind}-profile needs --{kind}-database (the database the search used).")
     model = copy.deepcopy(dense)
     levels = json.loads(Path(result).read_text())["levels"]
-    apply_levels(model, kind, levels, LevelDatabase.open(database, verify=False))
-    model.config.evopress_levels = levels
+    db = LevelDatabase.open(database, verify=False)
+    with torch.no_grad():
+        for name, level in levels.items():
+            weight = model.get_submodule(name).weight
+            weight.copy_(db.weight(name, level, dtype=weight.dtype))
     return model, f"EvoPress profile of {result}"
 
 

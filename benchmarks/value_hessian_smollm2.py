@@ -26,7 +26,7 @@ from optimum_evo.compressors import dequantize_codes, find_params, gptq, quantiz
 from optimum_evo.compressors.calibrate import walk_blocks
 from optimum_evo.data import calibration_windows, evaluation_windows
 from optimum_evo.fitness import TeacherCache, evaluate
-from optimum_evo.models import resolve_model
+from optimum_evo.embedded_models import resolve_model
 
 
 def rtn(w: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:

@@ -15,16 +15,20 @@ Example:
 
 import importlib
 
-__version__ = "0.1.0.dev0"
+from .version import __version__
 
 _LAZY = {
-    "embedded_model_path": "optimum_evo.models",
-    "resolve_model": "optimum_evo.models",
-    "SearchArguments": "optimum_evo.pipeline",
+    "embedded_model_path": "optimum_evo.embedded_models",
+    "resolve_model": "optimum_evo.embedded_models",
+    "SearchArguments": "optimum_evo.settings",
     "run_search": "optimum_evo.pipeline",
+    "register_method": "optimum_evo.methods",
+    "get_method": "optimum_evo.methods",
+    "register_exporter": "optimum_evo.exporters",
+    "export": "optimum_evo.exporters",
+    "EvoPressQuantLinear": "optimum_evo.compressors.packed_linear",
     "EvoPressConfig": "optimum_evo.integrations.transformers",
     "EvoPressHfQuantizer": "optimum_evo.integrations.transformers",
-    "EvoPressQuantLinear": "optimum_evo.integrations.transformers",
     "EvoPressLoadError": "optimum_evo.integrations.transformers",
     "check_evopress_model": "optimum_evo.integrations.transformers",
 }

@@ -1,19 +1,32 @@
 """Command line: ``optimum-evo search ...`` and ``optimum-evo model-path NAME``.
 
+The options of ``search`` (and of ``optimum-cli evopress``) are generated from the fields of
+:class:`optimum_evo.SearchArguments`: one option per setting, its help text, its group, its
+choices; the compression methods and export formats are read from their registries.
+
 Examples::
 
     optimum-evo search --model smollm2 --compression depth --target 0.25 --output out/depth
+    optimum-evo search -m ./my-llama --compression quantization --target 3 --sym --output out/q --export gptq
     optimum-evo model-path gemma3
-    python -m optimum_evo search --model ./my-model --target 0.2 --preset paper --output out
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+import typing
+import warnings
 
-from .data import BUILTIN_TEXTS
+from .settings import SearchArguments, option_of, setting_fields
+
+#: Earlier option names that still work (with a warning): setting -> old option.
+RENAMED_OPTIONS = {"dataset": "--calibration", "eval_dataset": "--evaluation"}
+GROUP_TITLES = {"model": "model and output", "compression": "what to compress", "search": "search",
+                "calibration": "calibration and fitness", "evaluation": "evaluation",
+                "correction": "LoRA error correction", "output": "what the run writes"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,110 +41,107 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_search_arguments(s: argparse.ArgumentParser) -> None:
-    """Options shared by ``optimum-evo search`` and ``optimum-cli evopress``."""
-    s.add_argument("--model", default="smollm2", help="embedded name (smollm2, gemma3), local folder or Hub id")
-    s.add_argument("--compression", default="depth", help="depth, sparsity or quantization")
-    s.add_argument("--target", type=float, default=0.25,
-                   help="depth: fraction of sub-blocks to drop; sparsity: fraction of weights; quantization: average bits")
-    s.add_argument("--output", "--output-dir", dest="output_dir", required=True, help="output folder")
-    s.add_argument("--mode", default="separate", choices=["separate", "block"], help="depth units")
-    s.add_argument("--preset", default="fast", help="fast (CPU), paper or superfast")
-    s.add_argument("--generations", type=int, default=None, help="override the preset's generations")
-    s.add_argument("--offspring", type=int, default=None, help="override the preset's offspring")
-    s.add_argument("--confirm-tokens", type=int, default=None,
-                   help="re-score a child that beat the parent on this many fresh tokens before accepting it")
-    s.add_argument("--calibration", default="brown",
-                   help=f"built-in text ({', '.join(k for k in BUILTIN_TEXTS if k != 'wikitext2')}), text file or dataset")
-    s.add_argument("--num-samples", type=int, default=128, help="calibration windows")
-    s.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
-    s.add_argument("--fitness", default="topk", choices=["topk", "full"], help="teacher cache mode")
-    s.add_argument("--top-k", type=int, default=512, help="K of the top-K KL")
-    s.add_argument("--evaluation", default="wikitext2", help="evaluation text")
-    s.add_argument("--eval-windows", type=int, default=40, help="evaluation windows (0 = whole text)")
-    s.add_argument("--eval-seq-len", type=int, default=512)
-    s.add_argument("--init", default="baselines", choices=["baselines", "random"], help="initial parent")
-    s.add_argument("--random-candidates", type=int, default=16)
-    s.add_argument("--compare-baselines", action="store_true", help="also evaluate the baselines")
-    s.add_argument("--search-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    s.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"])
-    s.add_argument("--no-prefix-reuse", dest="reuse_prefix", action="store_false")
-    s.add_argument("--levels", default=None, help="quantization bit widths, comma-separated (default 2,3,4,5,6,8)")
-    s.add_argument("--group-size", type=int, default=128, help="GPTQ group size (0 = per row)")
-    s.add_argument("--sparsity-step", type=float, default=0.05,
-                   help="sparsity level spacing, as a fraction of the median linear's weights")
-    s.add_argument("--max-offset", type=int, default=5, help="sparsity levels either side of the target")
-    s.add_argument("--database-dir", default=None, help="level database folder (default: a shared cache)")
-    s.add_argument("--no-save-model", dest="save_model", action="store_false")
-    s.add_argument("--lora-correction", type=int, default=0, metavar="RANK",
-                   help="after a sparsity/quantization search, add LoRA error-correction adapters of this rank "
-                        "(saved in OUTPUT/model/lora-correction; 0 = none)")
-    s.add_argument("--lora-method", default="eora", choices=["eora", "svd"], help="closed-form correction method")
-    s.add_argument("--lora-inputs", default="dense", choices=["dense", "compressed", "auto"],
-                   help="activation statistics of the dense or the compressed model, or auto: both, keep the one "
-                        "with the lower KL on held-out calibration windows")
-    s.add_argument("--lora-train-steps", type=int, default=0,
-                   help="KL-distillation steps after the closed form (0 = closed form only)")
-    s.add_argument("--lora-learning-rate", type=float, default=5e-4)
-    s.add_argument("--lora-param-budget", type=int, default=None, metavar="N",
-                   help="total adapter parameters, allocated where they remove the most error (ranks <= RANK)")
-    s.add_argument("--export", action="append", default=[], choices=["dense", "gptq", "compressed-tensors"],
-                   help="also write the result in a format that loads without optimum-evo, in OUTPUT/export-FORMAT "
-                        "(repeatable; gptq / compressed-tensors need --compression quantization)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+def _base_type(annotation):
+    """``int`` for ``Optional[int]``, ``list[int]`` stays ``list[int]``, ``Literal[...]`` -> ``str``."""
+    if typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is typing.Literal:
+        return str
+    return annotation
 
 
-def arguments_from_namespace(ns: argparse.Namespace):
-    from .pipeline import SearchArguments
+class _Deprecated(argparse.Action):
+    """A deprecated option string: stores into the current setting and warns."""
 
-    return SearchArguments(
-        model=ns.model, compression=ns.compression, target=ns.target, output_dir=ns.output_dir, mode=ns.mode,
-        preset=ns.preset, generations=ns.generations, offspring=ns.offspring, confirm_tokens=ns.confirm_tokens, calibration=ns.calibration,
-        num_samples=ns.num_samples, seq_len=ns.seq_len, fitness=ns.fitness, top_k=ns.top_k,
-        evaluation=ns.evaluation, eval_windows=ns.eval_windows or None, eval_seq_len=ns.eval_seq_len,
-        init=ns.init, random_candidates=ns.random_candidates, compare_baselines=ns.compare_baselines,
-        search_dtype=ns.search_dtype, eval_dtype=ns.eval_dtype, reuse_prefix=ns.reuse_prefix,
-        levels=_int_list(ns.levels), group_size=ns.group_size, sparsity_step=ns.sparsity_step,
-        max_offset=ns.max_offset, database_dir=ns.database_dir,
-        save_model=ns.save_model, seed=ns.seed, progress=not ns.quiet,
-        lora_correction=ns.lora_correction, lora_method=ns.lora_method, lora_inputs=ns.lora_inputs,
-        lora_train_steps=ns.lora_train_steps, lora_learning_rate=ns.lora_learning_rate,
-        lora_param_budget=ns.lora_param_budget,
-    )
+    def __init__(self, option_strings, dest, replacement, convert, **kwargs):
+        self.replacement, self.convert = replacement, convert
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warnings.warn(f"{option_string} is deprecated; use {self.replacement}.", FutureWarning, stacklevel=2)
+        setattr(namespace, self.dest, self.convert(values))
 
 
-def _int_list(text):
-    if text is None:
-        return None
-    try:
-        return tuple(int(x) for x in str(text).split(",") if x.strip())
-    except ValueError as e:
-        raise ValueError(f"--levels must be comma-separated integers such as 2,3,4, got {text!r}.") from e
+def _converter(name: str, kind, option):
+    parse = option.parse or kind
+
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')}: {e}") from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``optimum-evo search`` and ``optimum-cli evopress``, one per setting of
+    :class:`~optimum_evo.SearchArguments` (defaults are the dataclass's; an option not given keeps it)."""
+    from .exporters import available_exporters
+    from .methods import available_methods, get_method
+
+    hints = typing.get_type_hints(SearchArguments)
+    groups: dict = {}
+    for f in setting_fields():
+        option = option_of(f.name)
+        if not option.cli:
+            continue
+        group = groups.get(option.group)
+        if group is None:
+            group = groups[option.group] = parser.add_argument_group(GROUP_TITLES.get(option.group, option.group))
+        flags = list(option.flags) or [f"--{f.name.replace('_', '-')}"]
+        help_text = f.metadata["help"]
+        if f.name == "compression":
+            help_text += "; one of: " + ", ".join(f"{m} ({get_method(m).target_help})" for m in available_methods())
+        if f.name == "export":
+            help_text += "; one of: " + ", ".join(available_exporters())
+        kind = _base_type(hints[f.name])
+        if f.default is not None:
+            help_text += f" (default: {f.default!r})"
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if kind is bool and f.default is True:
+            group.add_argument(option.negate or f"--no-{f.name.replace('_', '-')}", action="store_false", **kwargs)
+            continue
+        if kind is bool:
+            group.add_argument(*flags, action="store_true", **kwargs)
+            continue
+        convert = _converter(f.name, kind if kind in (int, float, str) else str, option)
+        if option.append:
+            group.add_argument(*flags, action="append", type=convert, metavar=option.metavar, **kwargs)
+            continue
+        group.add_argument(*flags, type=convert, choices=option.choices, metavar=option.metavar, **kwargs)
+        if f.name in RENAMED_OPTIONS:
+            group.add_argument(RENAMED_OPTIONS[f.name], action=_Deprecated, dest=f.name, default=argparse.SUPPRESS, replacement=flags[-1],
+                               convert=convert, help=f"deprecated name of {flags[-1]}")
+    parser.epilog = "The options are the fields of optimum_evo.SearchArguments (same names, same defaults)."
+
+
+def arguments_from_namespace(ns: argparse.Namespace) -> SearchArguments:
+    """The :class:`~optimum_evo.SearchArguments` of a parsed ``search`` command line."""
+    names = {f.name for f in dataclasses.fields(SearchArguments)}
+    return SearchArguments(**{k: v for k, v in vars(ns).items() if k in names})
 
 
 def run_search_command(ns: argparse.Namespace) -> int:
-    from .pipeline import format_table, run_search
+    from .exporters import get_exporter
+    from .methods import get_method
+    from .pipeline import format_table, run
 
+    if not getattr(ns, "output_dir", None):
+        raise ValueError("--output is required: the folder for the compressed model, result.json and the plots.")
     args = arguments_from_namespace(ns)
-    exports = list(dict.fromkeys(getattr(ns, "export", None) or []))
-    if args.compression != "quantization" and set(exports) - {"dense"}:
-        raise ValueError(f"--export {' / '.join(sorted(set(exports) - {'dense'}))} needs --compression quantization; "
-                         f"export {args.compression} results with --export dense.")
-    report = run_search(args)
-    print(format_table(report))
+    method = get_method(args.compression)
+    for fmt in args.export or []:
+        reason = get_exporter(fmt).refusal(method)
+        if reason:
+            raise ValueError(reason)
+    ctx = run(args)
+    print(format_table(ctx.report))
     print(f"\nWrote {args.output_dir}/result.json, profile.png, fitness.png"
           + (f" and the compressed model in {args.output_dir}/model" if args.save_model else ""))
-    if exports:
-        from pathlib import Path
-
-        from .integrations.exporters import export
-        from .integrations.exporters.from_result import compressed_model_from_result
-
-        model, tokenizer = compressed_model_from_result(report)
-        for fmt in exports:
-            summary = export(model, Path(args.output_dir) / f"export-{fmt}", fmt, tokenizer=tokenizer)
-            print(f"Exported {fmt} to {summary['path']}")
+    for fmt, summary in (ctx.report.get("exports") or {}).items():
+        print(f"Exported {fmt} to {summary['path']}")
     return 0
 
 
@@ -140,7 +150,7 @@ def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         if ns.command == "model-path":
-            from .models import embedded_model_path
+            from .embedded_models import embedded_model_path
 
             print(embedded_model_path(ns.name))
             return 0

@@ -25,23 +25,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
-from .modeling import find_decoder_layout, logits_from_hidden
+from .decoder import find_decoder_layout, logits_from_hidden, unwrap
 
 CHUNK_TOKENS = 256  # rows of logits materialized at once
-
-
-def unwrap(model):
-    """The transformers model under a ``peft.PeftModel`` (its LoRA layers stay in place)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -230,7 +226,6 @@ class KLObjective:
         self.states: dict = {}  # window -> list of layer inputs under the parent (prefix)
         self.parent_scores: dict = {}
         self.reset_stats()
-        self._plan = None
 
     # -- prefix bookkeeping
     def first_changed_layer(self, a, b) -> int:
@@ -246,43 +241,16 @@ class KLObjective:
         self.parent = candidate
         self.parent_scores = {}
 
-    @contextmanager
-    def _patched_layers(self):
-        originals = []
-        for i, layer in enumerate(self.layers):
-            originals.append(layer.forward)
-            layer.forward = self._make_forward(i, layer.forward)
-        try:
-            yield
-        finally:
-            for layer in self.layers:
-                del layer.forward
-
-    def _make_forward(self, i, orig):
-        def forward(hidden_states, *args, **kwargs):
-            start, inject, record_from, record_to, sink = self._plan
-            if i < start:
-                return hidden_states  # skipped: its output is replaced at layer `start`
-            if i == start and inject is not None:
-                hidden_states = inject
-            if record_from <= i <= record_to:
-                sink.append(hidden_states)
-            self.layers_run += 1
-            return orig(hidden_states, *args, **kwargs)
-
-        return forward
-
     @torch.inference_mode()
     def score(self, candidates: Sequence, sample_ids: Sequence[int]) -> list:
         scores = []
-        with self._patched_layers():
-            for cand in candidates:
-                cand = tuple(cand)
-                self.space.apply(self.model, cand)
-                total = 0.0
-                for w in sample_ids:
-                    total += self._score_window(cand, int(w))
-                scores.append(total / len(sample_ids))
+        for cand in candidates:
+            cand = tuple(cand)
+            self.space.apply(self.model, cand)
+            total = 0.0
+            for w in sample_ids:
+                total += self._score_window(cand, int(w))
+            scores.append(total / len(sample_ids))
         return scores
 
     def _score_window(self, cand, w: int) -> float:
@@ -291,17 +259,18 @@ class KLObjective:
         if is_parent and w in self.parent_scores:
             self.parent_hits += 1
             return self.parent_scores[w]
-        cached = self.states.setdefault(w, []) if self.reuse_prefix and self.parent is not None else []
-        d = self.first_changed_layer(cand, self.parent) if self.parent is not None else 0
-        have = len(cached) - 1  # inputs of layers 0..have are cached
         if not self.reuse_prefix or self.parent is None:
-            self._plan = (0, None, 1, 0, [])
+            plan = dict(start=0, inject=None, record=range(0), sink=[])
         else:
+            cached = self.states.setdefault(w, [])
+            d = self.first_changed_layer(cand, self.parent)
+            have = len(cached) - 1  # inputs of layers 0..have are cached
             start = min(d, have) if have >= 0 else 0
-            inject = cached[start] if have >= 0 else None
-            record_to = min(d, self.num_layers - 1)
-            self._plan = (start, inject, have + 1, record_to, cached)
-        value = window_kl(self.model, self.windows[w], self.teacher, w)
+            plan = dict(start=start, inject=cached[start] if have >= 0 else None,
+                        record=range(max(start, have + 1), min(d, self.num_layers - 1) + 1), sink=cached)
+        with _run_from_layer(self.layers, **plan):
+            value = window_kl(self.model, self.windows[w], self.teacher, w)
+        self.layers_run += self.num_layers - plan["start"]
         if is_parent:
             self.parent_scores[w] = value
         return value
@@ -321,3 +290,57 @@ class KLObjective:
             "decoder_layer_forwards_without_reuse": naive,
             "compute_saved": round(1 - self.layers_run / naive, 4) if naive else 0.0,
         }
+
+
+class _SkippedLayer(nn.Module):
+    """Stands in for a decoder layer whose output is replaced anyway: returns its input."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+_SKIPPED = _SkippedLayer()
+
+
+def _hidden_states(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def _run_from_layer(layers: nn.ModuleList, start: int, inject, record, sink: list):
+    """While active, a forward of the model computes only layers ``start..``: the layers before
+    ``start`` are swapped for a pass-through and layer ``start`` gets ``inject`` as its input
+    (unless ``None``). The inputs of the layers in ``record`` are appended to ``sink``."""
+    def injector(module, args, kwargs):
+        if args:
+            return (inject, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": inject}
+
+    handles = []
+    if inject is not None:
+        handles.append(layers[start].register_forward_pre_hook(injector, with_kwargs=True))
+    for i in record:  # registered after the injector: layer `start` records the injected input
+        handles.append(layers[i].register_forward_pre_hook(
+            lambda module, args, kwargs: sink.append(_hidden_states(args, kwargs)), with_kwargs=True))
+    skipped = [layers[i] for i in range(start)]
+    for i in range(start):
+        layers[i] = _SKIPPED
+    try:
+        yield
+    finally:
+        for i, layer in enumerate(skipped):
+            layers[i] = layer
+        for h in handles:
+            h.remove()
+
+
+def best_by_kl(objective: "KLObjective", candidates: dict, tokens: int, seed: int, progress: bool = True,
+               desc: str = "Scoring") -> tuple:
+    """Score named candidates on one seeded minibatch of about ``tokens`` calibration tokens
+    (whole windows); returns ``(name of the best, {name: KL})``."""
+    windows = objective.windows
+    n = min(len(windows), max(1, -(-tokens // windows.shape[1])))
+    ids = sorted(random.Random(seed).sample(range(len(windows)), n))
+    scores = {name: objective.score([c], ids)[0]
+              for name, c in tqdm(candidates.items(), desc=desc, disable=not progress, dynamic_ncols=True)}
+    return min(scores, key=scores.get), scores

@@ -5,7 +5,7 @@ import torch
 from optimum_evo.compressors import gptq, sparsegpt
 from optimum_evo.compressors.calibrate import value_projection, walk_blocks
 from optimum_evo.compressors.database import relative_error
-from optimum_evo.modeling import find_decoder_layout
+from optimum_evo.decoder import find_decoder_layout
 
 from conftest import tiny_model
 

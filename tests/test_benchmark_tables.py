@@ -70,7 +70,7 @@ def test_depth_oracle_calibration_text_leaves_out_the_evaluated_tokens(tmp_path)
     from transformers import AutoTokenizer
 
     from optimum_evo.data import builtin_text_path, evaluation_windows
-    from optimum_evo.models import resolve_model
+    from optimum_evo.embedded_models import resolve_model
 
     depth = _benchmark("depth_smollm2")
     out = depth.oracle_calibration_file("smollm2", 40, 512, tmp_path / "oracle.txt")

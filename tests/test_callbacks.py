@@ -116,26 +116,17 @@ def test_evaluation_callback_logs_kl_and_perplexity(tmp_path):
 CALIB = ["The committee met on Tuesday to discuss the new budget for the school district. " * 30] * 10
 
 
-def test_compress_after_training_saves_and_pushes(tmp_path, monkeypatch):
-    from optimum_evo.models import embedded_model_path
+def test_compress_after_training_saves_and_pushes(tmp_path, hub):
+    from optimum_evo.embedded_models import embedded_model_path
 
     tok = AutoTokenizer.from_pretrained(embedded_model_path("smollm2"))
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
     ids = tok(CALIB[0], return_tensors="pt").input_ids[0][:64].view(4, 16)
-    uploads = []
-
-    class FakeApi:
-        def upload_folder(self, **kw):
-            uploads.append(kw)
-
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     cb = CompressAfterTrainingCallback(
         {"compression": "depth", "target": 0.25, "mode": "block", "generations": 1, "offspring": 2,
-         "calibration": CALIB, "evaluation": CALIB, "num_samples": 4, "seq_len": 16, "eval_windows": 2,
+         "dataset": CALIB, "eval_dataset": CALIB, "num_samples": 4, "seq_len": 16, "eval_windows": 2,
          "eval_seq_len": 16, "top_k": 16, "search_dtype": "float32", "progress": False},
         output_dir=str(tmp_path / "evo"), push_to_hub="me/tiny-evopress")
     Trainer(model=model, args=_args(tmp_path, steps=2), train_dataset=LMData(ids), processing_class=tok,
@@ -144,7 +135,12 @@ def test_compress_after_training_saves_and_pushes(tmp_path, monkeypatch):
     assert saved.config.num_hidden_layers == 3  # one of four blocks dropped
     assert (tmp_path / "evo" / "result.json").is_file() and (tmp_path / "evo" / "model" / "tokenizer.json").is_file()
     assert cb.report["results"]["evopress"]["perplexity"] > 0
-    assert uploads == [{"repo_id": "me/tiny-evopress", "folder_path": str(tmp_path / "evo" / "model"),
-                        "commit_message": "EvoPress-compressed model (optimum-evo)"}]
+    # the repository is created, then every saved file goes up in one commit
+    assert [repo for repo, _ in hub.repos] == ["me/tiny-evopress"]
+    (commit,) = hub.commits
+    assert commit["repo_id"] == "me/tiny-evopress"
+    assert commit["commit_message"] == "EvoPress-compressed model (optimum-evo)"
+    saved_files = {p.name: p.read_bytes() for p in (tmp_path / "evo" / "model").iterdir() if p.is_file()}
+    assert commit["files"] == saved_files and "model.safetensors" in saved_files
     with pytest.raises(ValueError, match="target"):
         CompressAfterTrainingCallback({"compression": "depth", "target": 2.0})

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
 
 from optimum_evo.cli import main
-from optimum_evo.models import embedded_model_path
+from optimum_evo.embedded_models import embedded_model_path
 
 CALIB = ("The committee met on Tuesday to discuss the new budget for the school district. " * 40 + "\n") * 20
 
@@ -54,7 +54,7 @@ def assert_saved_model_reloads_as_found(out):
     import optimum_evo
     from transformers import AutoModelForCausalLM
 
-    from optimum_evo.integrations.exporters.from_result import compressed_model_from_result
+    from optimum_evo.exporters.from_result import compressed_model_from_result
 
     report = json.loads((out / "result.json").read_text())
     assert report["saved_model"]["format"] == "evopress"
@@ -71,7 +71,7 @@ def assert_saved_model_reloads_as_found(out):
 def small_args(model, out, calib, generations=30):
     return ["search", "--model", model, "--target", "0.34", "--output", out, "--generations", generations,
             "--offspring", 4, "--num-samples", 8, "--seq-len", 32, "--eval-windows", 2, "--eval-seq-len", 32,
-            "--calibration", calib, "--search-dtype", "float32", "--quiet", "--top-k", 64]
+            "--dataset", calib, "--search-dtype", "float32", "--quiet", "--top-k", 64]
 
 
 @pytest.mark.parametrize(
@@ -83,7 +83,7 @@ def small_args(model, out, calib, generations=30):
         (["--compression", "pruning"], "Unknown compression"),
         (["--compression", "quantization", "--target", "12"], "average bit width"),
         (["--compression", "sparsity", "--target", "1.2"], "fraction"),
-        (["--calibration", "wikitext2"], "evaluation text"),
+        (["--dataset", "wikitext2"], "evaluation text"),
         (["--preset", "turbo"], "Unknown preset"),
     ],
 )
@@ -98,7 +98,7 @@ def test_bad_input_fails_early_and_clearly(tmp_path, capsys, extra, message):
 def test_empty_calibration_file(tmp_path, capsys, tiny_dir):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    assert main(["search", "--model", str(tiny_dir), "--calibration", str(empty), "--output", str(tmp_path / "o")]) == 2
+    assert main(["search", "--model", str(tiny_dir), "--dataset", str(empty), "--output", str(tmp_path / "o")]) == 2
     assert "is empty" in capsys.readouterr().err
 
 
@@ -106,7 +106,7 @@ def test_model_without_decoder_layers(tmp_path, capsys, tokenizer_dir, calib_fil
     path = tmp_path / "mamba"
     MambaForCausalLM(MambaConfig(vocab_size=49152, hidden_size=16, num_hidden_layers=2, state_size=4)).save_pretrained(path)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
-    rc = main(["search", "--model", str(path), "--calibration", str(calib_file), "--output", str(tmp_path / "o"),
+    rc = main(["search", "--model", str(path), "--dataset", str(calib_file), "--output", str(tmp_path / "o"),
                "--eval-windows", "1", "--seq-len", "32"])
     assert rc == 2
     assert "no recognisable decoder layers" in capsys.readouterr().err
@@ -171,7 +171,7 @@ def test_killed_search_resumes_to_same_result(tmp_path, tiny_dir, calib_file):
 def test_layerwise_search_builds_then_reuses_database(tmp_path, tiny_dir, calib_file, kind, extra, check):
     db = tmp_path / "db"
     common = ["search", "--model", tiny_dir, "--compression", kind, *extra, "--generations", 2, "--offspring", 3,
-              "--num-samples", 6, "--seq-len", 32, "--eval-windows", 2, "--eval-seq-len", 32, "--calibration",
+              "--num-samples", 6, "--seq-len", 32, "--eval-windows", 2, "--eval-seq-len", 32, "--dataset",
               calib_file, "--search-dtype", "float32", "--quiet", "--top-k", 64, "--database-dir", db]
     first = run_cli(*common, "--output", tmp_path / "a", "--compare-baselines", "--random-candidates", 2)
     assert first.returncode == 0, first.stderr

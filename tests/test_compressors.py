@@ -15,7 +15,7 @@ def real_layer():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimum_evo.data import calibration_windows
-    from optimum_evo.models import embedded_model_path
+    from optimum_evo.embedded_models import embedded_model_path
 
     path = embedded_model_path("smollm2")
     tok = AutoTokenizer.from_pretrained(path)

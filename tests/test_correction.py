@@ -10,13 +10,13 @@ from torch import nn
 
 from optimum_evo.compressors.calibrate import linear_modules
 from optimum_evo.compressors.obs import magnitude_prune
-from optimum_evo.compressors.quantizer import dequantize_codes, find_params, quantize_codes
+from optimum_evo.compressors.grid import dequantize_codes, find_params, quantize_codes
 from optimum_evo.correction import (
     MergeRefusedError, attach_adapters, closed_form_adapters, correct, extract_adapters, low_rank_correction,
     merge_correction, read_metadata, resolve_ranks, save_correction, select_inputs,
 )
 from optimum_evo.correction.eora import compressed_weight
-from optimum_evo.modeling import find_decoder_layout
+from optimum_evo.decoder import find_decoder_layout
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -229,9 +229,11 @@ def test_merge_keeps_exact_sparsity_and_refuses_quantized():
     assert torch.allclose(merged.get_submodule(n).weight, expected[n], atol=1e-5)
 
 
-def test_kinds_come_from_evopress_levels_in_config():
+def test_merge_rules_come_from_the_evopress_record():
     dense, comp = _pair("sparsity")
-    comp.config.evopress_levels = {n: 0.7 for n, m in comp.named_modules() if isinstance(m, nn.Linear) and "layers" in n}
+    modules = {n: 0.7 for n, m in comp.named_modules() if isinstance(m, nn.Linear) and "layers" in n}
+    comp.config.quantization_config = {"quant_method": "evopress", "compression": "sparsity",
+                                       "profile": {"modules": modules}}
     peft_model = attach_adapters(comp, closed_form_adapters(comp, dense, _windows(n=2), rank=2, progress=False))
     merge_correction(peft_model)  # sparse everywhere: allowed without flags
 

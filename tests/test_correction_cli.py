@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from optimum_evo.cli import main
-from optimum_evo.models import embedded_model_path
+from optimum_evo.embedded_models import embedded_model_path
 from optimum_evo.pipeline import SearchArguments
 
 CALIB = ("The committee met on Tuesday to discuss the new budget for the school district. " * 40 + "\n") * 20
@@ -33,7 +33,7 @@ def test_search_with_lora_correction(tmp_path):
     out = tmp_path / "out"
     args = ["search", "--model", model_dir, "--compression", "sparsity", "--target", "0.6", "--max-offset", 1,
             "--generations", 1, "--offspring", 2, "--num-samples", 4, "--seq-len", 32, "--eval-windows", 2,
-            "--eval-seq-len", 32, "--calibration", calib, "--search-dtype", "float32", "--quiet", "--top-k", 32,
+            "--eval-seq-len", 32, "--dataset", calib, "--search-dtype", "float32", "--quiet", "--top-k", 32,
             "--database-dir", tmp_path / "db", "--output", out, "--lora-correction", 4, "--lora-train-steps", 2]
     rc = main([str(a) for a in args])
     assert rc == 0

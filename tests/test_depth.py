@@ -9,10 +9,10 @@ from transformers import AutoModelForCausalLM
 
 from conftest import tiny_model
 from optimum_evo.fitness import KLObjective, TeacherCache
-from optimum_evo.modeling import DroppedAttention, UnsupportedModelError, find_decoder_layout
+from optimum_evo.decoder import DroppedAttention, UnsupportedModelError, find_decoder_layout
 from optimum_evo.search import mutate
-from optimum_evo.spaces.depth import (
-    DepthSpace, apply_saved_depth_profile, residual_states, shortgpt_candidate, sliding_window_cosine_candidate,
+from optimum_evo.methods.depth import (
+    DepthSpace, apply_depth_record, residual_states, shortgpt_candidate, sliding_window_cosine_candidate,
 )
 
 
@@ -79,7 +79,7 @@ def test_whole_blocks_removed_reload_without_plugin(arch, tmp_path):
     space.apply(model, cand)
     expected = logits(model, ids)
     record = space.compress(model, cand)
-    assert record["removed_layers"] == [1, 4] and not hasattr(model.config, "evopress_depth")
+    assert record["removed_layers"] == [1, 4] and record["dropped_attention"] == record["dropped_mlp"] == []
     assert torch.allclose(logits(model, ids), expected, atol=1e-5)
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -104,8 +104,8 @@ def test_partial_drops_recorded_and_reapplied(tmp_path):
     assert record == {"removed_layers": [2], "original_num_layers": 6, "dropped_attention": [4], "dropped_mlp": [0]}
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert reloaded.config.evopress_depth["dropped_attention"] == [4]
-    assert apply_saved_depth_profile(reloaded)
+    assert reloaded.config.num_hidden_layers == 5
+    apply_depth_record(reloaded, record)  # what reloading an EvoPress checkpoint does from its profile
     assert torch.allclose(logits(reloaded, ids), expected, atol=1e-5)
 
 

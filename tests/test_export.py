@@ -16,12 +16,12 @@ from conftest import tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from optimum_evo.integrations.exporters import (
-    ExportError, dequantize_gptq_checkpoint, export, export_compressed_tensors, export_dense, export_gptq, pack_int32,
-    unpack_int32,
+from optimum_evo.exporters import (
+    ExportError, dequantize_gptq_checkpoint, export, export_compressed_tensors, export_dense, export_gptq,
 )
-from optimum_evo.integrations.transformers.modules import EvoPressQuantLinear
-from optimum_evo.modeling import DroppedAttention, DroppedMLP
+from optimum_evo.compressors.packing import pack_int32, unpack_int32
+from optimum_evo.compressors.packed_linear import EvoPressQuantLinear
+from optimum_evo.decoder import DroppedAttention, DroppedMLP
 
 IDS = torch.tensor([[1, 5, 9, 20, 33, 47, 60, 72, 80, 99, 100, 120, 3, 64]])
 DENSE_KEPT = "model.layers.1.mlp.down_proj"
@@ -251,7 +251,7 @@ def test_compressed_tensors_refuses_act_order_and_models_without_packed_layers(t
 
 # ------------------------------------------------------------------------------------ dense
 def test_dense_export_of_depth_sparsity_and_quantization(tmp_path):
-    from optimum_evo.spaces.depth import DepthSpace
+    from optimum_evo.methods.depth import DepthSpace
 
     # depth: whole block 2 removed, attention of (new) layer 0 and MLP of (new) layer 2 dropped
     model = tiny_model("qwen3", num_hidden_layers=4)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from optimum_evo.fitness import TeacherCache, evaluate, window_kl
-from optimum_evo.spaces.depth import DepthSpace
+from optimum_evo.methods.depth import DepthSpace
 
 
 @pytest.fixture

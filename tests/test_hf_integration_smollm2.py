@@ -26,7 +26,7 @@ def test_smollm2_quantization_from_pretrained_save_reload_push(tmp_path, monkeyp
     config = EvoPressConfig(compression="quantization", target=3.0, levels=[2, 4], group_size=128,
                             modules=r"\.layers\.[01]\.", dataset="brown", num_samples=8, seq_len=128, generations=2,
                             offspring=4, eval_windows=2, eval_seq_len=128, top_k=128, search_dtype="float32",
-                            progress=False, cache_dir=str(tmp_path / "db"))
+                            progress=False, database_dir=str(tmp_path / "db"))
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32)
     qc = model.config.quantization_config
     modules = qc.profile["modules"]

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from optimum_evo import EvoPressConfig, EvoPressQuantLinear
 from optimum_evo.correction import merge_correction
-from optimum_evo.correction.peft_io import ADAPTER_SUBFOLDER, module_kinds, set_correction_enabled
+from optimum_evo.correction.peft_io import ADAPTER_SUBFOLDER, merge_rules, set_correction_enabled
+from optimum_evo.methods import MERGE_REFUSED
 from optimum_evo.integrations.transformers import EvoPressConfigError
 
 
@@ -29,8 +30,9 @@ def test_invalid_lora_correction_fails_at_construction(value, message):
 
 
 def test_lora_correction_config_normalises_validates_and_round_trips():
-    assert EvoPressConfig(compression="sparsity", target=0.5, lora_correction=8).lora_correction == {"rank": 8}
-    assert EvoPressConfig(compression="sparsity", target=0.5, lora_correction=0).lora_correction is None
+    cfg = EvoPressConfig(compression="sparsity", target=0.5, lora_correction=8)
+    assert (cfg.lora_correction, cfg.lora_method, cfg.lora_train_steps) == (8, "eora", 0)
+    assert EvoPressConfig(compression="sparsity", target=0.5, lora_correction=0).lora_correction == 0
     with pytest.raises(EvoPressConfigError, match="depth-pruned"):
         EvoPressConfig(compression="depth", target=0.25, lora_correction=8)
     cfg = EvoPressConfig(compression="quantization", target=3.0, lora_correction={"rank": 4, "train_steps": 3})
@@ -39,8 +41,15 @@ def test_lora_correction_config_normalises_validates_and_round_trips():
     auto = EvoPressConfig(compression="sparsity", target=0.5, lora_correction={"rank": 4, "inputs": "auto"})
     assert auto.search_arguments().lora_inputs == "auto"
     again = EvoPressConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
-    assert again.lora_correction == {"rank": 4, "train_steps": 3}
-    assert EvoPressConfig.from_search_arguments(args).lora_correction["rank"] == 4
+    assert (again.lora_correction, again.lora_train_steps) == (4, 3)
+    assert EvoPressConfig.from_search_arguments(args).lora_correction == 4
+    # a checkpoint written in format 1 (nested lora_correction, cache_dir) still reads
+    old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("lora_") and k != "database_dir"}
+    old.update(format_version=1, lora_correction={"rank": 4, "train_steps": 3}, cache_dir=None)
+    for key in ("sym", "desc_act", "damp_percent", "mse", "modules_to_not_convert"):
+        old.pop(key)
+    again = EvoPressConfig.from_dict(old)
+    assert (again.lora_correction, again.lora_train_steps, again.format_version) == (4, 3, 2)
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +113,13 @@ def test_save_writes_compressed_model_and_adapter_and_both_reload(corrected):
     assert torch.allclose(logits(peft_model, ids), expected, atol=2e-3, rtol=0)  # float16 adapter storage
     direct = AutoModelForCausalLM.from_pretrained(out / ADAPTER_SUBFOLDER, dtype=torch.float32)
     assert torch.allclose(logits(direct, ids), expected, atol=2e-3, rtol=0)
-    assert module_kinds(base)["model.layers.0.self_attn.q_proj"] == "quantization"
+    assert merge_rules(base)["model.layers.0.self_attn.q_proj"] == MERGE_REFUSED
     with pytest.raises(ValueError, match="packed codes"):
         merge_correction(peft_model)
 
 
 def test_exporting_a_corrected_model_is_refused_with_the_way_out(corrected, tmp_path):
-    from optimum_evo.integrations.exporters import export
+    from optimum_evo.exporters import export
 
     with pytest.raises(ValueError, match="lora-correction/ subfolder"):
         export(corrected[0], tmp_path / "gptq", "gptq")

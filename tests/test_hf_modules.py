@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from optimum_evo.compressors import HessianAccumulator, gptq, pack_codes, unpack_codes
-from optimum_evo.compressors.database import decode_quantized, encode_quantized
-from optimum_evo.integrations.transformers.modules import (
+from optimum_evo.compressors.codecs import decode_quantized, encode_quantized
+from optimum_evo.compressors.packed_linear import (
     EvoPressQuantLinear, packed_bytes, set_dequantized_cache, unpack_bits,
 )
 

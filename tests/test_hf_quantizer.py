@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 import optimum_evo
 from optimum_evo import EvoPressConfig, EvoPressQuantLinear, check_evopress_model
 from optimum_evo.integrations.transformers import EvoPressConfigError, EvoPressLoadError
-from optimum_evo.modeling import DroppedAttention, DroppedMLP
+from optimum_evo.decoder import DroppedAttention, DroppedMLP
 
 CALIB = ["The committee met on Tuesday to discuss the new budget for the school district, and the members "
          "agreed that the library should stay open in the evening. " * 6] * 12
@@ -50,7 +50,7 @@ def save_tiny(path, arch="llama", seed=0):
 def tiny_config(kind, tmp_root, **overrides):
     kw = dict(compression=kind, target=TARGETS[kind], dataset=CALIB, generations=2, offspring=4, num_samples=4,
               seq_len=32, eval_windows=2, eval_seq_len=32, top_k=32, search_dtype="float32", progress=False,
-              cache_dir=str(tmp_root / f"db-{kind}"))
+              database_dir=str(tmp_root / f"db-{kind}"))
     if kind == "quantization":
         kw.update(levels=[2, 3, 4], group_size=32)
     if kind == "sparsity":
@@ -224,7 +224,7 @@ def test_depth_with_sub_block_drops_reloads_them(tiny_dir, tmp_path):
     random model may not produce one) goes through save/reload with the stand-ins rebuilt."""
     from optimum_evo.integrations.hub import attach_hub_methods
     from optimum_evo.integrations.transformers.quantizer import EvoPressHfQuantizer
-    from optimum_evo.spaces.depth import DepthSpace
+    from optimum_evo.methods.depth import DepthSpace
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     space = DepthSpace(model, 0.5, "separate")

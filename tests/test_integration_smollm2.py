@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_evo import SearchArguments, embedded_model_path, run_search
-from optimum_evo.spaces.depth import DepthSpace
+from optimum_evo.methods.depth import DepthSpace
 
 pytestmark = pytest.mark.integration
 

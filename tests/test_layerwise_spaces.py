@@ -9,7 +9,8 @@ from conftest import tiny_model
 from optimum_evo.compressors.database import LevelDatabase
 from optimum_evo.fitness import KLObjective, TeacherCache
 from optimum_evo.search import mutate
-from optimum_evo.spaces.layerwise import QuantizationSpace, SparsitySpace
+from optimum_evo.methods.quantization import QuantizationSpace
+from optimum_evo.methods.sparsity import SparsitySpace
 
 WINDOWS = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(1))
 
@@ -104,7 +105,7 @@ def test_sparsity_levels_and_exact_budget(tmp_path):
 def test_knapsack_is_exact_and_optimal():
     import itertools
 
-    from optimum_evo.spaces.layerwise import knapsack
+    from optimum_evo.methods.layerwise import knapsack
     rnd = random.Random(0)
     costs = [[rnd.randint(0, 4) for _ in range(3)] for _ in range(5)]
     errors = [[rnd.random() for _ in range(3)] for _ in range(5)]
@@ -117,7 +118,8 @@ def test_knapsack_is_exact_and_optimal():
 
 
 def test_dp_and_owl_baselines_keep_budgets(quant, tmp_path):
-    from optimum_evo.spaces.layerwise import dp_candidate, owl_candidate
+    from optimum_evo.methods.layerwise import dp_candidate
+    from optimum_evo.methods.sparsity import owl_candidate
     model, db = quant
     space = QuantizationSpace(model, db, 3)
     dp = dp_candidate(space)

@@ -12,8 +12,8 @@ import os
 import pytest
 import torch
 
-from optimum_evo import models
-from optimum_evo.models import (
+from optimum_evo import embedded_models as models
+from optimum_evo.embedded_models import (
     EMBEDDED_MODELS,
     MANIFEST_NAME,
     EmbeddedModelNotInstalledError,

@@ -14,7 +14,7 @@ from test_hf_quantizer import CALIB, logits, save_tiny
 from transformers import AutoModelForCausalLM
 
 from optimum_evo import EvoPressQuantLinear
-from optimum_evo.integrations.exporters import dequantize_gptq_checkpoint
+from optimum_evo.exporters import dequantize_gptq_checkpoint
 from optimum_evo.integrations.optimum import EvoPressQuantizer
 
 OPTIMUM_CLI = Path(sys.executable).parent / "optimum-cli"
@@ -45,7 +45,7 @@ def test_quantizer_is_an_optimum_quantizer_and_checks_its_arguments(tiny_dir, tm
 def test_quantize_from_path_exports_gptq(tiny_dir, tmp_path):
     quantizer = EvoPressQuantizer.from_pretrained(tiny_dir)
     model = quantizer.quantize(tmp_path / "gptq", compression="quantization", target=3.0, levels=[2, 3, 4],
-                               group_size=32, cache_dir=str(tmp_path / "db"), export_format="gptq", **TINY)
+                               group_size=32, database_dir=str(tmp_path / "db"), export_format="gptq", **TINY)
     assert isinstance(model.model.layers[0].self_attn.q_proj, EvoPressQuantLinear)
     profile = model.config.quantization_config.profile
     qc = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
@@ -97,7 +97,7 @@ def test_optimum_cli_evopress_runs_a_tiny_search_and_exports(tiny_dir, tmp_path)
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(CALIB))
     run = _cli("evopress", "--model", str(tiny_dir), "--compression", "depth", "--target", "0.25",
-               "--output", str(tmp_path / "out"), "--calibration", str(calib), "--generations", "2",
+               "--output", str(tmp_path / "out"), "--dataset", str(calib), "--generations", "2",
                "--offspring", "4", "--num-samples", "4", "--seq-len", "32", "--eval-windows", "2",
                "--eval-seq-len", "32", "--top-k", "32", "--search-dtype", "float32", "--quiet", "--export", "dense")
     assert run.returncode == 0, run.stderr[-3000:]

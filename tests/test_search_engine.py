@@ -208,9 +208,12 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path):
 def test_config_validation_messages():
     with pytest.raises(ValueError, match="exactly 1 survivor"):
         SearchConfig(stages=((2, 10),))
+    from optimum_evo.methods import get_method
+
+    presets = get_method("depth").presets
     with pytest.raises(ValueError, match="Unknown preset"):
-        SearchConfig.from_preset("turbo", "depth")
-    cfg = SearchConfig.from_preset("paper", "depth").resolve_generations(num_units=32, num_changed=8)
+        SearchConfig.from_preset("turbo", presets)
+    cfg = SearchConfig.from_preset("paper", presets).resolve_generations(num_units=32, num_changed=8)
     assert cfg.generations == 128 and cfg.offspring == 32
     with pytest.raises(ValueError, match="same budget"):
         EvolutionarySearch(depth_like_space(4), TableObjective(sum), SearchConfig(stages=((1, 1),)),

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..modeling import find_decoder_layout
+from ..decoder import find_decoder_layout
 from .obs import HessianAccumulator
 
 

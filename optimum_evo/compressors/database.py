@@ -3,22 +3,11 @@
 Layout of a database folder::
 
     manifest.json                 model, calibration and settings hashes, levels, files + sha256
-    layers/<module name>.safetensors   all levels of one linear layer
+    layers/<module name>.safetensors   all levels of one linear layer: <level>::<tensor>
 
-Quantized levels are stored **packed**: ``<level>::codes`` (uint8 bit-packed integer codes),
-``<level>::scales`` (float16, one per row and group), ``<level>::zeros`` (bit-packed like the
-codes) and, with act-order, ``<level>::g_idx``. Sparse levels store ``<level>::mask`` (1 bit per
-weight) and ``<level>::values`` (float16, the kept weights in row-major order). Bytes per weight:
-
-=====================  ==========================================  =======================
-level                  bytes per weight                            e.g.
-=====================  ==========================================  =======================
-``b``-bit, group ``g``  ``b/8 + (16 + b) / (8 g)``                   3 bit, g=128: 0.393
-sparsity ``s``         ``1/8 + 2 (1 - s)``                          70 %: 0.725
-dense fp16 (reference)  2                                           2
-=====================  ==========================================  =======================
-
-A database whose manifest does not match the requested model / calibration / settings, or whose
+How a level is compressed, stored and decoded is its kind's codec
+(:mod:`optimum_evo.compressors.codecs`: packed GPTQ codes, or a bitmask and the kept values); the
+manifest records the codec's ``kind`` and settings. A database whose manifest does not match the requested model / calibration / settings, or whose
 files fail their checksum, is reported stale or corrupt and rebuilt, never silently used. Reads are
 memory-mapped (``safetensors.safe_open``).
 
@@ -43,13 +32,13 @@ from safetensors.torch import save_file
 from ..search.checkpoint import atomic_write_json
 from ..utils import sha256_file
 from .calibrate import linear_modules, walk_blocks
-from .obs import gptq_levels, sparsegpt_levels
-from .quantizer import dequantize_codes, pack_codes, unpack_codes
+from .codecs import LevelCodec, get_codec, level_key
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-KINDS = ("quantization", "sparsity")
+#: 2: codec settings as recorded by :mod:`~optimum_evo.compressors.codecs` (``mse`` is the clipping
+#: search's p-norm, 0 = off).
+FORMAT_VERSION = 2
 
 
 class StaleDatabaseError(ValueError):
@@ -74,44 +63,6 @@ def _remove_orphan_builds(root: Path) -> None:
             pass
 
 
-def level_key(level) -> str:
-    """Tensor-name prefix of a level (``3`` -> ``"3"``, ``0.6`` -> ``"0.6"``)."""
-    return repr(float(level)).rstrip("0").rstrip(".") if isinstance(level, float) else str(level)
-
-
-def encode_quantized(q) -> dict:
-    """Packed tensors of a :class:`~optimum_evo.compressors.obs.QuantizedWeight`."""
-    out = {
-        "codes": pack_codes(q.codes, q.bits),
-        "scales": q.scales.to(torch.float16),
-        "zeros": pack_codes(q.zeros.to(torch.uint8), q.bits),
-    }
-    if not torch.equal(q.g_idx.long(), torch.arange(q.codes.shape[1]) // q.group_size):
-        out["g_idx"] = q.g_idx.to(torch.int32)
-    return out
-
-
-def decode_quantized(t: dict, shape, bits: int, group_size: int) -> torch.Tensor:
-    rows, cols = shape
-    n_groups = t["scales"].shape[1]
-    codes = unpack_codes(t["codes"], bits, shape).float()
-    zeros = unpack_codes(t["zeros"], bits, (rows, n_groups)).float()
-    g = t["g_idx"].long() if "g_idx" in t else torch.arange(cols) // group_size
-    return dequantize_codes(codes, t["scales"].float()[:, g], zeros[:, g])
-
-
-def encode_sparse(w: torch.Tensor) -> dict:
-    mask = w != 0
-    return {"mask": pack_codes(mask.to(torch.uint8), 1), "values": w[mask].to(torch.float16)}
-
-
-def decode_sparse(t: dict, shape) -> torch.Tensor:
-    mask = unpack_codes(t["mask"], 1, shape).bool()
-    w = torch.zeros(shape, dtype=torch.float32)
-    w[mask] = t["values"].float()
-    return w
-
-
 def relative_error(dense: torch.Tensor, compressed: torch.Tensor, H: torch.Tensor) -> float:
     """Normalized layer reconstruction error ``||(W - W') X||^2 / ||W X||^2`` via ``H ~ X X^T``
     (``H`` may be a ``[groups, in, in]`` stack, one per equal slice of rows)."""
@@ -122,29 +73,18 @@ def relative_error(dense: torch.Tensor, compressed: torch.Tensor, H: torch.Tenso
     return float((d @ H * d).sum() / (dense @ H * dense).sum().clamp(min=1e-30))
 
 
-DEFAULT_SETTINGS = {
-    "quantization": dict(group_size=128, sym=False, mse=False, act_order=False, damp=0.01, attention_aware=True),
-    "sparsity": dict(damp=0.01, attention_aware=True),
-}
-
-
-def full_settings(kind: str, settings: dict | None) -> dict:
-    """``settings`` completed with the defaults of ``kind``; unknown keys raise ``ValueError``."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
-    defaults = DEFAULT_SETTINGS[kind]
-    unknown = set(settings or {}) - set(defaults)
-    if unknown:
-        raise ValueError(f"Unknown {kind} settings {sorted(unknown)}; known: {sorted(defaults)}.")
-    return {**defaults, **(settings or {})}
-
-
 class LevelDatabase:
     """A level database folder (see the module docstring)."""
 
-    def __init__(self, root, manifest: dict):
+    def __init__(self, root, manifest: dict, codec: LevelCodec | None = None):
         self.root = Path(root)
         self.manifest = manifest
+        self.codec = get_codec(codec if codec is not None else manifest["kind"])
+
+    @staticmethod
+    def codec_for(kind) -> LevelCodec:
+        """The codec of ``kind`` (a codec's name, or a codec)."""
+        return get_codec(kind)
 
     # ----------------------------------------------------------------- queries
     @property
@@ -171,11 +111,7 @@ class LevelDatabase:
         t = self.tensors(module, level)
         if not t:
             raise KeyError(f"Level {level!r} of {module!r} is not in the database (levels: {self.levels}).")
-        if self.kind == "quantization":
-            w = decode_quantized(t, shape, int(level), self.manifest["settings"]["group_size"])
-        else:
-            w = decode_sparse(t, shape)
-        return w.to(dtype)
+        return self.codec.decode(t, shape, level, self.manifest["settings"]).to(dtype)
 
     def module_levels(self, module: str) -> list:
         return self.modules[module]["levels"]
@@ -229,21 +165,23 @@ class LevelDatabase:
         Args:
             model: the dense model (float32 recommended).
             windows: ``[N, T]`` calibration token ids.
-            kind: ``"quantization"`` (levels = bit widths) or ``"sparsity"`` (levels = fractions).
+            kind: the level codec, or its name (``"quantization"``: levels are bit widths,
+                ``"sparsity"``: levels are fractions of pruned weights).
             levels: the levels to build, or a function ``(module name, shape) -> levels`` for
                 per-module levels (sparsity levels spaced by a fixed number of weights); pass the
                 levels' identity in ``identity`` then, so a changed spacing makes it stale.
             root: target folder (written in a temporary sibling, then moved into place).
-            settings: compressor settings; quantization: ``group_size`` (128), ``sym`` (False),
-                ``mse`` (False), ``act_order`` (False), ``damp`` (0.01); sparsity: ``damp``; both:
-                ``attention_aware`` (True: value projections are compressed against the attention
-                output, see :mod:`optimum_evo.compressors.calibrate`).
+            settings: the codec's settings (its ``default_settings`` fill the rest); quantization:
+                ``group_size`` (128), ``sym`` (False), ``mse`` (0: min-max), ``act_order`` (False),
+                ``damp`` (0.01); sparsity: ``damp``; both: ``attention_aware`` (True: value
+                projections are compressed against the attention output, see
+                :mod:`optimum_evo.compressors.calibrate`).
             identity: extra manifest entries (e.g. model and calibration hashes) checked by
                 :meth:`open`.
             modules: optional predicate ``name -> bool`` selecting the linears to compress.
         """
-        settings = full_settings(kind, settings)
-        compressor = {k: v for k, v in settings.items() if k != "attention_aware"}
+        codec = get_codec(kind)
+        settings = codec.full_settings(settings)
         per_module = callable(levels)
         level_fn = levels if per_module else (lambda name, shape, _lv=sorted(levels): _lv)
         root = Path(root)
@@ -253,7 +191,7 @@ class LevelDatabase:
         (build_dir / "layers").mkdir(parents=True)
         start = time.perf_counter()
         entries, totals = {}, {}  # module entries; level key -> [bytes, weights]
-        walk = walk_blocks(model, windows, progress=progress, desc=f"Building {kind} database",
+        walk = walk_blocks(model, windows, progress=progress, desc=f"Building {codec.kind} database",
                            attention_aware=settings["attention_aware"])
         # The selected linears of every block; the walk stops after the last block that has one.
         selected = {i: [n for n in linear_modules(layer) if modules is None or modules(f"{walk.layout.path}.{i}.{n}")]
@@ -276,18 +214,10 @@ class LevelDatabase:
                 tensors = {"stats::act_norm": torch.sqrt(diag.clamp(min=0)).contiguous()}
                 errors = {}
                 module_levels = sorted(level_fn(full, tuple(linear.weight.shape)))
-                if kind == "quantization":  # all levels in one column sweep
-                    compressed = gptq_levels(linear.weight, H, [int(lv) for lv in module_levels], **compressor)
-                else:
-                    compressed = sparsegpt_levels(linear.weight, H, [float(lv) for lv in module_levels],
-                                                  damp=compressor["damp"])
+                compressed = codec.compress(linear.weight, H, module_levels, settings)  # all levels in one sweep
                 for lv, c in zip(module_levels, compressed):
-                    if kind == "quantization":
-                        enc = encode_quantized(c)
-                        decoded = decode_quantized(enc, tuple(dense.shape), int(lv), c.group_size)
-                    else:
-                        enc = encode_sparse(c)
-                        decoded = decode_sparse(enc, tuple(dense.shape))
+                    enc = codec.encode(c)
+                    decoded = codec.decode(enc, tuple(dense.shape), lv, settings)
                     errors[level_key(lv)] = relative_error(dense, decoded, H)
                     for k, t in enc.items():
                         tensors[f"{level_key(lv)}::{k}"] = t.contiguous()
@@ -302,7 +232,7 @@ class LevelDatabase:
             block.advance()
         manifest = {
             "format": FORMAT_VERSION,
-            "kind": kind,
+            "kind": codec.kind,
             "levels": "per-module" if per_module else sorted(levels),
             "settings": settings,
             **(identity or {}),
@@ -314,18 +244,19 @@ class LevelDatabase:
         if root.exists():
             shutil.rmtree(root)
         os.replace(build_dir, root)
-        return cls(root, manifest)
+        return cls(root, manifest, codec)
 
     @classmethod
     def open_or_build(cls, root, model, windows, kind, levels, settings=None, identity=None, modules=None,
                       progress=True) -> "LevelDatabase":
         """Reuse the database at ``root`` when it matches the request, else (re)build it."""
-        expected = {"kind": kind, "levels": "per-module" if callable(levels) else sorted(levels),
-                    "settings": full_settings(kind, settings), **(identity or {})}
+        codec = get_codec(kind)
+        expected = {"kind": codec.kind, "levels": "per-module" if callable(levels) else sorted(levels),
+                    "settings": codec.full_settings(settings), **(identity or {})}
         _remove_orphan_builds(Path(root))
         try:
             return cls.open(root, expected)
         except StaleDatabaseError as e:
             if Path(root).exists():
                 logger.warning("%s Rebuilding it.", e)
-        return cls.build(model, windows, kind, levels, root, settings, identity, modules, progress)
+        return cls.build(model, windows, codec, levels, root, settings, identity, modules, progress)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantizer import dequantize_codes, find_params, quantize_codes
+from .grid import dequantize_codes, find_params, quantize_codes
 
 
 class HessianAccumulator:
@@ -81,10 +81,12 @@ def _row_groups(weight: torch.Tensor, H: torch.Tensor) -> list:
 
 @torch.no_grad()
 def gptq(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = 128, sym: bool = False,
-         mse: bool = False, act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> QuantizedWeight:
+         mse: float = 0.0, act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> QuantizedWeight:
     """Quantize ``weight`` ([out, in]) to ``bits`` bits with GPTQ (Frantar et al. 2023).
 
-    ``group_size=None`` (or <= 0) uses one group per row. ``act_order`` processes columns by
+    ``group_size=None`` (or <= 0) uses one group per row. ``mse``: the p of the p-norm rounding
+    error that each group's clipping range is searched to minimise (GPTQ's reference uses 2.4;
+    ``True`` means 2.4; 0 / ``False``: min-max range). ``act_order`` processes columns by
     decreasing Hessian diagonal; groups are then formed in processing order and ``g_idx`` records
     each column's group. ``H`` may be a ``[groups, in, in]`` stack: the rows are split into
     ``groups`` equal slices, each quantized with its own Hessian (attention-aware value
@@ -95,7 +97,7 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | Non
 
 @torch.no_grad()
 def gptq_levels(weight: torch.Tensor, H: torch.Tensor, bits: list, group_size: int | None = 128, sym: bool = False,
-                mse: bool = False, act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> list:
+                mse: float = 0.0, act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> list:
     """:func:`gptq` at several bit widths in one pass: GPTQ treats rows independently given the
     inverse Hessian, so the copies of ``weight`` for every width are stacked and share one column
     sweep (the same result as separate calls, several times faster on CPU). Returns one
@@ -148,7 +150,7 @@ def _gptq(weight, H, bits, group_size, sym, mse, perm, damp, block_size) -> tupl
                 g = col // gs
                 # group statistics from the error-compensated weights of the group
                 block = torch.cat([W1[i:], WT[i2:]])[:gs] if col + gs > i2 else W1[i : i + gs]
-                scale, zero = find_params(block.t(), bits, sym=sym, mse=mse)
+                scale, zero = find_params(block.t(), bits, sym=sym, mse=bool(mse), norm=2.4 if mse is True else mse)
                 scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
             w = W1[i]
             q = quantize_codes(w.unsqueeze(1), scale, zero, bits)[:, 0]

@@ -42,11 +42,9 @@ __all__ = [
 def _load_dense(dense_model_or_path, dtype):
     if isinstance(dense_model_or_path, torch.nn.Module):
         return dense_model_or_path
-    from transformers import AutoModelForCausalLM
+    from ..loading import load_model
 
-    from ..models import resolve_model
-
-    return AutoModelForCausalLM.from_pretrained(resolve_model(str(dense_model_or_path)), dtype=dtype).eval()
+    return load_model(dense_model_or_path, dtype)
 
 
 def _windows(calibration, tokenizer, dense, num_samples, seq_len, seed):
@@ -54,22 +52,21 @@ def _windows(calibration, tokenizer, dense, num_samples, seq_len, seed):
         if calibration.dim() != 2:
             raise ValueError(f"calibration windows must be [N, T] token ids, got shape {tuple(calibration.shape)}.")
         return calibration
-    from transformers import AutoTokenizer
-
     from ..data import calibration_windows
+    from ..loading import load_tokenizer
 
     if tokenizer is None:
         name = getattr(dense.config, "_name_or_path", None) or getattr(dense, "name_or_path", None)
         if not name:
             raise ValueError("Pass tokenizer= (or calibration as [N, T] token ids): the dense model has no path "
                              "to load its tokenizer from.")
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = load_tokenizer(name)
     return calibration_windows(calibration, tokenizer, num_samples, seq_len, seed)
 
 
 def correct(model, dense_model_or_path, calibration, rank: int = 16, rank_pattern: dict | None = None,
             method: str = "eora", inputs: str = "dense", train=False, tokenizer=None, num_samples: int = 64,
-            seq_len: int = 512, seed: int = 0, teacher: str = "topk", top_k: int = 512, damp: float = 0.01,
+            seq_len: int = 512, seed: int = 0, teacher="topk", top_k: int = 512, damp: float = 0.01,
             param_budget: int | None = None, progress: bool = True):
     """Attach LoRA error-correction adapters to a compressed model; returns a ``PeftModel``.
 
@@ -97,8 +94,9 @@ def correct(model, dense_model_or_path, calibration, rank: int = 16, rank_patter
             ``learning_rate``, ...), for KL distillation to the dense model.
         tokenizer: for text calibration (default: the dense model's).
         num_samples, seq_len, seed: calibration windows drawn from a text source.
-        teacher: ``"topk"`` (a top-``top_k`` teacher cache; 4.1 kB/token at K=512) or ``"model"``
-            (the dense model on the fly) for training.
+        teacher: ``"topk"`` (a top-``top_k`` teacher cache; 4.1 kB/token at K=512), ``"model"``
+            (the dense model on the fly) or an existing
+            :class:`~optimum_evo.fitness.TeacherCache` of the calibration windows, for training.
 
     Returns:
         a ``peft.PeftModelForCausalLM``; save it with :func:`save_correction` beside the
@@ -127,7 +125,9 @@ def correct(model, dense_model_or_path, calibration, rank: int = 16, rank_patter
         from .train import distill
 
         kwargs = {"max_steps": int(train)} if not isinstance(train, dict) else dict(train)
-        if teacher == "topk":
+        if isinstance(teacher, TeacherCache):
+            t = teacher
+        elif teacher == "topk":
             t = TeacherCache.build(dense, windows, "topk", top_k, progress=progress)
         elif teacher == "model":
             t = dense

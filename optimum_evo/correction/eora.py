@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..compressors.calibrate import Block, linear_modules, walk_blocks
-from ..modeling import find_decoder_layout
+from ..decoder import find_decoder_layout
 
 logger = logging.getLogger(__name__)
 
@@ -506,15 +506,3 @@ def _residuals(prefix: str, dense_linears: dict, compressed_linears: dict, ranks
 def adapter_parameters(adapters: dict) -> int:
     """Number of adapter parameters (``r * (in + out)`` per module)."""
     return sum(a.A.numel() + a.B.numel() for a in adapters.values())
-
-
-@torch.no_grad()
-def output_error(dense_linear: nn.Module, compressed_linear: nn.Module, x: torch.Tensor,
-                 adapter: Adapter | None = None) -> float:
-    """Relative output error ``||x W^T - x (W_c + B A)^T|| / ||x W^T||`` of one linear on ``x``."""
-    x = x.reshape(-1, x.shape[-1]).float()
-    W = dense_linear.weight.detach().float()
-    Wc = compressed_weight(compressed_linear)
-    if adapter is not None:
-        Wc = Wc + adapter.delta()
-    return float((x @ (W - Wc).t()).norm() / (x @ W.t()).norm().clamp(min=1e-30))

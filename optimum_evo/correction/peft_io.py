@@ -216,16 +216,17 @@ def read_metadata(path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-def module_kinds(model) -> dict:
-    """``{full module name: "sparsity" | "quantization"}`` of an EvoPress model: from its
-    ``quantization_config`` profile (``from_pretrained`` / ``optimum-evo search`` checkpoints), else
-    from ``config.evopress_levels`` (fractions < 1 are sparsity levels, integers >= 1 bit widths)."""
-    qc = getattr(model.config, "quantization_config", None)
-    get = qc.get if isinstance(qc, dict) else (lambda key, default=None: getattr(qc, key, default))
-    if qc is not None and get("quant_method") == "evopress" and get("compression") in ("sparsity", "quantization"):
-        return {n: get("compression") for n in ((get("profile") or {}).get("modules") or {})}
-    levels = getattr(model.config, "evopress_levels", None) or {}
-    return {n: ("sparsity" if float(v) < 1 else "quantization") for n, v in levels.items()}
+def merge_rules(model) -> dict:
+    """``{full module name: MERGE_MASKED | MERGE_REFUSED}`` of an EvoPress model's compressed
+    linears, from its compression method and the profile in its ``quantization_config``
+    (``{}`` for a model without an EvoPress record)."""
+    from ..methods import get_method
+    from ..record import read_record
+
+    record = read_record(model)
+    if record is None:
+        return {}
+    return get_method(record["compression"]).merge_rules(record.get("profile") or {})
 
 
 class MergeRefusedError(ValueError):
@@ -234,7 +235,7 @@ class MergeRefusedError(ValueError):
 
 @torch.no_grad()
 def merge_correction(peft_model, kinds: dict | None = None, allow_dense: bool = False,
-                     adapter_name: str = "default"):
+                     adapter_name: str = "default", rules: dict | None = None):
     """Merge the correction into the base weights *without* breaking the compression, and unload.
 
     * sparse layers: ``W <- (W_c + B A) * mask`` with ``mask = (W_c != 0)``: the merged layer keeps
@@ -246,8 +247,10 @@ def merge_correction(peft_model, kinds: dict | None = None, allow_dense: bool = 
     * layers of unknown kind are treated as quantized.
 
     Args:
-        kinds: ``{full module name: "sparsity" | "quantization"}``; default from
-            ``config.evopress_levels`` (see :func:`module_kinds`).
+        kinds: ``{full module name: compression method name}`` (e.g. ``"sparsity"``), for models
+            without an EvoPress record; by default the rules come from the model's record
+            (:func:`merge_rules`).
+        rules: ``{full module name: MERGE_MASKED | MERGE_REFUSED}`` directly.
 
     Returns:
         the unwrapped base model with merged weights.
@@ -257,10 +260,13 @@ def merge_correction(peft_model, kinds: dict | None = None, allow_dense: bool = 
     """
     from peft.tuners.lora import LoraLayer
 
+    from ..methods import MERGE_MASKED, get_method
+
     base = peft_model.get_base_model()
-    kinds = module_kinds(base) if kinds is None else kinds
+    if rules is None:
+        rules = {n: get_method(k).merge_rule for n, k in kinds.items()} if kinds is not None else merge_rules(base)
     layers = {n: m for n, m in base.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A}
-    blocked = [n for n, m in layers.items() if kinds.get(n) != "sparsity"
+    blocked = [n for n, m in layers.items() if rules.get(n) != MERGE_MASKED
                and (not allow_dense or not isinstance(getattr(m.get_base_layer(), "weight", None), torch.nn.Parameter))]
     if blocked:
         packed = [n for n in blocked if not isinstance(getattr(layers[n].get_base_layer(), "weight", None),
@@ -278,7 +284,7 @@ def merge_correction(peft_model, kinds: dict | None = None, allow_dense: bool = 
         delta = (layer.lora_B[adapter_name].weight.float() @ layer.lora_A[adapter_name].weight.float()) \
             * layer.scaling[adapter_name]
         merged = compressed_weight(layer.get_base_layer()) + delta
-        if kinds.get(n) == "sparsity":
+        if rules.get(n) == MERGE_MASKED:
             merged = merged * (w != 0)
         w.copy_(merged.to(w.dtype))
     return peft_model.unload()

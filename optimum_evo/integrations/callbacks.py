@@ -24,13 +24,9 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from ..decoder import unwrap as _unwrap
+
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(model):
-    """The underlying transformers model of a ``PeftModel`` (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 class SparsityPreservingCallback(TrainerCallback):
@@ -186,10 +182,11 @@ class CompressAfterTrainingCallback(TrainerCallback):
     ``output_dir/model``; the search report is kept in :attr:`report`.
 
     Args:
-        search_arguments: a :class:`~optimum_evo.pipeline.SearchArguments` or a dict of its
+        search_arguments: a :class:`~optimum_evo.SearchArguments` or a dict of its
             fields (e.g. ``{"compression": "depth", "target": 0.25}``).
         output_dir: where the search writes (default: ``<trainer output_dir>/evopress``).
-        push_to_hub: a repo id to upload ``output_dir/model`` to (``huggingface_hub.HfApi``).
+        push_to_hub: a repo id to upload ``output_dir/model`` to (created when missing).
+        hub_kwargs: more arguments of :func:`optimum_evo.integrations.hub.upload_folder` (``private``, ``token``, ...).
         tokenizer: saved with the model (default: the Trainer's ``processing_class``).
 
     Example:
@@ -200,7 +197,7 @@ class CompressAfterTrainingCallback(TrainerCallback):
 
     def __init__(self, search_arguments, output_dir: str | None = None, push_to_hub: str | None = None,
                  tokenizer=None, hub_kwargs: dict | None = None):
-        from ..pipeline import SearchArguments
+        from ..settings import SearchArguments
 
         if isinstance(search_arguments, dict):
             fields = {"model": "unused", **search_arguments}
@@ -215,7 +212,8 @@ class CompressAfterTrainingCallback(TrainerCallback):
         self.report = None
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
-        from ..pipeline import SearchArguments, run_search
+        from ..pipeline import run_search
+        from ..settings import SearchArguments
 
         if model is None:
             raise ValueError("CompressAfterTrainingCallback needs the model at on_train_end.")
@@ -238,8 +236,8 @@ class CompressAfterTrainingCallback(TrainerCallback):
         self.report["model"] = "trained model (CompressAfterTrainingCallback)"
         logger.info("Compressed the trained model into %s", out / "model")
         if self.push_to_hub:
-            from huggingface_hub import HfApi
+            from .hub import upload_folder
 
-            HfApi().upload_folder(repo_id=self.push_to_hub, folder_path=str(out / "model"),
-                                  commit_message="EvoPress-compressed model (optimum-evo)", **self.hub_kwargs)
+            upload_folder(out / "model", self.push_to_hub, **{"commit_message": "EvoPress-compressed model (optimum-evo)",
+                                                               **self.hub_kwargs})
         return control

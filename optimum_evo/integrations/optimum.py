@@ -23,13 +23,18 @@ from pathlib import Path
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 from optimum.quantization_base import OptimumQuantizer
 
-SAVE_FORMATS = ("evopress", "dense", "gptq", "compressed-tensors")
+
+def save_formats() -> tuple:
+    """``"evopress"`` (the EvoPress checkpoint) and every registered export format."""
+    from ..exporters import available_exporters
+
+    return ("evopress", *available_exporters())
 
 
 class EvoPressQuantizer(OptimumQuantizer):
     """Runs an EvoPress search on a causal LM and saves the compressed model, in the EvoPress format
     (reloads with ``import optimum_evo``) or exported for deployment without the plugin
-    (``dense``, ``gptq``, ``compressed-tensors``; see :mod:`optimum_evo.integrations.exporters`).
+    (``dense``, ``gptq``, ``compressed-tensors``, ...; see :mod:`optimum_evo.exporters`).
 
     Build it with :meth:`from_pretrained` (a path / Hub id, or a loaded float model).
     """
@@ -49,7 +54,7 @@ class EvoPressQuantizer(OptimumQuantizer):
             raise ValueError("EvoPressQuantizer works on transformers checkpoints (folders or Hub ids); file_name "
                              f"must be None, got {file_name!r}.")
         if isinstance(model_or_path, (str, Path)):
-            from ..models import resolve_model
+            from ..embedded_models import resolve_model
 
             return cls(model_path=str(resolve_model(str(model_or_path))), tokenizer=tokenizer)
         if not hasattr(model_or_path, "config") or not hasattr(model_or_path, "named_modules"):
@@ -68,15 +73,15 @@ class EvoPressQuantizer(OptimumQuantizer):
             quantization_config: an :class:`~optimum_evo.EvoPressConfig`; or pass its fields as keyword
                 arguments (``compression="quantization", target=3.0, levels=[2, 3, 4], ...``).
             export_format: ``"evopress"`` (``save_pretrained``: packed mixed-bit layers, config with the
-                profile and metrics, model card), ``"dense"``, ``"gptq"`` or ``"compressed-tensors"``.
+                profile and metrics, model card) or a registered export format (:mod:`optimum_evo.exporters`).
         """
-        from .exporters import export
+        from ..exporters import export
         from .transformers import EvoPressConfig
 
         if file_prefix is not None:
             raise ValueError(f"EvoPressQuantizer saves transformers folders; file_prefix must be None, got {file_prefix!r}.")
-        if export_format not in SAVE_FORMATS:
-            raise ValueError(f"export_format must be one of {SAVE_FORMATS}, got {export_format!r}.")
+        if export_format not in save_formats():
+            raise ValueError(f"export_format must be one of {save_formats()}, got {export_format!r}.")
         if quantization_config is not None and config_kwargs:
             raise ValueError("Pass either quantization_config or its fields as keyword arguments, not both.")
         config = quantization_config if quantization_config is not None else EvoPressConfig(**config_kwargs)
@@ -86,10 +91,10 @@ class EvoPressQuantizer(OptimumQuantizer):
         save_dir = Path(save_dir)
         tokenizer = self.tokenizer if self.tokenizer is not None else self.model_path
         if export_format == "evopress":
-            model.save_pretrained(save_dir)
-            from .exporters.common import save_tokenizer
+            from ..checkpoint import save_checkpoint
+            from ..record import read_record
 
-            save_tokenizer(tokenizer, save_dir)
+            save_checkpoint(model, save_dir, read_record(model), tokenizer=tokenizer)
         else:
             export(model, save_dir, export_format, tokenizer=tokenizer)
         self.model = model
@@ -102,8 +107,7 @@ class EvoPressQuantizer(OptimumQuantizer):
         if self.model is None:
             return AutoModelForCausalLM.from_pretrained(self.model_path, quantization_config=config,
                                                         dtype=torch.float32)
-        from .hub import attach_hub_methods
-        from .transformers.quantizer import EvoPressHfQuantizer, compress_on_load
+        from .transformers.quantizer import compress_on_load, mark_compressed
 
         if getattr(self.model, "hf_quantizer", None) is not None:
             raise ValueError("This model is already quantized; load its dense checkpoint to run EvoPress.")
@@ -112,9 +116,7 @@ class EvoPressQuantizer(OptimumQuantizer):
         config = copy.copy(config)
         config.profile = config.metrics = None
         compress_on_load(self.model, config)
-        self.model.config.quantization_config = config
-        self.model.hf_quantizer = EvoPressHfQuantizer(config, pre_quantized=True)
-        attach_hub_methods(self.model)
+        mark_compressed(self.model, config)
         return self.model
 
 

@@ -1,11 +1,11 @@
 """Model-agnostic evolutionary search engine (EvoPress). Imports nothing from transformers."""
 
-from .config import PRESETS, SearchConfig, Stage
-from .engine import CHECKPOINT_NAME, EvolutionarySearch, SearchResult
+from .config import SearchConfig, Stage
+from .engine import CHECKPOINT_NAME, EvolutionarySearch, SearchResult, SearchState
 from .mutation import level_switch, mutate, num_switches, random_candidate
 from .space import Candidate, LevelSpace
 
 __all__ = [
-    "PRESETS", "SearchConfig", "Stage", "CHECKPOINT_NAME", "EvolutionarySearch", "SearchResult",
+    "SearchConfig", "Stage", "CHECKPOINT_NAME", "EvolutionarySearch", "SearchResult", "SearchState",
     "level_switch", "mutate", "num_switches", "random_candidate", "Candidate", "LevelSpace",
 ]

@@ -1,8 +1,13 @@
-"""Search settings and presets.
+"""Search settings.
+
+Presets are tables ``{preset name: SearchConfig keyword arguments}``; every compression method
+has its own (:attr:`optimum_evo.methods.CompressionMethod.presets`).
 
 Example:
-    >>> cfg = SearchConfig.from_preset("fast", "depth")
-    >>> cfg.offspring, [(s.survivors, s.tokens) for s in cfg.stages]  # doctest: +SKIP
+    >>> table = {"tiny": dict(generations=5, offspring=4, stages=((1, 64),), init_tokens=64)}
+    >>> cfg = SearchConfig.from_preset("tiny", table, offspring=8)
+    >>> cfg.offspring, [(s.survivors, s.tokens) for s in cfg.stages]
+    (8, [(1, 64)])
 """
 
 from __future__ import annotations
@@ -75,15 +80,12 @@ class SearchConfig:
             raise ValueError(f"confirm_tokens must be >= 1 or None, got {self.confirm_tokens}.")
 
     @classmethod
-    def from_preset(cls, preset: str, compression: str, **overrides) -> "SearchConfig":
-        """Build a config from a preset (``"paper"``, ``"fast"``, ``"superfast"``) for a compression
-        kind (``"depth"``, ``"sparsity"``, ``"quantization"``); keyword overrides win."""
-        if preset not in PRESETS:
-            raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
-        table = PRESETS[preset]
-        if compression not in table:
-            raise ValueError(f"Unknown compression {compression!r}; choose one of {sorted(table)}.")
-        values = dict(table[compression])
+    def from_preset(cls, preset: str, table: dict, **overrides) -> "SearchConfig":
+        """Build a config from ``table[preset]`` (a method's presets); keyword overrides that are not
+        ``None`` win."""
+        if preset not in table:
+            raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(table)}.")
+        values = dict(table[preset])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -103,30 +105,3 @@ class SearchConfig:
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _stages(*pairs: Sequence[int]) -> tuple:
-    return tuple(Stage(s, t) for s, t in pairs)
-
-
-# Reference defaults from the EvoPress paper and CPU presets. Tokens are candidate-tokens per stage.
-PRESETS: dict = {
-    "paper": {
-        "depth": dict(generations=None, offspring=32, stages=_stages((2, 2048), (1, 32768)), init_tokens=32768),
-        "sparsity": dict(generations=400, offspring=64, stages=_stages((8, 2048), (2, 16384), (1, 65536)),
-                         init_tokens=65536),
-        "quantization": dict(generations=150, offspring=128, stages=_stages((16, 2048), (4, 16384), (1, 131072)),
-                             init_tokens=131072),
-    },
-    "superfast": {
-        kind: dict(generations=400, offspring=16, stages=_stages((1, 512), (1, 8192)), init_tokens=8192)
-        for kind in ("depth", "sparsity", "quantization")
-    },
-    # CPU presets: fewer tokens per decision, more generations; see docs/depth-benchmark.md.
-    "fast": {
-        "depth": dict(generations=50, offspring=16, stages=_stages((2, 512), (1, 4096)), init_tokens=8192),
-        # Not yet validated on the benchmark (see the issue note): same stage shape as depth.
-        "sparsity": dict(generations=60, offspring=16, stages=_stages((2, 512), (1, 4096)), init_tokens=8192),
-        "quantization": dict(generations=60, offspring=16, stages=_stages((2, 512), (1, 4096)), init_tokens=8192),
-    },
-}

@@ -70,6 +70,36 @@ class SearchResult:
         }
 
 
+@dataclass
+class SearchState:
+    """Where a search stands after a generation: what a checkpoint holds (besides the fingerprints
+    of the space, the settings and the initial candidates that a resume must match)."""
+
+    parent: Candidate
+    fitness: float | None
+    rng: random.Random
+    generation: int = 0
+    history: list = field(default_factory=list)
+    initial_scores: list = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    stale: int = 0  # generations since the parent last changed
+
+    def to_json(self) -> dict:
+        return {"generation": self.generation, "parent": list(self.parent), "fitness": self.fitness,
+                "rng_state": rng_state_to_json(self.rng.getstate()), "history": self.history,
+                "initial_scores": self.initial_scores, "tokens": self.tokens, "seconds": self.seconds,
+                "stale": self.stale}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SearchState":
+        rng = random.Random()
+        rng.setstate(rng_state_from_json(data["rng_state"]))
+        return cls(parent=tuple(data["parent"]), fitness=data["fitness"], rng=rng, generation=data["generation"],
+                   history=data["history"], initial_scores=data["initial_scores"], tokens=data["tokens"],
+                   seconds=data["seconds"], stale=data["stale"])
+
+
 class EvolutionarySearch:
     """Run EvoPress's evolutionary search.
 
@@ -136,44 +166,34 @@ class EvolutionarySearch:
             children.append(child)
         return children
 
-    def _state(self, generation, parent, fitness, rng, history, initial_scores, tokens, seconds, stale) -> dict:
-        return {
-            "version": CHECKPOINT_VERSION,
-            "space": self.space.fingerprint(),
-            "config": self.config.fingerprint(),
-            "initial": self._initial_key,
-            "generation": generation,
-            "parent": list(parent),
-            "fitness": fitness,
-            "rng_state": rng_state_to_json(rng.getstate()),
-            "history": history,
-            "initial_scores": initial_scores,
-            "tokens": tokens,
-            "seconds": seconds,
-            "stale": stale,
-        }
-
-    def _load_checkpoint(self) -> dict | None:
+    def _load_checkpoint(self) -> "SearchState | None":
         if self.checkpoint_path is None:
             return None
-        state = read_json(self.checkpoint_path)
-        if state is None:
+        data = read_json(self.checkpoint_path)
+        if data is None:
             return None
         mismatch = []
-        if state.get("version") != CHECKPOINT_VERSION:
+        if data.get("version") != CHECKPOINT_VERSION:
             mismatch.append("checkpoint version")
-        if state.get("space") != self.space.fingerprint():
+        if data.get("space") != self.space.fingerprint():
             mismatch.append("search space (model, compression or target)")
-        if state.get("config") != self.config.fingerprint():
+        if data.get("config") != self.config.fingerprint():
             mismatch.append("search settings (preset, generations, offspring, stages or seed)")
-        if state.get("initial") != self._initial_key:
+        if data.get("initial") != self._initial_key:
             mismatch.append("initial candidates")
         if mismatch:
             raise ValueError(
                 f"The checkpoint {self.checkpoint_path} was written by a search with a different "
                 f"{', '.join(mismatch)}. Use another output directory, or delete the checkpoint to start afresh."
             )
-        return state
+        return SearchState.from_json(data)
+
+    def _checkpoint(self, state: "SearchState") -> None:
+        if self.checkpoint_path is None:
+            return
+        fingerprints = {"version": CHECKPOINT_VERSION, "space": self.space.fingerprint(),
+                        "config": self.config.fingerprint(), "initial": self._initial_key}
+        atomic_write_json(self.checkpoint_path, {**fingerprints, **state.to_json()})
 
     # ------------------------------------------------------------------ main loop
     def run(self, initial: Sequence[Sequence[int]]) -> SearchResult:
@@ -190,18 +210,8 @@ class EvolutionarySearch:
 
         state = self._load_checkpoint()
         if state is not None:
-            rng = random.Random()
-            rng.setstate(rng_state_from_json(state["rng_state"]))
-            parent = tuple(state["parent"])
-            fitness = state["fitness"]
-            history = state["history"]
-            initial_scores = state["initial_scores"]
-            generation = state["generation"]
-            tokens = state["tokens"]
-            seconds_before = state["seconds"]
-            stale = state["stale"]
-            resumed_from = generation
-            logger.info("Resuming search at generation %d from %s", generation, self.checkpoint_path)
+            logger.info("Resuming search at generation %d from %s", state.generation, self.checkpoint_path)
+            resumed_from = state.generation
         else:
             rng = random.Random(cfg.seed)
             start = time.perf_counter()
@@ -213,19 +223,22 @@ class EvolutionarySearch:
                 best_i = min(range(len(initial)), key=lambda i: (initial_scores[i], i))
             else:
                 initial_scores, best_i = [], 0
-            parent = initial[best_i]
-            fitness = initial_scores[best_i] if initial_scores else None
-            history, generation, stale, resumed_from = [], 0, 0, None
-            seconds_before = time.perf_counter() - start
-            self._checkpoint(generation, parent, fitness, rng, history, initial_scores, tokens, seconds_before, stale)
+            state = SearchState(parent=initial[best_i], fitness=initial_scores[best_i] if initial_scores else None,
+                                rng=rng, initial_scores=initial_scores, tokens=tokens,
+                                seconds=time.perf_counter() - start)
+            resumed_from = None
+            self._checkpoint(state)
 
-        self._set_parent(parent)
+        seconds_before = state.seconds
+        rng = state.rng
+        self._set_parent(state.parent)
         start = time.perf_counter()
-        bar = tqdm(total=cfg.generations, initial=generation, desc="EvoPress search", disable=not self.progress,
+        bar = tqdm(total=cfg.generations, initial=state.generation, desc="EvoPress search", disable=not self.progress,
                    dynamic_ncols=True)
-        if fitness is not None:
-            bar.set_postfix(best=f"{fitness:.4f}")
-        while generation < cfg.generations and (cfg.patience is None or stale < cfg.patience):
+        if state.fitness is not None:
+            bar.set_postfix(best=f"{state.fitness:.4f}")
+        while state.generation < cfg.generations and (cfg.patience is None or state.stale < cfg.patience):
+            parent = state.parent
             candidates = self._make_offspring(parent, rng)
             gen_tokens = 0
             parent_score = None
@@ -251,44 +264,35 @@ class EvolutionarySearch:
                 gen_tokens += 2 * len(ids) * self.objective.tokens_per_sample
                 changed = best_child_score < parent_score
             if changed:
-                parent, fitness = candidates[0], best_child_score
-                stale = 0
-                self._set_parent(parent)
+                state.parent, state.fitness, state.stale = candidates[0], best_child_score, 0
+                self._set_parent(state.parent)
             else:
-                fitness = parent_score
-                stale += 1
-            generation += 1
-            tokens += gen_tokens
-            seconds = seconds_before + time.perf_counter() - start
-            history.append({
-                "generation": generation,
-                "best_fitness": fitness,
+                state.fitness = parent_score
+                state.stale += 1
+            state.generation += 1
+            state.tokens += gen_tokens
+            state.seconds = seconds_before + time.perf_counter() - start
+            state.history.append({
+                "generation": state.generation,
+                "best_fitness": state.fitness,
                 "parent_changed": changed,
                 "tokens": gen_tokens,
-                "total_tokens": tokens,
-                "seconds": round(seconds, 3),
+                "total_tokens": state.tokens,
+                "seconds": round(state.seconds, 3),
             })
-            self._checkpoint(generation, parent, fitness, rng, history, initial_scores, tokens, seconds, stale)
+            self._checkpoint(state)
             bar.update(1)
-            bar.set_postfix(best=f"{fitness:.4f}")
+            bar.set_postfix(best=f"{state.fitness:.4f}")
             if self.callback is not None:
-                self.callback(generation, history[-1])
+                self.callback(state.generation, state.history[-1])
         bar.close()
         return SearchResult(
-            best=parent,
-            fitness=fitness,
-            history=history,
-            initial_scores=initial_scores,
-            generations=generation,
-            tokens=tokens,
+            best=state.parent,
+            fitness=state.fitness,
+            history=state.history,
+            initial_scores=state.initial_scores,
+            generations=state.generation,
+            tokens=state.tokens,
             seconds=seconds_before + time.perf_counter() - start,
             resumed_from=resumed_from,
-        )
-
-    def _checkpoint(self, generation, parent, fitness, rng, history, initial_scores, tokens, seconds, stale):
-        if self.checkpoint_path is None:
-            return
-        atomic_write_json(
-            self.checkpoint_path,
-            self._state(generation, parent, fitness, rng, history, initial_scores, tokens, seconds, stale),
         )

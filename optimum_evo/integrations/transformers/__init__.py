@@ -1,4 +1,4 @@
-"""transformers integration: ``EvoPressConfig``, its ``HfQuantizer`` and the compressed layer classes.
+"""transformers integration: ``EvoPressConfig`` and its ``HfQuantizer``.
 
 Importing this package registers ``quant_method="evopress"`` with transformers (``import optimum_evo``
 arranges that too, lazily). Registration is idempotent.
@@ -11,11 +11,10 @@ Example:
 """
 
 from .config import QUANT_METHOD, EvoPressConfig, EvoPressConfigError
-from .modules import EvoPressQuantLinear, packed_bytes, set_dequantized_cache, unpack_bits
-from .quantizer import EvoPressHfQuantizer, EvoPressLoadError, check_evopress_model
+from .quantizer import EvoPressHfQuantizer, EvoPressLoadError, check_evopress_model, mark_compressed
 
-__all__ = ["EvoPressConfig", "EvoPressConfigError", "EvoPressHfQuantizer", "EvoPressLoadError", "EvoPressQuantLinear",
-           "check_evopress_model", "packed_bytes", "register", "set_dequantized_cache", "unpack_bits"]
+__all__ = ["EvoPressConfig", "EvoPressConfigError", "EvoPressHfQuantizer", "EvoPressLoadError", "check_evopress_model",
+           "mark_compressed", "register"]
 
 
 def register() -> None:

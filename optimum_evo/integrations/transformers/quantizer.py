@@ -1,16 +1,17 @@
-"""``EvoPressHfQuantizer``: the transformers quantizer of ``quant_method="evopress"``.
+"""``EvoPressHfQuantizer``: the transformers quantizer of ``quant_method="evopress"``, a thin adapter
+over :mod:`optimum_evo.pipeline` (search and compress) and :mod:`optimum_evo.checkpoint` (the
+checkpoint format).
 
 Two ways in:
 
 * ``from_pretrained(dense_path, quantization_config=EvoPressConfig(...))``: the dense weights load,
   then :meth:`EvoPressHfQuantizer._process_model_after_weight_loading` runs the EvoPress search
-  (the level database is built or reused from its cache) and compresses the model in place:
-  dropped blocks removed / sub-blocks replaced (depth), exact zeros written (sparsity), linears
-  replaced by packed :class:`~.modules.EvoPressQuantLinear` (quantization). The found profile and
+  (:func:`optimum_evo.pipeline.compress`) and compresses the model in place. The found profile and
   metrics go into ``model.config.quantization_config``.
 * ``from_pretrained(compressed_path)`` (after ``import optimum_evo``): the config in
   ``config.json`` carries the profile, so :meth:`_process_model_before_weight_loading` swaps the
-  modules of the meta skeleton and the packed tensors load straight into them. No search runs.
+  modules of the meta skeleton (:func:`optimum_evo.checkpoint.build_skeleton`) and the packed
+  tensors load straight into them. No search runs.
 
 Example:
     >>> import optimum_evo
@@ -27,21 +28,26 @@ import copy
 import logging
 
 import torch
-from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
-from ...modeling import DroppedAttention, DroppedMLP, find_decoder_layout
-from ...spaces.depth import apply_depth_record
-from .config import QUANT_METHOD, EvoPressConfig, EvoPressConfigError, _jsonable
-from .modules import EvoPressQuantLinear
+from ... import checkpoint
+from ...record import read_record
+from ...compressors.packed_linear import EvoPressQuantLinear
+from ...methods import CompressedModelError
+from .config import QUANT_METHOD, EvoPressConfig, EvoPressConfigError
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["EvoPressHfQuantizer", "EvoPressLoadError", "check_evopress_model", "compress_on_load", "mark_compressed"]
 
-class EvoPressLoadError(RuntimeError):
+
+class EvoPressLoadError(CompressedModelError):
     """An EvoPress checkpoint was loaded without the modules its profile needs (typically: without
     ``import optimum_evo``, so transformers skipped the unknown quantization method and filled the
     missing weights with random values)."""
+
+
+_HINT = "Run `import optimum_evo` before `from_pretrained` (pip install optimum-evo); the model as loaded computes garbage."
 
 
 class EvoPressHfQuantizer(HfQuantizer):
@@ -78,7 +84,10 @@ class EvoPressHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
-            build_compressed_skeleton(model, self.quantization_config)
+            try:
+                checkpoint.build_skeleton(model, self.quantization_config.to_dict())
+            except CompressedModelError as e:
+                raise EvoPressLoadError(str(e)) from None
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -95,7 +104,9 @@ class EvoPressHfQuantizer(HfQuantizer):
         """Replace packed linears by dense ones (depth / sparsity changes stay)."""
         for name, module in list(model.named_modules()):
             if isinstance(module, EvoPressQuantLinear):
-                _set_submodule(model, name, module.to_linear(dtype or module.compute_dtype))
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child,
+                        module.to_linear(dtype or module.compute_dtype))
         return model
 
     def is_serializable(self, safe_serialization=None):
@@ -104,7 +115,7 @@ class EvoPressHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         """What ``save_pretrained`` writes: the compressed model's own tensors. With a LoRA correction
         attached (``lora_correction``), its LoRA tensors are left out and the wrapped layers keep
-        their plain names (the adapter is saved separately, see :mod:`optimum_evo.integrations.hub`)."""
+        their plain names (the adapter is saved separately, see :func:`optimum_evo.checkpoint.save_checkpoint`)."""
         from ...correction.peft_io import base_state_dict, has_lora_layers
 
         if has_lora_layers(model):
@@ -114,39 +125,6 @@ class EvoPressHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True  # adapters (LoRA) train on top of the compressed modules
-
-
-# ---------------------------------------------------------------------- module surgery
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def build_compressed_skeleton(model, config: EvoPressConfig) -> None:
-    """Swap the modules of a (meta) model skeleton for the compressed ones recorded in ``config``,
-    so the checkpoint's tensors load into them (used before weight loading)."""
-    profile = config.profile or {}
-    if config.compression == "depth":
-        layout = find_decoder_layout(model)
-        expected = profile.get("original_num_layers", 0) - len(profile.get("removed_layers", []))
-        if len(layout) != expected:
-            raise EvoPressLoadError(f"The config has {len(layout)} decoder layers but the EvoPress profile expects "
-                                    f"{expected}; config.json and its quantization_config disagree.")
-        apply_depth_record(model, profile)
-    elif config.compression == "quantization":
-        group_size, act_order = profile["group_size"], profile.get("act_order", False)
-        for name, bits in profile["modules"].items():
-            try:
-                linear = model.get_submodule(name)
-            except AttributeError:
-                raise EvoPressLoadError(f"The EvoPress profile names {name!r}, which this model does not have.") from None
-            if not isinstance(linear, nn.Linear):
-                raise EvoPressLoadError(f"The EvoPress profile names {name!r}, a {type(linear).__name__}, not a linear.")
-            dtype = linear.weight.dtype if linear.weight is not None else None
-            _set_submodule(model, name, EvoPressQuantLinear(
-                linear.in_features, linear.out_features, int(bits), group_size, bias=linear.bias is not None,
-                act_order=act_order, device="meta", dtype=dtype))
-    # sparsity: plain linears holding zeros, nothing to swap
 
 
 def check_evopress_model(model) -> EvoPressConfig | None:
@@ -161,61 +139,25 @@ def check_evopress_model(model) -> EvoPressConfig | None:
         Traceback (most recent call last):
         EvoPressLoadError: ... was loaded without the optimum-evo plugin ...
     """
-    qc = getattr(model.config, "quantization_config", None)
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    if method != QUANT_METHOD:
+    record = read_record(model)
+    if record is None:
         return None
-    hint = ("Run `import optimum_evo` before `from_pretrained` (pip install optimum-evo); the model as loaded "
-            "computes garbage.")
+    qc = model.config.quantization_config
     if isinstance(qc, dict) or not isinstance(getattr(model, "hf_quantizer", None), EvoPressHfQuantizer):
         raise EvoPressLoadError(f"{model.name_or_path or 'This model'} is an EvoPress checkpoint but was loaded "
                                 f"without the optimum-evo plugin, so transformers randomly initialised the "
-                                f"compressed weights. {hint}")
-    profile = qc.profile or {}
-    if qc.compression == "quantization":
-        for name, bits in profile.get("modules", {}).items():
-            module = model.get_submodule(name)
-            module = module.get_base_layer() if hasattr(module, "get_base_layer") else module  # under LoRA
-            if not isinstance(module, EvoPressQuantLinear) or module.bits != int(bits):
-                raise EvoPressLoadError(f"{name} should be a {bits}-bit EvoPressQuantLinear, found {module!r}. {hint}")
-            if module.scales.device.type == "meta" or not bool(module.scales.abs().sum() > 0):
-                raise EvoPressLoadError(f"The packed weights of {name} were not loaded (missing from the checkpoint?).")
-    elif qc.compression == "depth":
-        layout = find_decoder_layout(model)
-        for i in profile.get("dropped_attention", []):
-            if not isinstance(getattr(layout.layers[i], layout.attn_name), DroppedAttention):
-                raise EvoPressLoadError(f"The attention of layer {i} should be dropped. {hint}")
-        for i in profile.get("dropped_mlp", []):
-            if not isinstance(getattr(layout.layers[i], layout.mlp_name), DroppedMLP):
-                raise EvoPressLoadError(f"The MLP of layer {i} should be dropped. {hint}")
+                                f"compressed weights. {_HINT}")
+    try:
+        checkpoint.verify(model, record)
+    except CompressedModelError as e:
+        raise EvoPressLoadError(f"{e} {_HINT}") from None
     return qc
 
 
-# ---------------------------------------------------------------------- search on load
 def _is_plain_cpu_float32(model) -> bool:
     if any(hasattr(m, "_hf_hook") for m in model.modules()):
         return False
     return all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
-
-
-def _load_work_model(model, path: str):
-    """The float32 CPU model the search runs on: ``model`` itself when it already is one, else a
-    fresh float32 load of the same checkpoint (the user's model may be bfloat16 or on a GPU)."""
-    if _is_plain_cpu_float32(model):
-        return model
-    from transformers import AutoModelForCausalLM
-
-    logger.info("EvoPress searches in float32 on the CPU: loading a float32 copy of %s.", path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def _tokenizer(config: EvoPressConfig, path: str):
-    from transformers import AutoTokenizer
-
-    tok = config.tokenizer
-    if tok is None or isinstance(tok, str):
-        return AutoTokenizer.from_pretrained(tok or path)
-    return tok
 
 
 @torch.no_grad()
@@ -223,94 +165,31 @@ def compress_on_load(model, config: EvoPressConfig) -> None:
     """Run the search for ``model`` (just loaded, dense) and compress it in place; fill
     ``config.profile`` and ``config.metrics``. With ``config.lora_correction``, the correction
     adapter is then computed and attached through transformers' PEFT integration."""
-    from ...pipeline import search_loaded
-    from ...spaces.depth import DepthSpace
+    from ...loading import load_model, load_tokenizer
+    from ...pipeline import compress
 
     path = model.name_or_path
     if not path:
         raise EvoPressConfigError("EvoPress needs the model's checkpoint path (model.name_or_path) to calibrate.")
-    work = _load_work_model(model, path)
-    tokenizer = _tokenizer(config, path)
-    args = config.search_arguments(model=path)
-    outcome = search_loaded(args, work, tokenizer, path, evaluate_models=config.evaluate)
-    if work is not model:
-        if config.compression == "depth":  # the depth space must be bound to the model it compresses
-            outcome.space = DepthSpace(model, args.target, args.mode)
-        del work
-    apply_search_outcome(model, config, outcome)
-    if config.lora_correction:
-        from ...correction.peft_io import adopt_adapter
-        from ...correction.pipeline_step import lora_correction_step
-
-        with torch.enable_grad():  # the optional distillation trains (this function runs under no_grad)
-            adopt_adapter(lora_correction_step(args, model, path, outcome.report))  # adapter "default", active
-        config.metrics = _jsonable({**_metrics(outcome.report), "lora_correction": outcome.report["lora_correction"]})
-
-
-@torch.no_grad()
-def apply_search_outcome(model, config: EvoPressConfig, outcome) -> None:
-    """Compress ``model`` in place with what a search found (:class:`optimum_evo.pipeline.SearchOutcome`)
-    and record ``config.profile`` / ``config.metrics``; then :func:`mark_compressed` makes it save as
-    an EvoPress checkpoint. ``outcome.space`` must be bound to ``model`` for depth."""
-    report, best = outcome.report, outcome.best
-    args = outcome.report["arguments"]
-    if config.compression == "depth":
-        record = outcome.space.compress(model, best)
-        profile = {"mode": args["mode"], **record}
-    else:
-        profile = apply_levels(model, config.compression, outcome.space.profile(best), outcome.db)
-        key = "average_bits" if config.compression == "quantization" else "sparsity"
-        profile.update({k: report["profile"][k] for k in (key, "effective_bits") if k in report["profile"]})
-    config.profile = _jsonable(profile)
-    config.metrics = _jsonable(_metrics(report))
-
-
-@torch.no_grad()
-def apply_levels(model, compression: str, levels: dict, db) -> dict:
-    """Put the database levels ``{module name: level}`` into ``model`` in place: packed
-    :class:`EvoPressQuantLinear` layers (quantization) or the sparse weights (sparsity). Returns the
-    profile recorded in the config (``modules`` and, for quantization, the grid settings)."""
-    if compression == "quantization":
-        settings = db.manifest["settings"]
-        group_size = settings.get("group_size") or 0
-        act_order = bool(settings.get("act_order", False))
-        for name, bits in levels.items():
-            linear = model.get_submodule(name)
-            bias = linear.bias.detach() if linear.bias is not None else None
-            _set_submodule(model, name, EvoPressQuantLinear.from_packed(
-                db.tensors(name, int(bits)), linear.in_features, linear.out_features, int(bits), group_size,
-                bias=bias, act_order=act_order, device=linear.weight.device, dtype=linear.weight.dtype))
-        return {"modules": {n: int(b) for n, b in levels.items()}, "group_size": group_size, "act_order": act_order}
-    for name, level in levels.items():
-        linear = model.get_submodule(name)
-        linear.weight.copy_(db.weight(name, level, dtype=linear.weight.dtype).to(linear.weight.device))
-    return {"modules": {n: float(v) for n, v in levels.items()}}
+    work = None
+    if not _is_plain_cpu_float32(model):
+        # the search runs in float32 on the CPU; the user's model may be bfloat16 or on a GPU
+        logger.info("EvoPress searches in float32 on the CPU: loading a float32 copy of %s.", path)
+        work = load_model(path, torch.float32)
+    ctx = compress(config.search_arguments(model=path), model, load_tokenizer(config.tokenizer or path), path,
+                   search_model=work)
+    config.profile = ctx.record["profile"]
+    config.metrics = ctx.record["metrics"]
 
 
 def mark_compressed(model, config: EvoPressConfig) -> None:
-    """Make a model compressed outside ``from_pretrained`` (e.g. by the command line) look like one
-    loaded with ``quantization_config=config``: its config carries ``config``, it has the EvoPress
-    quantizer, and ``save_pretrained`` / ``push_to_hub`` write the EvoPress checkpoint and model card."""
+    """Make a model compressed outside ``from_pretrained`` (e.g. by :func:`optimum_evo.pipeline.run`)
+    look like one loaded with ``quantization_config=config``: its config carries ``config``, it has
+    the EvoPress quantizer, and ``save_pretrained`` / ``push_to_hub`` write the EvoPress checkpoint
+    and model card."""
     from ..hub import attach_hub_methods
 
     model.config.quantization_config = config
     model.hf_quantizer = EvoPressHfQuantizer(config, pre_quantized=True)
     model.is_quantized = True
     attach_hub_methods(model)
-
-
-def _metrics(report: dict) -> dict:
-    search = report["search"]
-    metrics = {
-        "model": report["model"],
-        "search": {"fitness_kl": search["fitness"], "generations": search["generations"],
-                   "candidate_tokens": search["tokens"], "seconds": round(search["seconds"], 1),
-                   "search_dtype": report["search_dtype"]},
-        "profile": report["profile"],
-    }
-    if report["results"]:
-        metrics["evaluation"] = {
-            **report["evaluation"],
-            **{name: {k: row[k] for k in ("perplexity", "kl") if k in row} for name, row in report["results"].items()},
-        }
-    return metrics

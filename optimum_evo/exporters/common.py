@@ -1,18 +1,10 @@
-"""Shared pieces of the exporters: int32 bit-stream packing, the plain (plugin-free) model rebuilt from
-an EvoPress model, and the bookkeeping of which modules are packed / dropped.
-
-Both GPTQ and compressed-tensors pack integer codes as a dense **little-endian bit stream in int32
-words**: code ``i`` of a packed row occupies bits ``i*bits .. i*bits+bits-1`` of the stream, word ``w``
-holds stream bits ``32w .. 32w+31`` (a code may straddle two words; for 2/4/8 bits none does). This
-is GPTQ's ``qweight``/``qzeros`` layout (auto-gptq / gptqmodel, including its 10-1-10-1-10 3-bit
-scheme, which is the same stream) and compressed-tensors' ``pack_to_int32`` layout.
+"""Shared pieces of the exporters: the plain (plugin-free) model rebuilt from an EvoPress model, and
+the bookkeeping of which modules are packed / dropped. (The int32 bit-stream packing that GPTQ and
+compressed-tensors share is :func:`optimum_evo.compressors.packing.pack_int32`.)
 
 Example:
-    >>> import torch
-    >>> codes = torch.tensor([[1, 2, 3, 0, 7, 5, 6, 4]])
-    >>> packed = pack_int32(codes, bits=3)            # 8 codes * 3 bits -> one int32 word
-    >>> packed.shape, torch.equal(unpack_int32(packed, 3, 8), codes)
-    (torch.Size([1, 1]), True)
+    >>> contents = model_contents(model)                  # doctest: +SKIP
+    >>> sorted(contents.quantized)[:1], contents.dropped   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -24,51 +16,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..compressors.packed_linear import EvoPressQuantLinear
+from ..decoder import DroppedAttention, DroppedMLP
+
 logger = logging.getLogger(__name__)
 
 #: ``config`` attributes that only mean something to optimum-evo (removed from exported configs).
-EVOPRESS_CONFIG_KEYS = ("quantization_config", "evopress_depth", "evopress_levels")
+EVOPRESS_CONFIG_KEYS = ("quantization_config",)
 
 
 class ExportError(ValueError):
     """The model cannot be written in the requested format (the message says why and what to do)."""
-
-
-def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative integers ``values`` ``[rows, n]`` (each ``< 2**bits``) along the last dim into
-    int32 words ``[rows, ceil(n * bits / 32)]`` (little-endian bit stream, see the module docstring)."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in 1..8, got {bits}.")
-    v = values.to(torch.int64)
-    if v.dim() != 2:
-        raise ValueError(f"pack_int32 packs 2-D tensors, got shape {tuple(v.shape)}.")
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 1 << bits):
-        raise ValueError(f"values must be in [0, {(1 << bits) - 1}] to pack at {bits} bits, "
-                         f"got [{int(v.min())}, {int(v.max())}].")
-    rows, n = v.shape
-    words = (n * bits + 31) // 32
-    pos = torch.arange(n, dtype=torch.int64) * bits
-    word, offset = pos // 32, pos % 32
-    out = torch.zeros(rows, words + 1, dtype=torch.int64)
-    # Bits of different codes never overlap, so adding is OR-ing.
-    out.scatter_add_(1, word.expand(rows, n), (v << offset) & 0xFFFFFFFF)
-    spill = offset + bits > 32
-    if bool(spill.any()):
-        out.scatter_add_(1, (word[spill] + 1).expand(rows, -1), v[:, spill] >> (32 - offset[spill]))
-    out = out[:, :words]
-    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
-
-
-def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_int32`: int32 words ``[rows, words]`` -> int64 codes ``[rows, n]``."""
-    w = packed.to(torch.int64) & 0xFFFFFFFF
-    w = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=torch.int64)], dim=1)
-    pos = torch.arange(n, dtype=torch.int64) * bits
-    word, offset = pos // 32, pos % 32
-    lo = w[:, word] >> offset
-    hi = w[:, word + 1] << (32 - offset)  # only matters where the code spills into the next word
-    mask = (1 << bits) - 1
-    return torch.where(offset + bits > 32, (lo | hi), lo) & mask
 
 
 # ---------------------------------------------------------------------- what the model holds
@@ -81,9 +39,6 @@ class ModelContents:
 
 
 def model_contents(model: nn.Module) -> ModelContents:
-    from ...modeling import DroppedAttention, DroppedMLP
-    from ..transformers.modules import EvoPressQuantLinear
-
     contents = ModelContents()
     for name, module in model.named_modules():
         if isinstance(module, EvoPressQuantLinear):

@@ -1,4 +1,4 @@
-"""Layer classes of a compressed EvoPress model.
+"""The packed quantized linear layer of a compressed EvoPress model.
 
 :class:`EvoPressQuantLinear` is a linear layer whose weight is stored **packed** at its own bit width
 (mixed bits across modules), in the level database's format (:mod:`optimum_evo.compressors.database`):
@@ -7,7 +7,7 @@
 buffer       dtype, shape                     content
 ===========  ===============================  ==================================================
 ``qweight``  uint8, ``[ceil(out*in*bits/8)]``  integer codes ``[out, in]``, row-major, bit-packed
-                                              LSB first (:func:`~optimum_evo.compressors.quantizer.pack_codes`)
+                                              LSB first (:func:`~optimum_evo.compressors.packing.pack_codes`)
 ``scales``   float16, ``[out, groups]``        one scale per output row and input group
 ``qzeros``   uint8, ``[ceil(out*groups*bits/8)]``  integer zero-points ``[out, groups]``, bit-packed
 ``g_idx``    int32, ``[in]`` (act-order only)  group of each input column (default ``col // group_size``)
@@ -24,7 +24,7 @@ it is not possible in place (the weight is packed); dequantize with :meth:`EvoPr
 first.
 
 Sparse linears stay plain :class:`torch.nn.Linear` holding exact zeros; dropped attention / MLP
-sub-blocks are :class:`optimum_evo.modeling.DroppedAttention` / :class:`~optimum_evo.modeling.DroppedMLP`.
+sub-blocks are :class:`optimum_evo.decoder.DroppedAttention` / :class:`~optimum_evo.decoder.DroppedMLP`.
 
 Example:
     >>> import torch
@@ -47,36 +47,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...compressors.obs import QuantizedWeight
-from ...compressors.quantizer import dequantize_codes, find_params, quantize_codes
+from .codecs import encode_quantized
+from .grid import dequantize_codes, find_params, quantize_codes
+from .obs import QuantizedWeight
+from .packing import packed_bytes, unpack_bits
 
-__all__ = ["EvoPressQuantLinear", "set_dequantized_cache", "unpack_bits", "packed_bytes"]
-
-
-def packed_bytes(numel: int, bits: int) -> int:
-    """Bytes of ``numel`` codes of ``bits`` bits packed back to back."""
-    return (numel * bits + 7) // 8
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
-    """Unpack codes written by :func:`~optimum_evo.compressors.quantizer.pack_codes` (same result as
-    its ``unpack_codes``, uint8 of ``shape``), working in uint8 on the tensor's own device so it is
-    cheap enough to run in every forward."""
-    n = math.prod(int(d) for d in shape)
-    device = packed.device
-    if bits == 8:
-        return packed[:n].view(*shape).clone()
-    if 8 % bits == 0:  # 1, 2, 4 bits: codes never straddle a byte
-        per_byte = 8 // bits
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
-        codes = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-        return codes.reshape(-1)[:n].view(*shape) if per_byte > 1 else codes.view(*shape)
-    bitstream = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=device)) & 1
-    bitstream = bitstream.reshape(-1)[: n * bits].view(n, bits)
-    codes = torch.zeros(n, dtype=torch.uint8, device=device)
-    for b in range(bits):
-        codes |= bitstream[:, b] << b
-    return codes.view(*shape)
+__all__ = ["EvoPressQuantLinear", "set_dequantized_cache"]
 
 
 class EvoPressQuantLinear(nn.Linear):
@@ -135,7 +111,7 @@ class EvoPressQuantLinear(nn.Linear):
     def from_packed(cls, tensors: dict, in_features: int, out_features: int, bits: int, group_size: int | None,
                     bias: torch.Tensor | None = None, act_order: bool | None = None, device=None, dtype=None,
                     **kwargs) -> "EvoPressQuantLinear":
-        """A layer from a level database entry (:func:`~optimum_evo.compressors.database.encode_quantized`
+        """A layer from a level database entry (:func:`~optimum_evo.compressors.codecs.encode_quantized`
         format: ``codes``, ``scales``, ``zeros`` and optionally ``g_idx``), e.g.
         ``EvoPressQuantLinear.from_packed(db.tensors(name, 3), 576, 1536, 3, 128)``."""
         act_order = ("g_idx" in tensors) if act_order is None else act_order
@@ -161,8 +137,6 @@ class EvoPressQuantLinear(nn.Linear):
     def from_quantized(cls, q: QuantizedWeight, bias: torch.Tensor | None = None, act_order: bool | None = None,
                        device=None, dtype=None, **kwargs) -> "EvoPressQuantLinear":
         """A layer from a :class:`~optimum_evo.compressors.obs.QuantizedWeight` (GPTQ's output)."""
-        from ...compressors.database import encode_quantized
-
         out_features, in_features = q.codes.shape
         tensors = encode_quantized(q)
         if act_order and "g_idx" not in tensors:

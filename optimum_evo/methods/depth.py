@@ -2,27 +2,35 @@
 
 Units are the attention and MLP sub-blocks of every decoder layer (``mode="separate"``, two switch
 pools so the numbers of dropped attention and dropped MLP sub-blocks are both fixed) or whole
-blocks (``mode="block"``). Level 0 keeps a unit, level 1 drops it.
+blocks (``mode="block"``). Level 0 keeps a unit, level 1 drops it. Baselines: ShortGPT (block
+influence) and the sliding-window angular distance of Gromov et al., per sub-block and per block.
+
+The compressed model removes whole dropped blocks (so the checkpoint is a plain transformers model
+with fewer layers) and replaces attention-only / MLP-only drops by stand-ins
+(:class:`~optimum_evo.decoder.DroppedAttention`, :class:`~optimum_evo.decoder.DroppedMLP`) that
+keep the KV cache valid; the profile records both.
 
 Example:
-    >>> space = DepthSpace(model, target=0.25)                # 30 layers -> 7 attention + 7 MLP
-    >>> cand = space.candidate(attention=[20, 21, 22, 23, 24, 25, 26], mlp=[3, 4, 5, 6, 7, 8, 9])
-    >>> space.apply(model, cand)        # search-time: swap sub-blocks, generate() still works
-    >>> space.compress(model, cand)     # final: remove whole blocks, record partial drops in config
+    >>> space = DepthSpace(model, target=0.25)                # 30 layers -> 7 attention + 7 MLP  # doctest: +SKIP
+    >>> cand = space.candidate(attention=[20, 21, 22, 23, 24, 25, 26], mlp=[3, 4, 5, 6, 7, 8, 9])  # doctest: +SKIP
+    >>> space.apply(model, cand)        # search-time: swap sub-blocks, generate() still works  # doctest: +SKIP
+    >>> space.compress(model, cand)     # final: remove whole blocks, return the profile record  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from ..modeling import DroppedAttention, DroppedMLP, find_decoder_layout, num_parameters
-from ..search import LevelSpace
+from ..decoder import DroppedAttention, DroppedMLP, find_decoder_layout, num_parameters
+from ..search import LevelSpace, Stage
+from . import register_method
+from .base import CompressedModelError, CompressionMethod
 
 MODES = ("separate", "block")
-CONFIG_KEY = "evopress_depth"
 
 
 class DepthSpace:
@@ -34,8 +42,6 @@ class DepthSpace:
             units of each pool are dropped (0.25 of 30 layers: 7 attention + 7 MLP).
         mode: ``"separate"`` (attention and MLP are separate units) or ``"block"``.
     """
-
-    kind = "depth"
 
     def __init__(self, model, target: float, mode: str = "separate"):
         if mode not in MODES:
@@ -135,22 +141,20 @@ class DepthSpace:
     def compress(self, model, cand) -> dict:
         """Make ``cand`` permanent: whole dropped blocks are removed (config and layer indices
         renumbered, so the saved model reloads with plain ``from_pretrained``); attention-only or
-        MLP-only drops are replaced by stand-ins and recorded in ``config.evopress_depth``."""
+        MLP-only drops are replaced by stand-ins. Returns the record of both (layer indices of the
+        partial drops are the new ones), which :func:`apply_depth_record` re-applies on reload."""
         self.apply(model, cand)
         d = self.drops(cand)
         removed = sorted(set(d["attention"]) & set(d["mlp"]))
         remove_layers(model, removed, self.layout)
         kept = [i for i in range(self.num_layers) if i not in removed]
         new_index = {old: new for new, old in enumerate(kept)}
-        record = {
+        return {
             "removed_layers": removed,
             "original_num_layers": self.num_layers,
             "dropped_attention": sorted(new_index[i] for i in d["attention"] if i not in removed),
             "dropped_mlp": sorted(new_index[i] for i in d["mlp"] if i not in removed),
         }
-        if record["dropped_attention"] or record["dropped_mlp"]:
-            setattr(model.config, CONFIG_KEY, record)
-        return record
 
 
 def remove_layers(model, drop: list, layout=None) -> None:
@@ -175,16 +179,6 @@ def remove_layers(model, drop: list, layout=None) -> None:
                 module.layer_idx = new_idx
 
 
-def apply_saved_depth_profile(model) -> bool:
-    """Re-create the attention-/MLP-only drops recorded in ``model.config.evopress_depth`` after
-    loading a saved depth-pruned model. Returns whether anything was applied."""
-    record = getattr(model.config, CONFIG_KEY, None)
-    if not record:
-        return False
-    apply_depth_record(model, record)
-    return True
-
-
 def apply_depth_record(model, record: dict) -> None:
     """Replace the sub-blocks listed in ``record`` (``dropped_attention`` / ``dropped_mlp`` layer
     indices, after any whole-block removal) by the stand-ins that keep the KV cache valid."""
@@ -196,44 +190,50 @@ def apply_depth_record(model, record: dict) -> None:
         setattr(layout.layers[i], layout.mlp_name, DroppedMLP())
 
 
+# --------------------------------------------------------------------------- baselines
+@contextmanager
+def _mlp_dropped(layer: nn.Module, mlp_name: str):
+    mlp = getattr(layer, mlp_name)
+    setattr(layer, mlp_name, DroppedMLP())
+    try:
+        yield
+    finally:
+        setattr(layer, mlp_name, mlp)
+
+
 @torch.inference_mode()
 def residual_states(model, windows: torch.Tensor, space: DepthSpace) -> list:
     """Residual stream of the dense model around every sub-block.
 
     Returns a list of ``2L + 1`` tensors ``[tokens, hidden]`` (float32): input of layer 0, after
     attention 0, after MLP 0 (= input of layer 1), ... The state after an attention sub-block is
-    the layer's output with its MLP dropped, which holds for pre-norm and sandwich-norm blocks.
+    the layer's output with its MLP dropped (a forward hook runs the layer once more that way),
+    which holds for pre-norm and sandwich-norm blocks.
     """
     space.restore(model)
     layout = space.layout
     n = space.num_layers
     states = [[] for _ in range(2 * n + 1)]
-    originals = []
 
-    def make(i, layer, orig):
-        def forward(hidden_states, *args, **kwargs):
-            states[2 * i].append(hidden_states[0].float())
-            mlp = getattr(layer, layout.mlp_name)
-            setattr(layer, layout.mlp_name, DroppedMLP())
-            mid = orig(hidden_states, *args, **kwargs)
-            setattr(layer, layout.mlp_name, mlp)
-            out = orig(hidden_states, *args, **kwargs)
+    def make(i):
+        def hook(layer, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            states[2 * i].append(hidden[0].float())
+            with _mlp_dropped(layer, layout.mlp_name):
+                mid = layer.forward(*args, **kwargs)  # not layer(...): this hook must not run again
             states[2 * i + 1].append(mid[0].float())
             if i == n - 1:
-                states[2 * n].append(out[0].float())
-            return out
+                states[2 * n].append(output[0].float())
 
-        return forward
+        return hook
 
-    for i, layer in enumerate(layout.layers):
-        originals.append(layer.forward)
-        layer.forward = make(i, layer, layer.forward)
+    handles = [layer.register_forward_hook(make(i), with_kwargs=True) for i, layer in enumerate(layout.layers)]
     try:
         for w in range(windows.shape[0]):
-            model.base_model(input_ids=windows[w : w + 1], use_cache=False)
+            model.base_model(input_ids=windows[w: w + 1], use_cache=False)
     finally:
-        for layer in layout.layers:
-            del layer.forward
+        for h in handles:
+            h.remove()
     return [torch.cat(s) for s in states]
 
 
@@ -268,3 +268,104 @@ def sliding_window_cosine_candidate(space: DepthSpace, states: list, blocks: boo
     best = max(range(2 * n - width + 1), key=lambda s: _cosine(states[s], states[s + width]))
     units = range(best, best + width)
     return space.candidate(attention=[u // 2 for u in units if u % 2 == 0], mlp=[u // 2 for u in units if u % 2 == 1])
+
+
+def _stages(*pairs) -> tuple:
+    return tuple(Stage(s, t) for s, t in pairs)
+
+
+# --------------------------------------------------------------------------- the method
+class DepthMethod(CompressionMethod):
+    """Depth pruning (see the module docstring)."""
+
+    name = "depth"
+    description = "depth pruning (attention / MLP sub-blocks dropped)"
+    target_help = "fraction of sub-blocks dropped"
+    presets = {
+        # the paper's rule for generations: k (n - k) / 1.5 (resolved from the space)
+        "paper": dict(generations=None, offspring=32, stages=_stages((2, 2048), (1, 32768)), init_tokens=32768),
+        "superfast": dict(generations=400, offspring=16, stages=_stages((1, 512), (1, 8192)), init_tokens=8192),
+        # CPU preset, tuned on SmolLM2-135M (docs/benchmarks/depth.md)
+        "fast": dict(generations=50, offspring=16, stages=_stages((2, 512), (1, 4096)), init_tokens=8192),
+    }
+
+    def validate(self, args) -> None:
+        if args.lora_correction:
+            from . import available_methods, get_method
+
+            names = " and ".join(m for m in available_methods() if get_method(m).correctable)
+            raise ValueError(f"lora_correction applies to {names}: a depth-pruned model has no per-linear compression "
+                             "residual to correct.")
+        if not 0 < args.target < 1:
+            raise ValueError(f"target must be a fraction in (0, 1) of the sub-blocks to drop (e.g. 0.25), got "
+                             f"{args.target!r}.")
+        if args.modules is not None or args.modules_to_not_convert:
+            raise ValueError("modules / modules_to_not_convert select the linears of a sparsity or quantization "
+                             "search; depth pruning drops whole sub-blocks. Leave them unset.")
+
+    def search_config(self, args, space=None):
+        cfg = super().search_config(args, space)
+        if space is None:
+            return cfg
+        return cfg.resolve_generations(space.level_space.num_units, 2 * space.num_drop)
+
+    def build_space(self, run, model) -> DepthSpace:
+        return DepthSpace(model, run.args.target, run.args.mode)
+
+    def baselines(self, run) -> tuple:
+        space = run.space
+        states = residual_states(run.search_model, run.calibration[: min(8, len(run.calibration))], space)
+        baselines = {"shortgpt": shortgpt_candidate(space, states),
+                     "sliding_cosine": sliding_window_cosine_candidate(space, states)}
+        if space.mode == "separate":  # the classic whole-block variants fit the same budget
+            baselines["shortgpt_blocks"] = shortgpt_candidate(space, states, blocks=True)
+            baselines["sliding_cosine_blocks"] = sliding_window_cosine_candidate(space, states, blocks=True)
+        return baselines, {}
+
+    def space_from_report(self, model, report: dict) -> DepthSpace:
+        args = report["arguments"]
+        return DepthSpace(model, args["target"], args["mode"])
+
+    def materialize(self, model, space: DepthSpace, candidate) -> dict:
+        return {"mode": space.mode, **space.compress(model, candidate)}
+
+    def build_skeleton(self, model, profile: dict) -> None:
+        layout = find_decoder_layout(model)
+        expected = profile.get("original_num_layers", 0) - len(profile.get("removed_layers", []))
+        if len(layout) != expected:
+            raise CompressedModelError(f"The config has {len(layout)} decoder layers but the EvoPress profile "
+                                       f"expects {expected}; config.json and its quantization_config disagree.")
+        apply_depth_record(model, profile)
+
+    def verify(self, model, profile: dict) -> None:
+        layout = find_decoder_layout(model)
+        for i in profile.get("dropped_attention", []):
+            if not isinstance(getattr(layout.layers[i], layout.attn_name), DroppedAttention):
+                raise CompressedModelError(f"The attention of layer {i} should be dropped.")
+        for i in profile.get("dropped_mlp", []):
+            if not isinstance(getattr(layout.layers[i], layout.mlp_name), DroppedMLP):
+                raise CompressedModelError(f"The MLP of layer {i} should be dropped.")
+
+    def summary(self, profile: dict) -> dict:
+        original = profile.get("original_num_layers")
+        return {"removed whole blocks": profile.get("removed_layers", []),
+                "attention-only drops (new layer indices)": profile.get("dropped_attention", []),
+                "MLP-only drops (new layer indices)": profile.get("dropped_mlp", []),
+                "layers": f"{original if original is not None else '?'} -> "
+                          f"{(original or 0) - len(profile.get('removed_layers', []))}"}
+
+    def budget_text(self, row: dict) -> str:
+        return f"{row.get('dropped_sub_blocks', 0)} dropped"
+
+    def summary_lines(self, description: dict) -> list:
+        return [("dropped attention:", description["dropped_attention"]), ("dropped MLP:", description["dropped_mlp"])]
+
+    def plot_profile(self, report: dict, path) -> None:
+        from ..plotting import plot_depth_profile
+
+        description = report["profile"]
+        plot_depth_profile(description, report["num_layers"], path,
+                           title=f"EvoPress depth profile ({description['dropped_sub_blocks']} sub-blocks dropped)")
+
+
+register_method(DepthMethod())

@@ -2,7 +2,7 @@
 gptqmodel, transformers' GPTQ integration and vLLM), with per-module bit widths in ``dynamic``.
 
 Format written (per quantized linear ``W [out, in]``, ``G`` groups; see the spec in
-:mod:`.common` for the int32 bit stream):
+:mod:`optimum_evo.compressors.packing` for the int32 bit stream):
 
 ===========  ===========================  =====================================================
 tensor       dtype, shape                 content
@@ -37,7 +37,7 @@ slightly larger.
 to check a checkpoint without gptqmodel).
 
 Example:
-    >>> from optimum_evo.integrations.exporters import export_gptq
+    >>> from optimum_evo.exporters import export_gptq
     >>> summary = export_gptq(model, "out/gptq", tokenizer=tok)          # doctest: +SKIP
     >>> summary["bits"], summary["dynamic_overrides"], summary["checkpoint_format"]  # doctest: +SKIP
     (3, 41, 'gptq')
@@ -55,7 +55,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .common import ExportError, build_plain_model, model_contents, pack_int32, save_quantized, unpack_int32
+from ..compressors.packing import pack_int32, unpack_int32
+from ..decoder import find_decoder_layout
+from ..version import __version__
+from . import Exporter, register_exporter
+from .common import ExportError, build_plain_model, model_contents, save_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +97,7 @@ def export_gptq(model, save_dir, tokenizer=None, checkpoint_format: str = "auto"
     checkpoint with per-module bits (see the module docstring for the exact format).
 
     Args:
-        model: a model holding :class:`~optimum_evo.integrations.transformers.EvoPressQuantLinear`
+        model: a model holding :class:`~optimum_evo.compressors.EvoPressQuantLinear`
             layers (``compression="quantization"``).
         save_dir: output folder.
         tokenizer: tokenizer object or path saved alongside (default: the model's own folder, if any).
@@ -165,7 +169,7 @@ def export_gptq(model, save_dir, tokenizer=None, checkpoint_format: str = "auto"
         "quant_method": "gptq", "bits": base_bits, "group_size": base_group, "desc_act": desc_act, "sym": sym,
         "lm_head": False, "format": checkpoint_format, "checkpoint_format": checkpoint_format, "pack_dtype": "int32",
         "true_sequential": True, "damp_percent": 0.01, "dynamic": dynamic or None,
-        "meta": {"quantizer": [f"optimum-evo:{_version()}"], "uri": "https://github.com/IST-DASLab/EvoPress",
+        "meta": {"quantizer": [f"optimum-evo:{__version__}"], "uri": "https://github.com/IST-DASLab/EvoPress",
                  "evopress": _profile_summary(model, layers)},
     }
     save_dir = save_quantized(plain, save_dir, qconfig, model, tokenizer, max_shard_size)
@@ -180,8 +184,6 @@ def export_gptq(model, save_dir, tokenizer=None, checkpoint_format: str = "auto"
 
 def _dynamic(plain, layers: dict, base_bits: int, base_group: int):
     """gptqmodel / vLLM ``dynamic`` overrides; returns ``(dynamic, fused members agree)``."""
-    from ...modeling import find_decoder_layout
-
     settings = {name: {"bits": v["bits"], "group_size": v["group_size"]} for name, v in layers.items()}
     dynamic = {}
     for name in sorted(settings):
@@ -227,12 +229,6 @@ def _profile_summary(model, layers: dict) -> dict:
     total = sum(numel.values())
     return {"modules_per_bits": {str(b): counts[b] for b in sorted(counts)},
             "average_bits": round(sum(b * n for b, n in numel.items()) / total, 4)}
-
-
-def _version() -> str:
-    from ... import __version__
-
-    return __version__
 
 
 # ---------------------------------------------------------------------- reference reader
@@ -296,3 +292,18 @@ def dequantize_gptq_checkpoint(path, dtype: torch.dtype = torch.float32):
         raise ValueError(f"GPTQ checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}.")
     model.tie_weights()
     return model.eval()
+
+
+class GPTQExporter(Exporter):
+    """GPTQ checkpoints with per-module bits (:func:`export_gptq`)."""
+
+    name = "gptq"
+    description = "GPTQ format, per-module bits in `dynamic` (gptqmodel, vLLM for 4/8-bit symmetric)"
+    loads_with = "gptqmodel (GPTQModel.load), transformers with gptqmodel, vLLM"
+    needs_packed_weights = True
+
+    def export(self, model, save_dir, tokenizer=None, **kwargs) -> dict:
+        return export_gptq(model, save_dir, tokenizer=tokenizer, **kwargs)
+
+
+register_exporter(GPTQExporter())

@@ -7,7 +7,7 @@
 * quantization: packed linears are dequantized (the exact weights the search scored, in ``dtype``).
 
 Example:
-    >>> from optimum_evo.integrations.exporters import export_dense
+    >>> from optimum_evo.exporters import export_dense
     >>> export_dense(model, "out/plain", tokenizer=tok)                          # doctest: +SKIP
     >>> AutoModelForCausalLM.from_pretrained("out/plain")   # no `import optimum_evo` needed  # doctest: +SKIP
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import Exporter, register_exporter
 from .common import build_plain_model, model_contents, save_tokenizer, source_tokenizer
 
 
@@ -44,3 +45,17 @@ def export_dense(model, save_dir, tokenizer=None, dtype: torch.dtype | None = No
     save_tokenizer(tokenizer if tokenizer is not None else source_tokenizer(model), save_dir)
     return {"format": "dense", "path": str(save_dir), "zeroed_sub_blocks": sorted(contents.dropped),
             "dequantized_modules": len(contents.quantized)}
+
+
+class DenseExporter(Exporter):
+    """Plain transformers checkpoints (:func:`export_dense`)."""
+
+    name = "dense"
+    description = "plain transformers checkpoint: blocks removed, exact zeros, dequantized weights"
+    loads_with = "AutoModelForCausalLM.from_pretrained (no plugin)"
+
+    def export(self, model, save_dir, tokenizer=None, **kwargs) -> dict:
+        return export_dense(model, save_dir, tokenizer=tokenizer, **kwargs)
+
+
+register_exporter(DenseExporter())

@@ -31,7 +31,7 @@ widths. Use the GPTQ export (gptqmodel loads asymmetric mixed-bit checkpoints) o
 ``sym=True`` for transformers; vLLM reads the packed zero-points.
 
 Example:
-    >>> from optimum_evo.integrations.exporters import export_compressed_tensors
+    >>> from optimum_evo.exporters import export_compressed_tensors
     >>> export_compressed_tensors(model, "out/ct", tokenizer=tok)        # doctest: +SKIP
     >>> AutoModelForCausalLM.from_pretrained("out/ct")   # needs `pip install compressed-tensors`  # doctest: +SKIP
 """
@@ -43,7 +43,10 @@ import logging
 import torch
 from torch import nn
 
-from .common import ExportError, build_plain_model, model_contents, pack_int32, save_quantized
+from ..compressors.packing import pack_int32
+from ..version import __version__
+from . import Exporter, register_exporter
+from .common import ExportError, build_plain_model, model_contents, save_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ def export_compressed_tensors(model, save_dir, tokenizer=None, dtype: torch.dtyp
     one config group per (bits, strategy, group size).
 
     Args:
-        model: a model holding :class:`~optimum_evo.integrations.transformers.EvoPressQuantLinear` layers.
+        model: a model holding :class:`~optimum_evo.compressors.EvoPressQuantLinear` layers.
         save_dir: output folder.
         tokenizer: tokenizer object or path saved alongside (default: the model's own folder, if any).
         dtype: dtype of the unquantized weights and of the scales. The stored scales are float16, so
@@ -75,8 +78,6 @@ def export_compressed_tensors(model, save_dir, tokenizer=None, dtype: torch.dtyp
     Raises:
         ExportError: no quantized modules, act-order layers, or groups that do not tile the input.
     """
-    from ... import __version__
-
     contents = model_contents(model)
     if not contents.quantized:
         raise ExportError("The model has no EvoPressQuantLinear layers: compressed-tensors export needs a model "
@@ -152,3 +153,18 @@ def _ct_version() -> str:
         return version("compressed-tensors")
     except Exception:  # not installed: the format does not need it to be written
         return "0.20.0"
+
+
+class CompressedTensorsExporter(Exporter):
+    """compressed-tensors ``pack-quantized`` checkpoints (:func:`export_compressed_tensors`)."""
+
+    name = "compressed-tensors"
+    description = "compressed-tensors pack-quantized, one config group per bit width (transformers, vLLM)"
+    loads_with = "transformers (compressed-tensors quantizer), vLLM, llm-compressor"
+    needs_packed_weights = True
+
+    def export(self, model, save_dir, tokenizer=None, **kwargs) -> dict:
+        return export_compressed_tensors(model, save_dir, tokenizer=tokenizer, **kwargs)
+
+
+register_exporter(CompressedTensorsExporter())

@@ -1,0 +1,107 @@
+"""The EvoPress checkpoint: a transformers model folder that records how it was compressed.
+
+``config.json`` carries ``quantization_config``, the *record* of the run (:mod:`optimum_evo.record`),
+and ``model.safetensors`` the compressed model's own tensors (packed codes and scales, exact zeros,
+fewer blocks). Reloading rebuilds the compressed modules from the profile before the tensors load
+(:func:`build_skeleton`); the compression method of ``record["compression"]`` does the work. A LoRA
+correction adapter, when the model carries one, goes to ``lora-correction/`` beside the model.
+
+This module is the format; the transformers integration
+(:mod:`optimum_evo.integrations.transformers`) only adapts it to ``from_pretrained`` and
+``save_pretrained``.
+
+Example:
+    >>> record = checkpoint_record(args, profile, metrics)             # doctest: +SKIP
+    >>> save_checkpoint(model, "out/model", record, tokenizer=tok)     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .methods import CompressedModelError, get_method
+from .record import read_record
+
+CARD_NAME = "README.md"
+
+__all__ = ["CARD_NAME", "CompressedModelError", "build_skeleton", "has_adapter", "save_checkpoint", "verify"]
+
+
+def build_skeleton(model, record: dict) -> None:
+    """Swap the modules of a (meta) model skeleton for the compressed ones the record's profile
+    needs, so the checkpoint's tensors load into them."""
+    get_method(record["compression"]).build_skeleton(model, record.get("profile") or {})
+
+
+def verify(model, record: dict) -> None:
+    """Raise :class:`~optimum_evo.methods.CompressedModelError` when ``model`` lacks the compressed
+    modules of ``record``'s profile."""
+    get_method(record["compression"]).verify(model, record.get("profile") or {})
+
+
+def has_adapter(model) -> bool:
+    """Whether ``model`` carries an attached LoRA correction adapter ``"default"``."""
+    return bool(getattr(model, "_hf_peft_config_loaded", False)) and "default" in (getattr(model, "peft_config", None)
+                                                                                    or {})
+
+
+def save_checkpoint(model, folder, record: dict, tokenizer=None, repo_id: str | None = None, card_tags=None,
+                    **save_kwargs) -> Path:
+    """Write ``model`` (compressed as ``record`` says) as an EvoPress checkpoint in ``folder``.
+
+    Writes what ``save_pretrained`` writes (``config.json`` with ``quantization_config = record``,
+    ``model.safetensors``, ``generation_config.json``), a ``README.md`` model card, the tokenizer
+    (when given) and an attached LoRA correction adapter in ``folder/lora-correction`` (its
+    ``base_model_name_or_path`` is ``repo_id``, or the folder's absolute path). ``repo_id`` also
+    names the model in the card's loading snippet.
+
+    Raises:
+        CompressedModelError: ``model`` lacks the compressed modules of the profile (a model loaded
+            without the plugin is never saved).
+    """
+    from transformers import PreTrainedModel
+
+    from .card import model_card
+    from .correction.peft_io import base_state_dict, save_correction
+
+    verify(model, record)
+    folder = Path(folder)
+    main = save_kwargs.get("is_main_process", True)
+    previous = model.config.__dict__.get("quantization_config", None)
+    had = "quantization_config" in model.config.__dict__
+    if read_record(model) != record:
+        model.config.quantization_config = record
+    adapter = has_adapter(model)
+    try:
+        if adapter:
+            if getattr(model, "hf_quantizer", None) is None:
+                # With a quantizer transformers ignores `state_dict` and takes the quantizer's
+                # (EvoPressHfQuantizer.get_state_dict_and_metadata leaves the LoRA tensors out).
+                save_kwargs.setdefault("state_dict", base_state_dict(model))
+            model._hf_peft_config_loaded = False  # else transformers writes the adapter alone
+        try:
+            PreTrainedModel.save_pretrained(model, folder, **save_kwargs)
+        finally:
+            if adapter:
+                model._hf_peft_config_loaded = True
+    finally:
+        if had:
+            model.config.quantization_config = previous
+        elif "quantization_config" in model.config.__dict__:
+            del model.config.quantization_config
+    if not main:
+        return folder
+    if adapter:
+        metadata = (record.get("metrics") or {}).get("lora_correction") or {}
+        save_correction(model, folder, base_model_name_or_path=repo_id,
+                        metadata={k: v for k, v in metadata.items() if k != "path"})
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, Path)):
+            from .loading import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer)
+        tokenizer.save_pretrained(folder)
+    (folder / CARD_NAME).write_text(model_card(record, repo_id or str(folder), tags=card_tags, adapter=adapter),
+                                    encoding="utf-8")
+    return folder
+

@@ -1,0 +1,168 @@
+"""Level codecs: how a level database compresses, stores and decodes the levels of one linear.
+
+A codec turns ``(weight, Hessian, levels)`` into one compressed result per level
+(:meth:`LevelCodec.compress`), each result into tensors stored in the layer's safetensors file
+(:meth:`LevelCodec.encode`) and stored tensors back into the dense weight the search scores
+(:meth:`LevelCodec.decode`). Bytes per weight of the stored levels:
+
+=====================  ==========================================  =======================
+level                  bytes per weight                            e.g.
+=====================  ==========================================  =======================
+``b``-bit, group ``g``  ``b/8 + (16 + b) / (8 g)``                   3 bit, g=128: 0.393
+sparsity ``s``         ``1/8 + 2 (1 - s)``                          70 %: 0.725
+dense fp16 (reference)  2                                           2
+=====================  ==========================================  =======================
+
+* :class:`QuantizedLevelCodec` (GPTQ, all bit widths in one column sweep): ``codes`` (uint8
+  bit-packed integer codes), ``scales`` (float16, one per row and group), ``zeros`` (bit-packed
+  like the codes) and, with act-order, ``g_idx``.
+* :class:`SparseLevelCodec` (SparseGPT, all sparsities in one sweep): ``mask`` (1 bit per weight)
+  and ``values`` (float16, the kept weights in row-major order).
+
+Example:
+    >>> codec = get_codec("quantization")
+    >>> codec.full_settings({"group_size": 64})["sym"]
+    False
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from .grid import dequantize_codes
+from .obs import QuantizedWeight, gptq_levels, sparsegpt_levels
+from .packing import pack_codes, unpack_codes
+
+__all__ = ["LevelCodec", "QuantizedLevelCodec", "SparseLevelCodec", "decode_quantized", "decode_sparse",
+           "encode_quantized", "encode_sparse", "get_codec", "level_key", "register_codec"]
+
+
+def level_key(level) -> str:
+    """Tensor-name prefix of a level (``3`` -> ``"3"``, ``0.6`` -> ``"0.6"``)."""
+    return repr(float(level)).rstrip("0").rstrip(".") if isinstance(level, float) else str(level)
+
+
+class LevelCodec(ABC):
+    """Compression, storage and decoding of the levels of one kind (see the module docstring).
+
+    Attributes:
+        kind: name recorded in the database manifest.
+        default_settings: the compressor settings and their defaults; unknown keys are refused.
+    """
+
+    kind: str
+    default_settings: dict
+
+    def full_settings(self, settings: dict | None) -> dict:
+        """``settings`` completed with the defaults; unknown keys raise ``ValueError``."""
+        unknown = set(settings or {}) - set(self.default_settings)
+        if unknown:
+            raise ValueError(f"Unknown {self.kind} settings {sorted(unknown)}; known: {sorted(self.default_settings)}.")
+        return {**self.default_settings, **(settings or {})}
+
+    @abstractmethod
+    def compress(self, weight: torch.Tensor, H: torch.Tensor, levels: list, settings: dict) -> list:
+        """One compressed result per level (``H``: the layer's Hessian, or a per-head stack)."""
+
+    @abstractmethod
+    def encode(self, result) -> dict:
+        """The tensors stored for one level."""
+
+    @abstractmethod
+    def decode(self, tensors: dict, shape, level, settings: dict) -> torch.Tensor:
+        """The dense float32 weight of one level from its stored tensors."""
+
+
+def encode_quantized(q: QuantizedWeight) -> dict:
+    """Packed tensors of a :class:`~optimum_evo.compressors.obs.QuantizedWeight`."""
+    out = {
+        "codes": pack_codes(q.codes, q.bits),
+        "scales": q.scales.to(torch.float16),
+        "zeros": pack_codes(q.zeros.to(torch.uint8), q.bits),
+    }
+    if not torch.equal(q.g_idx.long(), torch.arange(q.codes.shape[1], device=q.g_idx.device) // q.group_size):
+        out["g_idx"] = q.g_idx.to(torch.int32)
+    return out
+
+
+def decode_quantized(t: dict, shape, bits: int, group_size: int) -> torch.Tensor:
+    """The dense weight of packed quantized tensors (:func:`encode_quantized`'s format)."""
+    rows, cols = shape
+    n_groups = t["scales"].shape[1]
+    codes = unpack_codes(t["codes"], bits, shape).float()
+    zeros = unpack_codes(t["zeros"], bits, (rows, n_groups)).float()
+    g = t["g_idx"].long() if "g_idx" in t else torch.arange(cols, device=codes.device) // group_size
+    return dequantize_codes(codes, t["scales"].float()[:, g], zeros[:, g])
+
+
+def encode_sparse(w: torch.Tensor) -> dict:
+    """A bitmask of the kept weights and their float16 values."""
+    mask = w != 0
+    return {"mask": pack_codes(mask.to(torch.uint8), 1), "values": w[mask].to(torch.float16)}
+
+
+def decode_sparse(t: dict, shape) -> torch.Tensor:
+    """The dense weight of :func:`encode_sparse`'s tensors."""
+    mask = unpack_codes(t["mask"], 1, shape).bool()
+    w = torch.zeros(shape, dtype=torch.float32, device=mask.device)
+    w[mask] = t["values"].float()
+    return w
+
+
+class QuantizedLevelCodec(LevelCodec):
+    """GPTQ levels at several bit widths (levels are bit widths)."""
+
+    kind = "quantization"
+    default_settings = dict(group_size=128, sym=False, mse=0.0, act_order=False, damp=0.01, attention_aware=True)
+
+    def compress(self, weight, H, levels, settings):
+        return gptq_levels(weight, H, [int(lv) for lv in levels], group_size=settings["group_size"],
+                           sym=settings["sym"], mse=settings["mse"], act_order=settings["act_order"],
+                           damp=settings["damp"])
+
+    def encode(self, result):
+        return encode_quantized(result)
+
+    def decode(self, tensors, shape, level, settings):
+        return decode_quantized(tensors, tuple(shape), int(level), settings["group_size"] or shape[1])
+
+
+class SparseLevelCodec(LevelCodec):
+    """SparseGPT levels at several sparsities (levels are fractions of pruned weights)."""
+
+    kind = "sparsity"
+    default_settings = dict(damp=0.01, attention_aware=True)
+
+    def compress(self, weight, H, levels, settings):
+        return sparsegpt_levels(weight, H, [float(lv) for lv in levels], damp=settings["damp"])
+
+    def encode(self, result):
+        return encode_sparse(result)
+
+    def decode(self, tensors, shape, level, settings):
+        return decode_sparse(tensors, tuple(shape))
+
+
+_CODECS: dict = {}
+
+
+def register_codec(codec: LevelCodec) -> LevelCodec:
+    """Make ``codec`` findable by its ``kind`` (databases record the kind in their manifest)."""
+    _CODECS[codec.kind] = codec
+    return codec
+
+
+def get_codec(kind) -> LevelCodec:
+    """The codec of ``kind`` (a registered name, or a codec, returned as is)."""
+    if isinstance(kind, LevelCodec):
+        return kind
+    try:
+        return _CODECS[kind]
+    except (KeyError, TypeError):
+        raise ValueError(f"kind must be one of {sorted(_CODECS)}, got {kind!r}.") from None
+
+
+register_codec(QuantizedLevelCodec())
+register_codec(SparseLevelCodec())

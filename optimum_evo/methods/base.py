@@ -1,0 +1,173 @@
+"""The interface of a compression method, and the protocol of its search space.
+
+A *compression method* is one kind of compression EvoPress can search over (depth pruning,
+unstructured sparsity, mixed-bit quantization, ...). Everything that depends on the kind lives in
+its method; the pipeline, the search engine, the checkpoint format, the model card, the exporters
+and the integrations only talk to a :class:`CompressionMethod` found by name with
+:func:`~optimum_evo.methods.get_method`.
+
+To add a method, subclass :class:`CompressionMethod`, set the class attributes and implement:
+
+=========================  ====================================================================
+``validate(args)``          check the method's settings in :class:`~optimum_evo.SearchArguments`
+                            (the target's meaning, the levels) and raise ``ValueError`` naming
+                            the fix; called when the settings are built, before any model loads
+``build_space(run, model)``  the :class:`SearchSpace` of ``model`` (units, levels, exact budget)
+``baselines(run)``          named initial / comparison candidates (heuristics) in that space
+``materialize(model,        make a candidate permanent on ``model`` and return its *profile*
+space, candidate)``         (a JSON dict recorded in the checkpoint's ``quantization_config``)
+``summary(profile)``        the profile in a few readable lines (model card, ``show``)
+=========================  ====================================================================
+
+and, where the method needs them: ``prepare(run)`` (work shared by all spaces of a run, e.g. a
+level database), ``build_skeleton(model, profile)`` (swap modules of an empty model so a saved
+checkpoint's tensors load into them), ``verify(model, profile)`` (refuse a model that lacks what
+the profile needs), ``space_from_report(model, report)``, ``budget_text(row)``,
+``plot_profile(report, path)``, ``merge_rules(profile)`` and ``card_rows(record)``. Then register
+an instance: ``register_method(MyMethod())``.
+
+Example:
+    >>> from optimum_evo.methods import get_method
+    >>> get_method("depth").target_help
+    'fraction of sub-blocks dropped'
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, Protocol, Sequence, runtime_checkable
+
+from ..search import LevelSpace, SearchConfig
+
+__all__ = ["MERGE_MASKED", "MERGE_REFUSED", "CompressedModelError", "CompressionMethod", "SearchSpace"]
+
+#: :func:`~optimum_evo.correction.merge_correction` re-masks the merged weight (it keeps its zeros).
+MERGE_MASKED = "masked"
+#: :func:`~optimum_evo.correction.merge_correction` refuses (the merged weight leaves the compressed format).
+MERGE_REFUSED = "refused"
+
+
+class CompressedModelError(ValueError):
+    """A model does not hold the compressed modules its profile records."""
+
+
+@runtime_checkable
+class SearchSpace(Protocol):
+    """What the engine, the fitness and the pipeline need from a method's search space.
+
+    Attributes:
+        level_space: the units, their levels and switch groups (:class:`~optimum_evo.search.LevelSpace`).
+        layer_of_unit: decoder layer of every unit (the fitness reuses the activations of the
+            layers before the first changed unit).
+    """
+
+    level_space: LevelSpace
+    layer_of_unit: Sequence[int]
+
+    def apply(self, model, candidate) -> None:
+        """Make ``model`` compute ``candidate`` (reversibly; only changed units are touched)."""
+
+    def restore(self, model) -> None:
+        """Put the dense model back."""
+
+    def describe(self, candidate) -> dict:
+        """The candidate's budget figures (dropped sub-blocks, average bits, sparsity, ...)."""
+
+
+class CompressionMethod(ABC):
+    """One compression kind (see the module docstring for what to implement).
+
+    Class attributes:
+        name: the name users pass as ``compression=``.
+        description: one line for model cards and ``--help``.
+        target_help: what ``target`` means for this method.
+        packs_weights: the compressed linears are packed quantized layers
+            (:class:`~optimum_evo.compressors.EvoPressQuantLinear`); exporters of quantized formats
+            need this.
+        correctable: LoRA error correction applies (every compressed linear keeps its shape and has
+            a per-linear residual).
+        merge_rule: how :func:`~optimum_evo.correction.merge_correction` merges an adapter into
+            the method's compressed linears (:data:`MERGE_MASKED` or :data:`MERGE_REFUSED`).
+        presets: ``{"fast" | "paper" | "superfast": SearchConfig keyword arguments}``.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    target_help: ClassVar[str]
+    packs_weights: ClassVar[bool] = False
+    correctable: ClassVar[bool] = False
+    merge_rule: ClassVar[str | None] = None
+    presets: ClassVar[dict]
+
+    # ------------------------------------------------------------------ settings
+    @abstractmethod
+    def validate(self, args) -> None:
+        """Check (and normalise) this method's fields of ``args``; raise ``ValueError`` with the fix."""
+
+    def search_config(self, args, space: SearchSpace | None = None) -> SearchConfig:
+        """The preset of ``args.preset`` with ``generations`` / ``offspring`` / ``confirm_tokens`` /
+        ``seed`` overrides."""
+        return SearchConfig.from_preset(args.preset, self.presets, generations=args.generations,
+                                        offspring=args.offspring, confirm_tokens=args.confirm_tokens, seed=args.seed)
+
+    # ------------------------------------------------------------------ the search
+    def prepare(self, run: "RunContext") -> None:
+        """Work shared by every space of a run (e.g. building the level database); default none."""
+
+    @abstractmethod
+    def build_space(self, run: "RunContext", model) -> SearchSpace:
+        """The search space of ``model`` (the run's search model or its evaluation model)."""
+
+    @abstractmethod
+    def baselines(self, run: "RunContext") -> tuple:
+        """``(candidates, notes)``: named heuristic candidates in ``run.space`` (the first one is the
+        reference budget for random candidates) and notes on how they were chosen."""
+
+    def space_from_report(self, model, report: dict) -> SearchSpace:
+        """The space a finished run's ``report`` (``result.json``) searched, bound to ``model``."""
+        raise NotImplementedError(f"{self.name} cannot rebuild its space from a report.")
+
+    # ------------------------------------------------------------------ the compressed model
+    @abstractmethod
+    def materialize(self, model, space: SearchSpace, candidate) -> dict:
+        """Compress ``model`` in place with ``candidate`` (permanently) and return its profile."""
+
+    def build_skeleton(self, model, profile: dict) -> None:
+        """Swap modules of an empty (meta) ``model`` for the compressed ones of ``profile``."""
+
+    def verify(self, model, profile: dict) -> None:
+        """Raise :class:`CompressedModelError` when ``model`` lacks the modules ``profile`` needs."""
+
+    def merge_rules(self, profile: dict) -> dict:
+        """``{module name: MERGE_MASKED | MERGE_REFUSED}`` of the compressed linears (by default
+        :attr:`merge_rule` for every module of ``profile["modules"]``)."""
+        if self.merge_rule is None:
+            return {}
+        return {name: self.merge_rule for name in profile.get("modules", {})}
+
+    # ------------------------------------------------------------------ reports
+    @abstractmethod
+    def summary(self, profile: dict) -> dict:
+        """A few readable lines about the profile (model card, summaries)."""
+
+    def card_rows(self, record: dict) -> list:
+        """Extra ``(setting, value)`` rows of the model card's compression table."""
+        return []
+
+    def budget_text(self, row: dict) -> str:
+        """The budget column of the summary table for one evaluated model."""
+        return ""
+
+    def summary_lines(self, description: dict) -> list:
+        """``(label, value)`` lines under the summary table for the found candidate's description."""
+        return []
+
+    def plot_profile(self, report: dict, path) -> None:
+        """Write ``path`` (PNG): the found profile, layer by layer."""
+
+    def report_extras(self, run: "RunContext", candidate) -> dict:
+        """Extra entries of the run report for the found candidate (e.g. per-linear levels)."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

@@ -1,0 +1,274 @@
+"""What sparsity and quantization share: a search over the levels of a level database.
+
+Every searched linear of the decoder blocks is precompressed at every level once
+(:class:`~optimum_evo.compressors.database.LevelDatabase`, built with a level codec); a candidate
+picks one level per linear, and applying it swaps only the weights whose level changed (decoded
+levels are kept in RAM after first use). :class:`DatabaseMethod` builds or reuses the database
+(keyed by model, calibration and settings), makes the spaces, computes the uniform and
+dynamic-programming baselines and writes the chosen levels into the model.
+
+Example:
+    >>> db = LevelDatabase.open_or_build("db", model, windows, "quantization", [2, 3, 4, 5, 6, 8])  # doctest: +SKIP
+    >>> space = QuantizationSpace(model, db, target_bits=3.0)                                     # doctest: +SKIP
+    >>> space.apply(model, space.uniform())                                                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from ..compressors.calibrate import linear_modules
+from ..compressors.database import LevelDatabase
+from ..decoder import find_decoder_layout
+from ..search import LevelSpace, Stage
+from .base import CompressionMethod
+
+
+def _levels_identity(db, unit_levels) -> str:
+    """Hash of the level values and of the database's identity (model, calibration, settings)."""
+    manifest = getattr(db, "manifest", None) or {}
+    identity = {k: v for k, v in manifest.items() if k not in ("modules", "bytes_per_weight", "build_seconds")}
+    payload = json.dumps([[[float(x) for x in lv] for lv in unit_levels], identity], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class DatabaseSpace:
+    """Units = linears of a level database; level ``j`` of unit ``i`` = ``unit_levels[i][j]``."""
+
+    def __init__(self, model, db, unit_levels: list, groups: list, step_costs=None, cache: bool = True):
+        self.db = db
+        self.names = list(db.modules)
+        if len(unit_levels) != len(self.names):
+            raise ValueError("unit_levels needs one list of levels per database module.")
+        self.unit_levels = unit_levels
+        self.modules = [model.get_submodule(n) for n in self.names]
+        layout = find_decoder_layout(model)
+        prefix = layout.path + "."
+        self.layer_of_unit = []
+        for n in self.names:
+            if not n.startswith(prefix):
+                raise ValueError(f"Database module {n!r} is not inside the decoder layers {layout.path!r}.")
+            self.layer_of_unit.append(int(n[len(prefix):].split(".")[0]))
+        self.level_space = LevelSpace(tuple(self.names), tuple(len(lv) for lv in unit_levels), tuple(groups),
+                                      step_costs, meaning=_levels_identity(db, unit_levels))
+        self.numel = [m.weight.numel() for m in self.modules]
+        self._dense = [m.weight.detach().clone() for m in self.modules]
+        self._current = [None] * len(self.names)  # None = dense weight loaded
+        self._cache: dict = {} if cache else None
+
+    def weight(self, unit: int, index: int) -> torch.Tensor:
+        key = (unit, index)
+        if self._cache is not None and key in self._cache:
+            return self._cache[key]
+        w = self.db.weight(self.names[unit], self.unit_levels[unit][index], dtype=self.modules[unit].weight.dtype)
+        if self._cache is not None:
+            self._cache[key] = w
+        return w
+
+    @torch.no_grad()
+    def apply(self, model, cand) -> None:
+        """Load the candidate's levels into ``model`` (only the units whose level changed)."""
+        for i, idx in enumerate(cand):
+            if self._current[i] != idx:
+                self.modules[i].weight.copy_(self.weight(i, idx))
+                self._current[i] = idx
+
+    @torch.no_grad()
+    def restore(self, model) -> None:
+        """Put the dense weights back."""
+        for i, m in enumerate(self.modules):
+            if self._current[i] is not None:
+                m.weight.copy_(self._dense[i])
+                self._current[i] = None
+
+    def profile(self, cand) -> dict:
+        """``{module name: level}`` of a candidate."""
+        return {name: self.unit_levels[i][idx] for i, (name, idx) in enumerate(zip(self.names, cand))}
+
+
+# --------------------------------------------------------------------------- baselines
+def knapsack(costs: list, errors: list, budget: int) -> list:
+    """Exact-budget dynamic programming: choose one option per unit (``costs[i][j]`` >= 0 integer,
+    ``errors[i][j]``) so that the costs sum to exactly ``budget`` with the least total error.
+    Returns the chosen option index per unit; ``ValueError`` if the budget cannot be met."""
+    import numpy as np
+
+    inf = np.inf
+    dp = np.full(budget + 1, inf)
+    dp[0] = 0.0
+    choice = []
+    for unit_costs, unit_errors in zip(costs, errors):
+        new = np.full(budget + 1, inf)
+        arg = np.full(budget + 1, -1, dtype=np.int16)
+        for j, (c, e) in enumerate(zip(unit_costs, unit_errors)):
+            if c > budget:
+                continue
+            cand = np.full(budget + 1, inf)
+            cand[c:] = dp[: budget + 1 - c] + e
+            better = cand < new
+            new[better] = cand[better]
+            arg[better] = j
+        dp = new
+        choice.append(arg)
+    if not np.isfinite(dp[budget]):
+        raise ValueError("No assignment meets the budget exactly.")
+    out, b = [], budget
+    for unit_costs, arg in zip(reversed(costs), reversed(choice)):
+        j = int(arg[b])
+        out.append(j)
+        b -= unit_costs[j]
+    return out[::-1]
+
+
+def dp_candidate(space: DatabaseSpace) -> tuple:
+    """SPDY-style baseline: minimise the sum of per-layer normalized reconstruction errors (from
+    the database) under the exact budget of ``space.uniform()``, by dynamic programming (one
+    knapsack per switch group)."""
+    errors = [[space.db.error(n, lv) for lv in space.unit_levels[i]] for i, n in enumerate(space.names)]
+    start = space.uniform()
+    out = list(start)
+    # One knapsack per switch group, so the result has the search space's exact budget (for
+    # quantization: the same average bits inside every group of equal-size layers).
+    for g in sorted(set(space.level_space.groups), key=str):
+        members = [i for i, gi in enumerate(space.level_space.groups) if gi == g]
+        costs = [[space.level_space.cost(i, j) for j in range(len(space.unit_levels[i]))] for i in members]
+        budget = sum(space.level_space.cost(i, start[i]) for i in members)
+        for i, j in zip(members, knapsack(costs, [errors[i] for i in members], budget)):
+            out[i] = j
+    return tuple(out)
+
+
+def _stages(*pairs) -> tuple:
+    return tuple(Stage(s, t) for s, t in pairs)
+
+
+def _hash_tensor(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def config_hash(model) -> str:
+    """Short hash of a model's config (part of cache and database identities)."""
+    return hashlib.sha256(model.config.to_json_string().encode()).hexdigest()[:16]
+
+
+def weights_hash(model) -> str:
+    """Short hash of a strided sample of every tensor of the model's state dict."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().flatten()[:: max(1, p.numel() // 4096)].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def default_database_root(kind: str, identity: dict) -> Path:
+    """The shared cache folder of a database with this identity."""
+    from ..embedded_models import default_cache_root
+
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return default_cache_root().parent / "databases" / f"{kind}-{key}"
+
+
+class DatabaseMethod(CompressionMethod):
+    """A method whose levels come from a level database (sparsity, quantization).
+
+    Subclasses set ``codec`` (:mod:`~optimum_evo.compressors.codecs`), ``level_label`` (the plot's
+    y axis) and implement :meth:`database_request` and :meth:`make_space`; the uniform and DP
+    baselines, the database cache and the report's per-linear levels are shared.
+    """
+
+    codec: str
+    level_label: str
+    correctable = True
+    presets = {
+        "paper": {},  # set by subclasses
+        "superfast": dict(generations=400, offspring=16, stages=_stages((1, 512), (1, 8192)), init_tokens=8192),
+        "fast": dict(generations=60, offspring=16, stages=_stages((2, 512), (1, 4096)), init_tokens=8192),
+    }
+
+    def database_request(self, args, model) -> tuple:
+        """``(levels, settings, identity)`` of the database this run needs: ``levels`` a list or a
+        function ``(module name, shape) -> levels``, ``settings`` the codec's settings, ``identity``
+        extra manifest entries that make a database stale when they change."""
+        raise NotImplementedError
+
+    def make_space(self, run, model):
+        """The space over ``run.database`` bound to ``model``."""
+        raise NotImplementedError
+
+    def selected(self, args):
+        """Predicate on module names from ``modules`` / ``modules_to_not_convert`` (``None``: every linear)."""
+        if args.modules is None and not args.modules_to_not_convert:
+            return None
+        pattern = re.compile(args.modules) if args.modules is not None else None
+        skip = tuple(args.modules_to_not_convert or ())
+
+        def select(name: str) -> bool:
+            return (pattern is None or pattern.search(name) is not None) and not any(s in name for s in skip)
+
+        return select
+
+    # ------------------------------------------------------------------ the search
+    def prepare(self, run) -> None:
+        args, model = run.args, run.model
+        levels, settings, extra = self.database_request(args, model)
+        identity = {"model": str(run.path), "config": config_hash(model), "calibration": _hash_tensor(run.calibration),
+                    "weights": weights_hash(model), **extra}
+        if args.modules is not None:
+            identity["modules"] = args.modules
+        if args.modules_to_not_convert:
+            identity["modules_to_not_convert"] = list(args.modules_to_not_convert)
+        codec = LevelDatabase.codec_for(self.codec)
+        root = Path(args.database_dir) if args.database_dir else default_database_root(self.name, {
+            **identity, "kind": codec.kind, "levels": str(args.levels), "settings": codec.full_settings(settings)})
+        start = time.perf_counter()
+        db = LevelDatabase.open_or_build(root, model, run.calibration, codec, levels, settings, identity,
+                                         modules=self.selected(args), progress=args.progress)
+        if not db.modules:
+            raise ValueError(f"modules={args.modules!r} / modules_to_not_convert={args.modules_to_not_convert!r} "
+                             "select none of the decoder blocks' linear layers.")
+        run.database = db
+        run.timings["database_seconds"] = time.perf_counter() - start
+
+    def build_space(self, run, model):
+        return self.make_space(run, model)
+
+    def baselines(self, run) -> tuple:
+        return {"uniform": run.space.uniform(), "dp": dp_candidate(run.space)}, {}
+
+    def report_extras(self, run, candidate) -> dict:
+        db = run.database
+        return {"database": {"path": str(db.root), "bytes_per_weight": db.bytes_per_weight(),
+                             "disk_bytes": sum(f.stat().st_size for f in db.root.rglob("*") if f.is_file()),
+                             "build_seconds": db.manifest.get("build_seconds")},
+                "levels": run.eval_space.profile(candidate)}
+
+    def space_from_report(self, model, report: dict):
+        from types import SimpleNamespace
+
+        db = LevelDatabase.open(report["database"]["path"], verify=False)
+        run = SimpleNamespace(args=SimpleNamespace(**report["arguments"]), database=db)
+        return self.make_space(run, model)
+
+    # ------------------------------------------------------------------ reports
+    def summary(self, profile: dict) -> dict:
+        modules = profile.get("modules", {})
+        if not modules:
+            return {}
+        counts: dict = {}
+        for level in modules.values():
+            level = round(level, 4) if isinstance(level, float) else level
+            counts[level] = counts.get(level, 0) + 1
+        return {self.budget_key: profile.get(self.budget_key), "modules per level": dict(sorted(counts.items())),
+                "modules": len(modules)}
+
+    def plot_profile(self, report: dict, path) -> None:
+        from ..plotting import plot_layer_levels
+
+        plot_layer_levels(report["levels"], path, self.level_label,
+                          title=f"EvoPress {self.name} profile (target {report['arguments']['target']})")
