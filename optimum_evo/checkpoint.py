@@ -23,8 +23,17 @@ from .methods import CompressedModelError, get_method
 from .record import read_record
 
 CARD_NAME = "README.md"
+PLUGIN_HINT = ("Run `import optimum_evo` before `from_pretrained` (pip install optimum-evo); the model as loaded "
+               "computes garbage.")
 
-__all__ = ["CARD_NAME", "CompressedModelError", "build_skeleton", "has_adapter", "save_checkpoint", "verify"]
+__all__ = ["CARD_NAME", "CompressedModelError", "EvoPressLoadError", "build_skeleton", "check_evopress_model",
+           "has_adapter", "save_checkpoint", "verify"]
+
+
+class EvoPressLoadError(CompressedModelError):
+    """An EvoPress checkpoint was loaded without the modules its profile needs (typically: without
+    ``import optimum_evo``, so transformers skipped the unknown quantization method and filled the
+    missing weights with random values)."""
 
 
 def build_skeleton(model, record: dict) -> None:
@@ -37,6 +46,34 @@ def verify(model, record: dict) -> None:
     """Raise :class:`~optimum_evo.methods.CompressedModelError` when ``model`` lacks the compressed
     modules of ``record``'s profile."""
     get_method(record["compression"]).verify(model, record.get("profile") or {})
+
+
+def check_evopress_model(model):
+    """Raise :class:`EvoPressLoadError` when ``model`` comes from an EvoPress checkpoint but lacks
+    the compressed modules of its profile (loaded without ``import optimum_evo``: transformers then
+    leaves the unknown ``quantization_config`` a plain dict and randomly initialises the packed
+    weights' places). Returns the model's ``quantization_config``, or ``None`` for a model that is
+    not an EvoPress one.
+
+    Example:
+        >>> model = AutoModelForCausalLM.from_pretrained("compressed")   # forgot `import optimum_evo`  # doctest: +SKIP
+        >>> import optimum_evo; optimum_evo.check_evopress_model(model)                               # doctest: +SKIP
+        Traceback (most recent call last):
+        EvoPressLoadError: ... was loaded without the optimum-evo plugin ...
+    """
+    record = read_record(model)
+    if record is None:
+        return None
+    qc = model.config.quantization_config
+    if isinstance(qc, dict):
+        raise EvoPressLoadError(f"{getattr(model, 'name_or_path', '') or 'This model'} is an EvoPress checkpoint but "
+                                f"was loaded without the optimum-evo plugin, so transformers randomly initialised the "
+                                f"compressed weights. {PLUGIN_HINT}")
+    try:
+        verify(model, record)
+    except CompressedModelError as e:
+        raise EvoPressLoadError(f"{e} {PLUGIN_HINT}") from None
+    return qc
 
 
 def has_adapter(model) -> bool:

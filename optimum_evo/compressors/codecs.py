@@ -83,7 +83,7 @@ def encode_quantized(q: QuantizedWeight) -> dict:
         "zeros": pack_codes(q.zeros.to(torch.uint8), q.bits),
     }
     if not torch.equal(q.g_idx.long(), torch.arange(q.codes.shape[1], device=q.g_idx.device) // q.group_size):
-        out["g_idx"] = q.g_idx.to(torch.int32)
+        out["g_idx"] = q.g_idx.to(torch.int32).clone()  # levels of one sweep share the permutation
     return out
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import Exporter, register_exporter
+from .base import Exporter, register_exporter
 from .common import build_plain_model, model_contents, save_tokenizer, source_tokenizer
 
 

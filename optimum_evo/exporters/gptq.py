@@ -58,7 +58,7 @@ from torch import nn
 from ..compressors.packing import pack_int32, unpack_int32
 from ..decoder import find_decoder_layout
 from ..version import __version__
-from . import Exporter, register_exporter
+from .base import Exporter, register_exporter
 from .common import ExportError, build_plain_model, model_contents, save_quantized
 
 logger = logging.getLogger(__name__)

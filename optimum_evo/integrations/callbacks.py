@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..decoder import unwrap as _unwrap
+from ..decoder import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class SparsityPreservingCallback(TrainerCallback):
     def capture(self, model) -> dict:
         """Record the masks of ``model``'s sparse linears; returns ``{name: fraction of zeros}``."""
         self.masks, self._params = {}, {}
-        named = dict(_unwrap(model).named_modules())
+        named = dict(unwrap(model).named_modules())
         if self.modules is not None:
             missing = [n for n in self.modules if n not in named]
             if missing:
@@ -100,7 +100,7 @@ class SparsityPreservingCallback(TrainerCallback):
             self.capture(model)
         elif self.masks and model is not None:
             # the Trainer may have moved the model: re-bind the (same-named) parameters
-            named = dict(_unwrap(model).named_modules())
+            named = dict(unwrap(model).named_modules())
             for n in self.masks:
                 if n in named:
                     self._params[n] = named[n].weight
@@ -148,7 +148,7 @@ class EvaluationCallback(TrainerCallback):
         try:
             device = next(model.parameters()).device
             # a PeftModel's LoRA layers live inside its base model, which `evaluate` understands
-            r = evaluate(_unwrap(model), self.windows.to(device), self.teacher, progress=False)
+            r = evaluate(unwrap(model), self.windows.to(device), self.teacher, progress=False)
         finally:
             model.train(was_training)
         out = {f"{self.prefix}_ppl": r["perplexity"]}

@@ -28,15 +28,13 @@ import types
 from pathlib import Path
 
 from ..card import model_card as _card_text
-from ..checkpoint import CARD_NAME, has_adapter, save_checkpoint
+from ..checkpoint import CARD_NAME, check_evopress_model, has_adapter, save_checkpoint
 from ..record import read_record
 
 __all__ = ["attach_hub_methods", "model_card", "push_to_hub", "read_card_metadata", "save_pretrained", "upload_folder"]
 
 
 def _record(model) -> dict:
-    from .transformers.quantizer import check_evopress_model
-
     check_evopress_model(model)  # never save (or push) a randomly initialised "EvoPress" model
     record = read_record(model)
     if record is None:

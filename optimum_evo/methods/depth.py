@@ -27,7 +27,7 @@ from torch import nn
 
 from ..decoder import DroppedAttention, DroppedMLP, find_decoder_layout, num_parameters
 from ..search import LevelSpace, Stage
-from . import register_method
+from .registry import register_method
 from .base import CompressedModelError, CompressionMethod
 
 MODES = ("separate", "block")
@@ -291,7 +291,7 @@ class DepthMethod(CompressionMethod):
 
     def validate(self, args) -> None:
         if args.lora_correction:
-            from . import available_methods, get_method
+            from .registry import available_methods, get_method
 
             names = " and ".join(m for m in available_methods() if get_method(m).correctable)
             raise ValueError(f"lora_correction applies to {names}: a depth-pruned model has no per-linear compression "

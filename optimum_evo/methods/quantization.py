@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..compressors.packed_linear import EvoPressQuantLinear
-from . import register_method
+from .registry import register_method
 from .base import MERGE_REFUSED, CompressedModelError
 from .layerwise import DatabaseMethod, DatabaseSpace, _stages
 

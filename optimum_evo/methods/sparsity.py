@@ -20,7 +20,7 @@ import torch
 from ..compressors.calibrate import linear_modules
 from ..decoder import find_decoder_layout
 from ..fitness import best_by_kl
-from . import register_method
+from .registry import register_method
 from .base import MERGE_MASKED
 from .layerwise import DatabaseMethod, DatabaseSpace, _stages
 

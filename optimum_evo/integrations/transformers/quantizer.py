@@ -31,7 +31,7 @@ import torch
 from transformers.quantizers.base import HfQuantizer
 
 from ... import checkpoint
-from ...record import read_record
+from ...checkpoint import EvoPressLoadError, check_evopress_model
 from ...compressors.packed_linear import EvoPressQuantLinear
 from ...methods import CompressedModelError
 from .config import QUANT_METHOD, EvoPressConfig, EvoPressConfigError
@@ -39,15 +39,6 @@ from .config import QUANT_METHOD, EvoPressConfig, EvoPressConfigError
 logger = logging.getLogger(__name__)
 
 __all__ = ["EvoPressHfQuantizer", "EvoPressLoadError", "check_evopress_model", "compress_on_load", "mark_compressed"]
-
-
-class EvoPressLoadError(CompressedModelError):
-    """An EvoPress checkpoint was loaded without the modules its profile needs (typically: without
-    ``import optimum_evo``, so transformers skipped the unknown quantization method and filled the
-    missing weights with random values)."""
-
-
-_HINT = "Run `import optimum_evo` before `from_pretrained` (pip install optimum-evo); the model as loaded computes garbage."
 
 
 class EvoPressHfQuantizer(HfQuantizer):
@@ -125,33 +116,6 @@ class EvoPressHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True  # adapters (LoRA) train on top of the compressed modules
-
-
-def check_evopress_model(model) -> EvoPressConfig | None:
-    """Raise :class:`EvoPressLoadError` when ``model`` comes from an EvoPress checkpoint but lacks
-    the compressed modules of its profile (loaded without ``import optimum_evo``: transformers then
-    skips the unknown quantization method and randomly initialises the packed weights' places).
-    Returns the model's :class:`EvoPressConfig`, or ``None`` for a model that is not an EvoPress one.
-
-    Example:
-        >>> model = AutoModelForCausalLM.from_pretrained("compressed")   # forgot `import optimum_evo`  # doctest: +SKIP
-        >>> import optimum_evo; optimum_evo.check_evopress_model(model)                               # doctest: +SKIP
-        Traceback (most recent call last):
-        EvoPressLoadError: ... was loaded without the optimum-evo plugin ...
-    """
-    record = read_record(model)
-    if record is None:
-        return None
-    qc = model.config.quantization_config
-    if isinstance(qc, dict) or not isinstance(getattr(model, "hf_quantizer", None), EvoPressHfQuantizer):
-        raise EvoPressLoadError(f"{model.name_or_path or 'This model'} is an EvoPress checkpoint but was loaded "
-                                f"without the optimum-evo plugin, so transformers randomly initialised the "
-                                f"compressed weights. {_HINT}")
-    try:
-        checkpoint.verify(model, record)
-    except CompressedModelError as e:
-        raise EvoPressLoadError(f"{e} {_HINT}") from None
-    return qc
 
 
 def _is_plain_cpu_float32(model) -> bool:

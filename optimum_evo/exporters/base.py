@@ -1,0 +1,89 @@
+"""The export-format interface and registry: :class:`Exporter`, :func:`register_exporter`,
+:func:`get_exporter`, :func:`available_exporters` and :func:`export`."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+__all__ = ["Exporter", "available_exporters", "export", "get_exporter", "register_exporter", "unregister_exporter"]
+
+
+class Exporter(ABC):
+    """An export format.
+
+    Class attributes:
+        name: the format's name (``export(model, dir, name)``, ``--export name``).
+        description: one line for ``--help`` and the docs.
+        loads_with: what reads the result.
+        needs_packed_weights: the format holds packed quantized linears, so it only takes models of a
+            method with ``packs_weights`` (:class:`~optimum_evo.methods.CompressionMethod`).
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    loads_with: ClassVar[str] = ""
+    needs_packed_weights: ClassVar[bool] = False
+
+    def refusal(self, method) -> str | None:
+        """Why a model compressed by ``method`` cannot be written in this format (``None``: it can)."""
+        if self.needs_packed_weights and not method.packs_weights:
+            from ..methods.registry import available_methods, get_method
+
+            packing = " or ".join(f"--compression {m}" for m in available_methods() if get_method(m).packs_weights)
+            return (f"--export {self.name} needs {packing} (a method that packs its linears); export "
+                    f"{method.name} results with --export dense.")
+        return None
+
+    @abstractmethod
+    def export(self, model, save_dir, tokenizer=None, **kwargs) -> dict:
+        """Write ``model`` to ``save_dir``; return a summary dict (``format``, ``path``, ...)."""
+
+
+_EXPORTERS: dict = {}
+
+
+def register_exporter(exporter: Exporter, replace: bool = False) -> Exporter:
+    """Register ``exporter`` (an instance, or a class that is instantiated) under its ``name``."""
+    if isinstance(exporter, type):
+        exporter = exporter()
+    if not isinstance(exporter, Exporter):
+        raise TypeError(f"register_exporter needs an Exporter, got {type(exporter).__name__}.")
+    if exporter.name in _EXPORTERS and not replace and type(_EXPORTERS[exporter.name]) is not type(exporter):
+        raise ValueError(f"An export format named {exporter.name!r} is already registered; pass replace=True.")
+    _EXPORTERS[exporter.name] = exporter
+    return exporter
+
+
+def unregister_exporter(name: str) -> None:
+    """Remove a registered export format."""
+    _EXPORTERS.pop(name, None)
+
+
+def get_exporter(name: str) -> Exporter:
+    """The exporter of ``name`` (``_`` and ``-`` are the same, case-insensitive)."""
+    key = str(name).replace("_", "-").lower()
+    for exporter in _EXPORTERS.values():
+        if exporter.name.replace("_", "-").lower() == key:
+            return exporter
+    raise ValueError(f"Unknown export format {name!r}; choose one of {available_exporters()}.")
+
+
+def available_exporters() -> list:
+    """Names of the registered export formats."""
+    return list(_EXPORTERS)
+
+
+def export(model, save_dir, format: str, tokenizer=None, **kwargs) -> dict:
+    """Export ``model`` to ``save_dir`` in ``format`` (one of :func:`available_exporters`); ``kwargs``
+    go to the format. Returns its summary dict."""
+    exporter = get_exporter(format)
+    from ..correction.peft_io import has_lora_layers
+
+    if has_lora_layers(model):
+        raise ValueError(
+            "This model carries a LoRA correction adapter; the export formats hold the compressed weights only. "
+            "Export the compressed model without it (optimum_evo.correction.set_correction_enabled does not remove "
+            "it: reload the saved folder without its lora-correction/ subfolder, export that, and ship the "
+            "adapter folder beside it: it is a standard PEFT adapter).")
+    return exporter.export(model, save_dir, tokenizer=tokenizer, **kwargs)

@@ -1,0 +1,322 @@
+"""The package's structure: no import cycles, a core that never imports the integrations, a search
+engine free of torch, no code outside the methods package that branches on a compression kind's
+name, and registries that take a new compression method and a new export format from outside the
+library (this file) through the command line, save_pretrained, reload and export."""
+
+import ast
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+PACKAGE = Path(__file__).resolve().parents[1] / "optimum_evo"
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def modules() -> dict:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports_of(name: str, path: Path, known: set) -> set:
+    """Every optimum_evo module ``name`` imports, at module level or inside functions, with relative
+    imports resolved; ``from package import submodule`` counts as an import of the submodule."""
+    is_package = path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.split(".")[0] == "optimum_evo")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".") if is_package else name.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "optimum_evo":
+                continue
+            subs = {f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in known}
+            if subs and len(subs) == len(node.names):
+                out |= subs
+            else:
+                out.add(target)
+                out |= subs
+    return {m for m in out if m in known and m != name}
+
+
+def import_graph() -> dict:
+    mods = modules()
+    return {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+
+
+def cycles(graph: dict) -> list:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    sys.setrecursionlimit(10000)
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_graph_reader_sees_function_level_and_relative_imports(tmp_path):
+    graph = import_graph()
+    assert "optimum_evo.methods.registry" in graph["optimum_evo.methods.depth"]  # relative, module level
+    assert "optimum_evo.pipeline" in graph["optimum_evo.integrations.transformers.quantizer"]  # inside a function
+    assert "optimum_evo.checkpoint" in graph["optimum_evo.integrations.transformers.quantizer"]  # from ... import m
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph()) == []
+
+
+def test_a_cycle_is_detected():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
+
+
+CORE = ("search", "methods", "compressors", "fitness", "data", "pipeline", "settings", "checkpoint", "record", "card",
+        "decoder", "exporters", "correction", "loading", "embedded_models", "plotting", "utils", "version")
+
+
+def test_the_core_never_imports_the_integrations():
+    graph = import_graph()
+    offenders = {m: sorted(d for d in deps if d.startswith("optimum_evo.integrations"))
+                 for m, deps in graph.items()
+                 if m.split(".")[1:2] and m.split(".")[1] in CORE}
+    assert {m: d for m, d in offenders.items() if d} == {}
+    # every core module is covered by the list above
+    top = {m.split(".")[1] for m in graph if m.count(".") >= 1}
+    assert top - set(CORE) == {"integrations", "cli", "__main__"}
+
+
+def test_hub_does_not_import_the_quantizer():
+    assert not any("quantizer" in d for d in import_graph()["optimum_evo.integrations.hub"])
+
+
+KIND_NAMES = ("depth", "sparsity", "quantization")
+
+
+def test_no_code_outside_the_methods_package_compares_a_kind_name():
+    """A kind's name compared (``== "sparsity"``, ``in ("sparsity", ...)``, ``compression == ...``)
+    anywhere but in its method's module means a kind-specific branch outside the registry."""
+    names = "|".join(KIND_NAMES)
+    patterns = [re.compile(rf"""(==|!=)\s*["']({names})["']"""), re.compile(rf"""["']({names})["']\s*(==|!=)"""),
+                re.compile(rf"""\bin\s*[(\[{{][^)\]}}]*["']({names})["']"""),
+                re.compile(r"""\b(compression|kind)\s*(==|!=)\s*["']"""),
+                re.compile(r"""\b(compression|kind)\s+(not\s+)?in\s*[(\[{]\s*["']""")]
+    hits = []
+    for path in PACKAGE.rglob("*.py"):
+        if "methods" in path.relative_to(PACKAGE).parts:
+            continue
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            code = line.split("#")[0]
+            if any(p.search(code) for p in patterns):
+                hits.append(f"{path.relative_to(PACKAGE)}:{i}: {line.strip()}")
+    assert hits == []
+
+
+def test_the_grep_catches_a_kind_branch(tmp_path):
+    names = "|".join(KIND_NAMES)
+    pattern = re.compile(rf"""(==|!=)\s*["']({names})["']""")
+    assert pattern.search('if args.compression == "depth":') and not pattern.search('get_method(args.compression)')
+
+
+def test_every_builtin_kind_and_format_is_found_through_its_registry():
+    from optimum_evo.exporters import available_exporters, get_exporter
+    from optimum_evo.methods import CompressionMethod, available_methods, get_method
+
+    assert available_methods() == list(KIND_NAMES)
+    assert all(isinstance(get_method(k), CompressionMethod) for k in KIND_NAMES)
+    assert available_exporters() == ["dense", "gptq", "compressed-tensors"]
+    assert get_exporter("compressed_tensors").name == "compressed-tensors"
+    assert get_exporter("gptq").refusal(get_method("depth")).startswith("--export gptq needs --compression quantization")
+    assert get_exporter("dense").refusal(get_method("depth")) is None
+    with pytest.raises(ValueError, match="Unknown compression 'rank'"):
+        get_method("rank")
+
+
+# ---------------------------------------------------------------------------- a kind and a format from outside
+def _zero_half_method():
+    """A small compression method defined here, on the public interface only: every linear of the
+    decoder blocks either stays dense or keeps only its first half of output rows (the others
+    exactly zero); the target is the fraction of linears halved."""
+    from optimum_evo.methods import CompressedModelError, CompressionMethod
+    from optimum_evo.search import LevelSpace, Stage
+
+    class Space:
+        def __init__(self, model, target):
+            from optimum_evo.decoder import find_decoder_layout
+
+            layout = find_decoder_layout(model)
+            self.names = [f"{layout.path}.{i}.{n}" for i, layer in enumerate(layout.layers)
+                          for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+            self.layer_of_unit = [int(n[len(layout.path) + 1:].split(".")[0]) for n in self.names]
+            self.level_space = LevelSpace(tuple(self.names), (2,) * len(self.names), (0,) * len(self.names))
+            self.target, self.k = target, round(target * len(self.names))
+            self.modules = [model.get_submodule(n) for n in self.names]
+            self.dense = [m.weight.detach().clone() for m in self.modules]
+
+        @torch.no_grad()
+        def apply(self, model, cand):
+            for m, w, level in zip(self.modules, self.dense, cand):
+                m.weight.copy_(w)
+                if level:
+                    m.weight[m.weight.shape[0] // 2:] = 0
+
+        def restore(self, model):
+            self.apply(model, (0,) * len(self.names))
+
+        def describe(self, cand):
+            return {"halved": sum(cand)}
+
+    class ZeroHalf(CompressionMethod):
+        name = "zero-half"
+        description = "second half of output rows zeroed"
+        target_help = "fraction of linears halved"
+        presets = {p: dict(generations=3, offspring=3, stages=(Stage(1, 64),), init_tokens=64)
+                   for p in ("fast", "paper", "superfast")}
+
+        def validate(self, args):
+            if not 0 < args.target < 1:
+                raise ValueError("target must be a fraction of the linears to halve")
+
+        def build_space(self, run, model):
+            return Space(model, run.args.target)
+
+        def baselines(self, run):
+            n = run.space.level_space.num_units
+            return {"first": tuple(int(i < run.space.k) for i in range(n))}, {}
+
+        def space_from_report(self, model, report):
+            return Space(model, report["arguments"]["target"])
+
+        def materialize(self, model, space, candidate):
+            space = Space(model, space.target)  # bound to the model being compressed
+            space.apply(model, candidate)
+            return {"halved": [n for n, lv in zip(space.names, candidate) if lv]}
+
+        def verify(self, model, profile):
+            for name in profile["halved"]:
+                w = model.get_submodule(name).weight
+                if bool(w[w.shape[0] // 2:].any()):
+                    raise CompressedModelError(f"{name} should have its second half of rows zeroed.")
+
+        def summary(self, profile):
+            return {"halved linears": len(profile["halved"])}
+
+    return ZeroHalf()
+
+
+def _npz_exporter():
+    from optimum_evo.exporters import Exporter
+
+    class Npz(Exporter):
+        name = "npz"
+        description = "the weights as one numpy .npz file"
+        loads_with = "numpy.load"
+
+        def export(self, model, save_dir, tokenizer=None, **kwargs):
+            import numpy as np
+
+            save_dir = Path(save_dir)
+            save_dir.mkdir(parents=True, exist_ok=True)
+            np.savez(save_dir / "weights.npz", **{k: v.detach().float().cpu().numpy()
+                                                    for k, v in model.state_dict().items()})
+            return {"format": "npz", "path": str(save_dir)}
+
+    return Npz()
+
+
+@pytest.fixture
+def registered():
+    from optimum_evo.exporters import register_exporter, unregister_exporter
+    from optimum_evo.methods import register_method, unregister_method
+
+    method, exporter = register_method(_zero_half_method()), register_exporter(_npz_exporter())
+    yield method, exporter
+    unregister_method(method.name)
+    unregister_exporter(exporter.name)
+
+
+def test_a_new_kind_and_format_run_through_search_save_reload_and_export(registered, tmp_path, one_thread):
+    import optimum_evo
+    from test_hf_quantizer import CALIB, save_tiny
+    from transformers import AutoModelForCausalLM
+
+    from optimum_evo.cli import build_parser, main
+
+    model_dir = save_tiny(tmp_path / "tiny")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(CALIB))
+    search = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("search"))
+    help_text = "".join(search.format_help().split())  # argparse wraps lines, also at hyphens
+    assert "zero-half(fractionoflinearshalved)" in help_text and "npz" in help_text
+    out = tmp_path / "out"
+    rc = main(["search", "--model", str(model_dir), "--compression", "zero-half", "--target", "0.5", "--output",
+               str(out), "--dataset", str(calib), "--num-samples", "4", "--seq-len", "32", "--eval-windows", "2",
+               "--eval-seq-len", "32", "--top-k", "16", "--search-dtype", "float32", "--quiet", "--export", "npz",
+               "--export", "dense"])
+    assert rc == 0
+    report = json.loads((out / "result.json").read_text())
+    assert report["compression"] == "zero-half" and report["profile"]["halved"] == 14  # 28 linears, half halved
+    assert (out / "export-npz" / "weights.npz").is_file()
+    # the saved EvoPress checkpoint reloads (the method rebuilds nothing, verify checks the zeros)
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    qc = optimum_evo.check_evopress_model(reloaded)
+    assert qc.compression == "zero-half" and len(qc.profile["halved"]) == 14
+    plain = AutoModelForCausalLM.from_pretrained(out / "export-dense")
+    ids = torch.tensor([[5, 9, 33, 40, 41, 70]])
+    with torch.inference_mode():
+        assert torch.equal(reloaded(ids).logits, plain(ids).logits)
+    # save_pretrained of the reloaded model writes the same checkpoint again; export goes through the registry
+    reloaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["profile"] == qc.profile
+    summary = optimum_evo.export(reloaded, tmp_path / "again-npz", "npz")
+    assert summary["format"] == "npz" and (tmp_path / "again-npz" / "weights.npz").is_file()
+
+
+def test_search_engine_and_settings_stay_light():
+    code = textwrap.dedent("""
+        import sys
+        import optimum_evo.search
+        assert "torch" not in sys.modules, "the search engine imports torch"
+        print("ok")
+    """)
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr
