@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test docs clean
 
 setup: $(VENV)/.installed
 
@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU wheel of torch; on machines without it pip picks the default build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,export]'
+	$(BIN)/pip install -q -e '.[dev,export,docs]'
 	# gptqmodel (GPTQ export round trip on CPU): its sources and pure-Python dependencies only, into a
 	# folder the tests put on PYTHONPATH. Not into the venv: its requirements pull a CUDA torch.
 	$(BIN)/pip install -q --no-deps --target $(VENV)/gptqmodel-cpu gptqmodel==7.7.0 pypcre==0.6.4 logbar==0.4.15 \
@@ -29,8 +29,12 @@ demo: setup
 	$(BIN)/optimum-evo search --model smollm2 --compression depth --target 0.25 --preset fast \
 		--output outputs/demo-depth
 
-test: setup
+test: setup docs
 	$(BIN)/python -m pytest -q
+
+# The documentation site; --strict fails on any warning (broken link, unparsable docstring).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -9,9 +9,9 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import optimum_evo  # noqa: F401  (reloads EvoPress checkpoints)
 from optimum_evo import SearchArguments, run_search
 from optimum_evo.pipeline import format_table
-from optimum_evo.spaces import apply_saved_depth_profile
 
 quick = "--quick" in sys.argv
 args = SearchArguments(
@@ -27,10 +27,9 @@ args = SearchArguments(
 report = run_search(args)
 print(format_table(report))
 
-# The compressed model: whole dropped blocks are gone; attention-/MLP-only drops are recorded in
-# config.evopress_depth and re-applied with apply_saved_depth_profile.
+# The compressed model: whole dropped blocks are gone; attention-/MLP-only drops are recorded in the
+# checkpoint's quantization_config profile and rebuilt on load (with `import optimum_evo`).
 model = AutoModelForCausalLM.from_pretrained("outputs/example-depth/model")
-apply_saved_depth_profile(model)
 tok = AutoTokenizer.from_pretrained("outputs/example-depth/model")
 ids = tok("The old lighthouse keeper", return_tensors="pt").input_ids
 with torch.inference_mode():

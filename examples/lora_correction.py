@@ -38,8 +38,7 @@ for block in walk_blocks(sparse, calib, desc="SparseGPT"):
     for name, linear in block.linears().items():
         with torch.no_grad():
             linear.weight.copy_(sparsegpt(linear.weight, H[name], 0.7))
-sparse.config.evopress_levels = {n: 0.7 for n, m in sparse.named_modules()
-                                 if isinstance(m, torch.nn.Linear) and ".layers." in n}
+sparse_linears = [n for n, m in sparse.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
 sparse.save_pretrained("outputs/example-lora/model")
 tok.save_pretrained("outputs/example-lora/model")
 print("sparse ppl", evaluate(sparse, eval_ids, progress=False)["perplexity"])
@@ -57,5 +56,5 @@ with torch.inference_mode():
     print(tok.decode(reloaded.generate(ids, max_new_tokens=20, do_sample=False)[0]))
 
 # 4. Merging keeps the exact 70% sparsity (the part of the correction on pruned weights is lost).
-merged = merge_correction(reloaded)
+merged = merge_correction(reloaded, kinds={n: "sparsity" for n in sparse_linears})
 print("merged ppl", evaluate(merged, eval_ids, progress=False)["perplexity"])

@@ -2,9 +2,9 @@
 
 ``import optimum_evo`` registers ``quant_method="evopress"`` with transformers (lazily: right away
 if transformers' quantizers are loaded, else when they are), so ``from_pretrained`` accepts an
-:class:`EvoPressConfig` and reloads EvoPress checkpoints.
+`EvoPressConfig` and reloads EvoPress checkpoints.
 
-Example:
+Examples:
     >>> from optimum_evo import SearchArguments, run_search
     >>> report = run_search(SearchArguments(model="smollm2", target=0.25, output_dir="out"))  # doctest: +SKIP
     >>> from transformers import AutoModelForCausalLM

@@ -5,7 +5,7 @@ search), the per-layer profile (the method's summary and, for per-linear levels,
 held-out metrics, how to load the model (and that it needs the plugin), and, when the model carries
 one, how to load the LoRA correction adapter.
 
-Example:
+Examples:
     >>> from optimum_evo.record import read_record
     >>> print(model_card(read_record(model), "me/model-evopress")[:300])    # doctest: +SKIP
 """

@@ -1,16 +1,16 @@
 """The EvoPress checkpoint: a transformers model folder that records how it was compressed.
 
-``config.json`` carries ``quantization_config``, the *record* of the run (:mod:`optimum_evo.record`),
+``config.json`` carries ``quantization_config``, the *record* of the run (`optimum_evo.record`),
 and ``model.safetensors`` the compressed model's own tensors (packed codes and scales, exact zeros,
 fewer blocks). Reloading rebuilds the compressed modules from the profile before the tensors load
-(:func:`build_skeleton`); the compression method of ``record["compression"]`` does the work. A LoRA
+(`build_skeleton`); the compression method of ``record["compression"]`` does the work. A LoRA
 correction adapter, when the model carries one, goes to ``lora-correction/`` beside the model.
 
 This module is the format; the transformers integration
-(:mod:`optimum_evo.integrations.transformers`) only adapts it to ``from_pretrained`` and
+(`optimum_evo.integrations.transformers`) only adapts it to ``from_pretrained`` and
 ``save_pretrained``.
 
-Example:
+Examples:
     >>> record = checkpoint_record(args, profile, metrics)             # doctest: +SKIP
     >>> save_checkpoint(model, "out/model", record, tokenizer=tok)     # doctest: +SKIP
 """
@@ -43,19 +43,19 @@ def build_skeleton(model, record: dict) -> None:
 
 
 def verify(model, record: dict) -> None:
-    """Raise :class:`~optimum_evo.methods.CompressedModelError` when ``model`` lacks the compressed
+    """Raise `CompressedModelError` when ``model`` lacks the compressed
     modules of ``record``'s profile."""
     get_method(record["compression"]).verify(model, record.get("profile") or {})
 
 
 def check_evopress_model(model):
-    """Raise :class:`EvoPressLoadError` when ``model`` comes from an EvoPress checkpoint but lacks
+    """Raise `EvoPressLoadError` when ``model`` comes from an EvoPress checkpoint but lacks
     the compressed modules of its profile (loaded without ``import optimum_evo``: transformers then
     leaves the unknown ``quantization_config`` a plain dict and randomly initialises the packed
     weights' places). Returns the model's ``quantization_config``, or ``None`` for a model that is
     not an EvoPress one.
 
-    Example:
+    Examples:
         >>> model = AutoModelForCausalLM.from_pretrained("compressed")   # forgot `import optimum_evo`  # doctest: +SKIP
         >>> import optimum_evo; optimum_evo.check_evopress_model(model)                               # doctest: +SKIP
         Traceback (most recent call last):

@@ -1,10 +1,10 @@
 """Command line: ``optimum-evo search ...`` and ``optimum-evo model-path NAME``.
 
 The options of ``search`` (and of ``optimum-cli evopress``) are generated from the fields of
-:class:`optimum_evo.SearchArguments`: one option per setting, its help text, its group, its
+`optimum_evo.SearchArguments`: one option per setting, its help text, its group, its
 choices; the compression methods and export formats are read from their registries.
 
-Examples::
+Examples:
 
     optimum-evo search --model smollm2 --compression depth --target 0.25 --output out/depth
     optimum-evo search -m ./my-llama --compression quantization --target 3 --sym --output out/q --export gptq
@@ -77,7 +77,7 @@ def _converter(name: str, kind, option):
 
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``optimum-evo search`` and ``optimum-cli evopress``, one per setting of
-    :class:`~optimum_evo.SearchArguments` (defaults are the dataclass's; an option not given keeps it)."""
+    `SearchArguments` (defaults are the dataclass's; an option not given keeps it)."""
     from .exporters import available_exporters
     from .methods import available_methods, get_method
 
@@ -118,7 +118,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def arguments_from_namespace(ns: argparse.Namespace) -> SearchArguments:
-    """The :class:`~optimum_evo.SearchArguments` of a parsed ``search`` command line."""
+    """The `SearchArguments` of a parsed ``search`` command line."""
     names = {f.name for f in dataclasses.fields(SearchArguments)}
     return SearchArguments(**{k: v for k, v in vars(ns).items() if k in names})
 

@@ -7,10 +7,10 @@ Sources accepted everywhere a dataset is asked for:
   folder beside the repository;
 * a path to a local text file;
 * a list of strings;
-* a :class:`datasets.Dataset` with a ``"text"`` column;
+* a `datasets.Dataset` with a ``"text"`` column;
 * a dataset name on the Hub, ``"name"`` or ``"name:config:split"`` (needs network).
 
-Example:
+Examples:
     >>> from transformers import AutoTokenizer
     >>> tok = AutoTokenizer.from_pretrained(path)                         # doctest: +SKIP
     >>> calib = calibration_windows("brown", tok, num_samples=128, seq_len=512, seed=0)  # doctest: +SKIP
@@ -104,7 +104,7 @@ def load_texts(source, purpose: str = "calibration") -> list:
 
 
 def join_corpus(texts: Sequence[str], separator: str = "\n\n") -> str:
-    """The non-empty documents joined with ``separator`` (the text :func:`tokenize_corpus` tokenizes)."""
+    """The non-empty documents joined with ``separator`` (the text `tokenize_corpus` tokenizes)."""
     return separator.join(t for t in texts if t and t.strip())
 
 

@@ -3,10 +3,10 @@ dropped sub-blocks.
 
 No ``model_type`` whitelist: a model is supported when it has a ``nn.ModuleList`` of blocks that
 each hold an attention sub-module and an MLP sub-module (Llama, Qwen2/3, Mistral, Gemma 3, GPT-2,
-OPT, ...). :func:`find_decoder_layout` remembers the layout of a model it has inspected (until its
+OPT, ...). `find_decoder_layout` remembers the layout of a model it has inspected (until its
 blocks are moved elsewhere), so every part of a run asks it freely.
 
-Example:
+Examples:
     >>> layout = find_decoder_layout(model)                       # doctest: +SKIP
     >>> layout.path, len(layout), layout.attn_name, layout.mlp_name  # doctest: +SKIP
     ('model.layers', 30, 'self_attn', 'mlp')

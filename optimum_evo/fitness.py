@@ -2,19 +2,16 @@
 
 Teacher cache modes and their memory per cached token (V = vocabulary size, K = ``top_k``):
 
-=========  =====================================  ==============================================
-mode       stores                                 bytes per token
-=========  =====================================  ==============================================
-``full``   all teacher log-probs (float16)        ``2 V``  (SmolLM2: 98,304; Gemma-3: 524,288)
-``topk``   top-K log-probs (float32), their ids   ``8 K + 4`` (K=512: 4,100, whatever V is)
-           (int32) and the log of the rest mass
-=========  =====================================  ==============================================
+| mode | stores | bytes per token |
+|---|---|---|
+| ``full`` | all teacher log-probs (float16) | ``2 V``  (SmolLM2: 98,304; Gemma-3: 524,288) |
+| ``topk`` | top-K log-probs (float32), their ids (int32) and the log of the rest mass | ``8 K + 4`` (K=512: 4,100, whatever V is) |
 
 Top-K KL is the exact KL between the teacher and student distributions coarsened to
 ``top-K tokens + one "rest" bucket``; it is a lower bound of the full KL and, for K >= 256, ranks
 candidates like the full KL.
 
-Example:
+Examples:
     >>> teacher = TeacherCache.build(model, windows, mode="topk", top_k=512)   # doctest: +SKIP
     >>> objective = KLObjective(model, windows, teacher, space)                # doctest: +SKIP
     >>> perplexity(model, evaluation_windows("wikitext2", tok))                # doctest: +SKIP

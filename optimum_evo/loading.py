@@ -1,6 +1,6 @@
 """Loading the dense model and its tokenizer, the one way every part of optimum-evo does it.
 
-Example:
+Examples:
     >>> model = load_model("smollm2", torch.float32)        # embedded name, folder or Hub id  # doctest: +SKIP
     >>> tokenizer = load_tokenizer("smollm2")                # doctest: +SKIP
 """
@@ -16,7 +16,7 @@ __all__ = ["load_model", "load_tokenizer"]
 
 def load_model(name_or_path, dtype: torch.dtype = torch.float32, device=None):
     """The dense causal LM at ``name_or_path`` (resolved by
-    :func:`~optimum_evo.embedded_models.resolve_model`) in ``dtype``, in eval mode, on ``device``
+    `resolve_model`) in ``dtype``, in eval mode, on ``device``
     (default: the CPU)."""
     from transformers import AutoModelForCausalLM
 

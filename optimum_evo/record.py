@@ -1,16 +1,16 @@
 """The record an EvoPress model carries: its ``quantization_config``.
 
-A compressed model's ``config.json`` holds ``quantization_config``::
+A compressed model's ``config.json`` holds ``quantization_config``:
 
     {"quant_method": "evopress", "format_version": 2,
      "compression": "quantization", "target": 3.0, ...every EvoPressConfig setting...,
      "profile": {...what the method made, e.g. the bit width of every linear...},
      "metrics": {...search fitness, held-out perplexity and KL...}}
 
-The settings are those of :class:`~optimum_evo.SearchArguments` that the config takes; the profile
+The settings are those of `SearchArguments` that the config takes; the profile
 is what the compression method's ``materialize`` returned; the metrics come from the run report.
 
-Example:
+Examples:
     >>> record = checkpoint_record(args, profile, metrics)             # doctest: +SKIP
     >>> read_record(model)["profile"]["modules"]                       # doctest: +SKIP
 """
@@ -23,7 +23,7 @@ from .settings import config_fields
 from .utils import jsonable
 
 QUANT_METHOD = "evopress"
-#: 2: settings named as in :class:`~optimum_evo.SearchArguments` (``database_dir``, flat ``lora_*``,
+#: 2: settings named as in `SearchArguments` (``database_dir``, flat ``lora_*``,
 #: GPTQ's ``sym`` / ``desc_act`` / ``damp_percent`` / ``mse``, ``modules_to_not_convert``).
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)

@@ -1,11 +1,11 @@
 """The settings of an EvoPress run, defined once.
 
-:class:`SearchArguments` is the single source of every setting: the command line
+`SearchArguments` is the single source of every setting: the command line
 (``optimum-evo search``, ``optimum-cli evopress``) is generated from its fields,
-:class:`~optimum_evo.EvoPressConfig` takes the same fields (those marked ``config``), and
+`EvoPressConfig` takes the same fields (those marked ``config``), and
 ``transformers.HfArgumentParser(SearchArguments)`` parses it like any ``TrainingArguments``-style
 dataclass. Each field carries its help text in ``metadata["help"]`` and its command-line details in
-an :class:`Option` inside ``Annotated``.
+an `Option` inside ``Annotated``.
 
 One vocabulary everywhere: ``dataset`` is the calibration text (as in transformers' ``GPTQConfig``),
 ``eval_dataset`` the evaluation text, ``database_dir`` the level database folder; the GPTQ settings
@@ -14,7 +14,7 @@ keeps transformers' meaning. ``eval_windows=0`` means "no evaluation" and ``None
 command line) "the whole evaluation text", in Python, in the config and on the command line. The
 earlier names ``calibration``, ``evaluation`` and ``cache_dir`` still work and warn.
 
-Example:
+Examples:
     >>> args = SearchArguments(model="smollm2", compression="quantization", target=3.0, sym=True)  # doctest: +SKIP
     >>> from transformers import HfArgumentParser
     >>> (args,) = HfArgumentParser(SearchArguments).parse_args_into_dataclasses(
@@ -48,7 +48,7 @@ class Option:
         group: heading of the option in ``--help``.
         flags: command-line option strings (default: ``--name-with-dashes``).
         cli: whether the command line has the option.
-        config: whether :class:`~optimum_evo.EvoPressConfig` takes the setting (and ``config.json``
+        config: whether `EvoPressConfig` takes the setting (and ``config.json``
             records it).
         parse: converts the command-line string (default: the field's type).
         choices: fixed command-line choices (argparse refuses others).
@@ -102,9 +102,9 @@ class SearchArguments:
     The fields are grouped as on the command line (``optimum-evo search --help``); each field's
     help text is in its ``metadata``. The compression-specific ones (``mode``; ``levels``,
     ``group_size``, ``sym``, ``desc_act``, ``damp_percent``, ``mse``; ``sparsity_step``,
-    ``max_offset``) are validated by the compression method (:mod:`optimum_evo.methods`).
+    ``max_offset``) are validated by the compression method (`optimum_evo.methods`).
 
-    Example:
+    Examples:
         >>> SearchArguments(compression="depth", target=0.25).eval_windows
         40
     """
@@ -302,7 +302,7 @@ class SearchArguments:
 
     # ------------------------------------------------------------------ views
     def search_config(self, space=None):
-        """The :class:`~optimum_evo.search.SearchConfig` of this run (the method's preset with the
+        """The `SearchConfig` of this run (the method's preset with the
         overrides above; ``space`` resolves presets that depend on the space size)."""
         from .methods import get_method
 
@@ -318,7 +318,7 @@ class SearchArguments:
 
 
 def _accept_deprecated_names(cls):
-    """Let ``cls(calibration=...)`` etc. work with a ``FutureWarning`` (see :data:`DEPRECATED_NAMES`)."""
+    """Let ``cls(calibration=...)`` etc. work with a ``FutureWarning`` (see `DEPRECATED_NAMES`)."""
     init = cls.__init__
 
     @functools.wraps(init)
@@ -344,15 +344,15 @@ def _hints() -> dict:
 
 
 def option_of(name: str) -> Option:
-    """The :class:`Option` of a field."""
+    """The `Option` of a field."""
     return _hints()[name].__metadata__[0]
 
 
 def setting_fields() -> list:
-    """The fields of :class:`SearchArguments`, in order."""
+    """The fields of `SearchArguments`, in order."""
     return list(dataclasses.fields(SearchArguments))
 
 
 def config_fields() -> list:
-    """Names of the settings :class:`~optimum_evo.EvoPressConfig` takes (and ``config.json`` records)."""
+    """Names of the settings `EvoPressConfig` takes (and ``config.json`` records)."""
     return [f.name for f in setting_fields() if option_of(f.name).config]

@@ -1,17 +1,15 @@
 """Layer-wise compressors (GPTQ, SparseGPT), quantization grids, bit packing, the packed linear layer,
 the level codecs and the level database.
 
-=====================  ===============================================================
-module                 holds
-=====================  ===============================================================
-``obs``                GPTQ and SparseGPT (Optimal Brain Surgeon column sweeps)
-``grid``               uniform affine quantization grids (scales, zero-points, codes)
-``packing``            bit packing of codes (the database's stream, GPTQ's int32 words)
-``packed_linear``      :class:`EvoPressQuantLinear`, a linear stored packed at its bit width
-``calibrate``          the block-by-block calibration walk and its Hessians
-``codecs``             how each kind of level is compressed, stored and decoded
-``database``           the level database on disk
-=====================  ===============================================================
+| module | holds |
+|---|---|
+| ``obs`` | GPTQ and SparseGPT (Optimal Brain Surgeon column sweeps) |
+| ``grid`` | uniform affine quantization grids (scales, zero-points, codes) |
+| ``packing`` | bit packing of codes (the database's stream, GPTQ's int32 words) |
+| ``packed_linear`` | `EvoPressQuantLinear`, a linear stored packed at its bit width |
+| ``calibrate`` | the block-by-block calibration walk and its Hessians |
+| ``codecs`` | how each kind of level is compressed, stored and decoded |
+| ``database`` | the level database on disk |
 """
 
 from .grid import dequantize_codes, find_params, quantize_codes

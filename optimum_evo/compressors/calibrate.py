@@ -1,6 +1,6 @@
 """Walk a model block by block on calibration windows, one block's activations in memory at a time.
 
-Example:
+Examples:
     >>> for block in walk_blocks(model, windows):                       # doctest: +SKIP
     ...     hessians = block.hessians()        # runs the dense block, returns {linear name: H}
     ...     ...                                # compress the block's linears
@@ -17,8 +17,8 @@ and swapping GPTQ in for ``v_proj`` alone raises WikiText-2 perplexity from 49.3
 The exact second-order objective of the attention output is ``sum_s ||dW_g sum_t a_st x_t||^2``:
 a Hessian of the *attention-mixed* inputs ``y_s = sum_t a_st x_t``, one per key/value head ``g``
 (summed over the query heads that share it). ``hessians()`` then returns ``[kv_heads, in, in]``
-for the value projection; :func:`~optimum_evo.compressors.obs.gptq` and
-:func:`~optimum_evo.compressors.obs.sparsegpt` compress each head's rows with its own Hessian.
+for the value projection; `gptq` and
+`sparsegpt` compress each head's rows with its own Hessian.
 The walk runs the model with eager attention (to get the attention probabilities) and restores the
 model's attention implementation afterwards.
 """
@@ -215,7 +215,7 @@ class Block:
 class walk_blocks:
     """Iterate over the decoder blocks of ``model`` with their dense calibration inputs.
 
-    ``attention_aware=True`` makes :meth:`Block.hessians` return attention-aware Hessians for the
+    ``attention_aware=True`` makes `Block.hessians` return attention-aware Hessians for the
     value projections (the blocks then run with eager attention)."""
 
     def __init__(self, model, windows: torch.Tensor, progress: bool = True, desc: str = "Blocks",

@@ -1,25 +1,23 @@
 """Level codecs: how a level database compresses, stores and decodes the levels of one linear.
 
 A codec turns ``(weight, Hessian, levels)`` into one compressed result per level
-(:meth:`LevelCodec.compress`), each result into tensors stored in the layer's safetensors file
-(:meth:`LevelCodec.encode`) and stored tensors back into the dense weight the search scores
-(:meth:`LevelCodec.decode`). Bytes per weight of the stored levels:
+(`LevelCodec.compress`), each result into tensors stored in the layer's safetensors file
+(`LevelCodec.encode`) and stored tensors back into the dense weight the search scores
+(`LevelCodec.decode`). Bytes per weight of the stored levels:
 
-=====================  ==========================================  =======================
-level                  bytes per weight                            e.g.
-=====================  ==========================================  =======================
-``b``-bit, group ``g``  ``b/8 + (16 + b) / (8 g)``                   3 bit, g=128: 0.393
-sparsity ``s``         ``1/8 + 2 (1 - s)``                          70 %: 0.725
-dense fp16 (reference)  2                                           2
-=====================  ==========================================  =======================
+| level | bytes per weight | e.g. |
+|---|---|---|
+| ``b``-bit, group ``g`` | ``b/8 + (16 + b) / (8 g)`` | 3 bit, g=128: 0.393 |
+| sparsity ``s`` | ``1/8 + 2 (1 - s)`` | 70 %: 0.725 |
+| dense fp16 (reference) | 2 | 2 |
 
-* :class:`QuantizedLevelCodec` (GPTQ, all bit widths in one column sweep): ``codes`` (uint8
+* `QuantizedLevelCodec` (GPTQ, all bit widths in one column sweep): ``codes`` (uint8
   bit-packed integer codes), ``scales`` (float16, one per row and group), ``zeros`` (bit-packed
   like the codes) and, with act-order, ``g_idx``.
-* :class:`SparseLevelCodec` (SparseGPT, all sparsities in one sweep): ``mask`` (1 bit per weight)
+* `SparseLevelCodec` (SparseGPT, all sparsities in one sweep): ``mask`` (1 bit per weight)
   and ``values`` (float16, the kept weights in row-major order).
 
-Example:
+Examples:
     >>> codec = get_codec("quantization")
     >>> codec.full_settings({"group_size": 64})["sym"]
     False
@@ -76,7 +74,7 @@ class LevelCodec(ABC):
 
 
 def encode_quantized(q: QuantizedWeight) -> dict:
-    """Packed tensors of a :class:`~optimum_evo.compressors.obs.QuantizedWeight`."""
+    """Packed tensors of a `QuantizedWeight`."""
     out = {
         "codes": pack_codes(q.codes, q.bits),
         "scales": q.scales.to(torch.float16),
@@ -88,7 +86,7 @@ def encode_quantized(q: QuantizedWeight) -> dict:
 
 
 def decode_quantized(t: dict, shape, bits: int, group_size: int) -> torch.Tensor:
-    """The dense weight of packed quantized tensors (:func:`encode_quantized`'s format)."""
+    """The dense weight of packed quantized tensors (`encode_quantized`'s format)."""
     rows, cols = shape
     n_groups = t["scales"].shape[1]
     codes = unpack_codes(t["codes"], bits, shape).float()
@@ -104,7 +102,7 @@ def encode_sparse(w: torch.Tensor) -> dict:
 
 
 def decode_sparse(t: dict, shape) -> torch.Tensor:
-    """The dense weight of :func:`encode_sparse`'s tensors."""
+    """The dense weight of `encode_sparse`'s tensors."""
     mask = unpack_codes(t["mask"], 1, shape).bool()
     w = torch.zeros(shape, dtype=torch.float32, device=mask.device)
     w[mask] = t["values"].float()

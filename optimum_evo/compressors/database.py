@@ -1,17 +1,17 @@
 """The level database: every searched linear layer precompressed at every level, on disk.
 
-Layout of a database folder::
+Layout of a database folder:
 
     manifest.json                 model, calibration and settings hashes, levels, files + sha256
     layers/<module name>.safetensors   all levels of one linear layer: <level>::<tensor>
 
 How a level is compressed, stored and decoded is its kind's codec
-(:mod:`optimum_evo.compressors.codecs`: packed GPTQ codes, or a bitmask and the kept values); the
+(`optimum_evo.compressors.codecs`: packed GPTQ codes, or a bitmask and the kept values); the
 manifest records the codec's ``kind`` and settings. A database whose manifest does not match the requested model / calibration / settings, or whose
 files fail their checksum, is reported stale or corrupt and rebuilt, never silently used. Reads are
 memory-mapped (``safetensors.safe_open``).
 
-Example:
+Examples:
     >>> db = LevelDatabase.build(model, windows, "quantization", levels=[2, 3, 4], root="db")  # doctest: +SKIP
     >>> w = db.weight("model.layers.0.mlp.down_proj", 3)                                       # doctest: +SKIP
 """
@@ -36,7 +36,7 @@ from .codecs import LevelCodec, get_codec, level_key
 
 logger = logging.getLogger(__name__)
 
-#: 2: codec settings as recorded by :mod:`~optimum_evo.compressors.codecs` (``mse`` is the clipping
+#: 2: codec settings as recorded by `codecs` (``mse`` is the clipping
 #: search's p-norm, 0 = off).
 FORMAT_VERSION = 2
 
@@ -131,7 +131,7 @@ class LevelDatabase:
     # ----------------------------------------------------------------- open / verify
     @classmethod
     def open(cls, root, expected: dict | None = None, verify: bool = True) -> "LevelDatabase":
-        """Open a database; raise :class:`StaleDatabaseError` when it is missing, does not match
+        """Open a database; raise `StaleDatabaseError` when it is missing, does not match
         ``expected`` (manifest keys such as model, calibration, kind, levels, settings) or, with
         ``verify``, when a file's checksum differs."""
         root = Path(root)
@@ -175,9 +175,9 @@ class LevelDatabase:
                 ``group_size`` (128), ``sym`` (False), ``mse`` (0: min-max), ``act_order`` (False),
                 ``damp`` (0.01); sparsity: ``damp``; both: ``attention_aware`` (True: value
                 projections are compressed against the attention output, see
-                :mod:`optimum_evo.compressors.calibrate`).
+                `optimum_evo.compressors.calibrate`).
             identity: extra manifest entries (e.g. model and calibration hashes) checked by
-                :meth:`open`.
+                `open`.
             modules: optional predicate ``name -> bool`` selecting the linears to compress.
         """
         codec = get_codec(kind)

@@ -3,7 +3,7 @@
 A weight ``w`` of a group with scale ``s`` and zero-point ``z`` is stored as the integer code
 ``q = clamp(round(w / s) + z, 0, 2**bits - 1)`` and read back as ``s * (q - z)``.
 
-Example:
+Examples:
     >>> w = torch.randn(8, 256)
     >>> scale, zero = find_params(w, bits=4, sym=False)
     >>> q = quantize_codes(w, scale, zero, bits=4)

@@ -4,7 +4,7 @@ Both minimise ``||W X - W' X||^2`` over calibration inputs ``X`` of a linear lay
 column block, using the inverse Hessian ``H = 2 X X^T / n`` (float32 accumulation, damping
 ``damp * mean(diag H)``), and compensating each column's error on the columns not yet processed.
 
-Example:
+Examples:
     >>> h = HessianAccumulator(in_features=64)
     >>> h.add(x)                        # x: [..., 64] inputs of the layer        # doctest: +SKIP
     >>> q = gptq(layer.weight, h.hessian(), bits=3, group_size=128)             # doctest: +SKIP
@@ -98,10 +98,10 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | Non
 @torch.no_grad()
 def gptq_levels(weight: torch.Tensor, H: torch.Tensor, bits: list, group_size: int | None = 128, sym: bool = False,
                 mse: float = 0.0, act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> list:
-    """:func:`gptq` at several bit widths in one pass: GPTQ treats rows independently given the
+    """`gptq` at several bit widths in one pass: GPTQ treats rows independently given the
     inverse Hessian, so the copies of ``weight`` for every width are stacked and share one column
     sweep (the same result as separate calls, several times faster on CPU). Returns one
-    :class:`QuantizedWeight` per entry of ``bits``."""
+    `QuantizedWeight` per entry of ``bits``."""
     for b in bits:
         if not 1 <= int(b) <= 8:
             raise ValueError(f"bits must be in 1..8, got {b}.")
@@ -186,14 +186,14 @@ def sparsegpt(weight: torch.Tensor, H: torch.Tensor, sparsity: float, damp: floa
     """Prune ``weight`` ([out, in]) to exactly ``round(sparsity * numel)`` zeros with SparseGPT
     (Frantar & Alistarh 2023): per column block, the weights of least saliency ``w^2 / [H^-1]_ii^2``
     are removed and the error is compensated on the remaining columns. Returns a float32 tensor.
-    ``H`` may be a ``[groups, in, in]`` stack, one Hessian per equal slice of rows (see :func:`gptq`)."""
+    ``H`` may be a ``[groups, in, in]`` stack, one Hessian per equal slice of rows (see `gptq`)."""
     return sparsegpt_levels(weight, H, [sparsity], damp, block_size)[0]
 
 
 @torch.no_grad()
 def sparsegpt_levels(weight: torch.Tensor, H: torch.Tensor, sparsities: list, damp: float = 0.01,
                      block_size: int = 128) -> list:
-    """:func:`sparsegpt` at several sparsities in one column sweep (copies of the rows stacked;
+    """`sparsegpt` at several sparsities in one column sweep (copies of the rows stacked;
     each copy gets its own masks and exact zero count). Returns one tensor per sparsity."""
     for s in sparsities:
         if not 0 <= s < 1:

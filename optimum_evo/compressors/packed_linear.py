@@ -1,32 +1,29 @@
 """The packed quantized linear layer of a compressed EvoPress model.
 
-:class:`EvoPressQuantLinear` is a linear layer whose weight is stored **packed** at its own bit width
-(mixed bits across modules), in the level database's format (:mod:`optimum_evo.compressors.database`):
+`EvoPressQuantLinear` is a linear layer whose weight is stored **packed** at its own bit width
+(mixed bits across modules), in the level database's format (`optimum_evo.compressors.database`):
 
-===========  ===============================  ==================================================
-buffer       dtype, shape                     content
-===========  ===============================  ==================================================
-``qweight``  uint8, ``[ceil(out*in*bits/8)]``  integer codes ``[out, in]``, row-major, bit-packed
-                                              LSB first (:func:`~optimum_evo.compressors.packing.pack_codes`)
-``scales``   float16, ``[out, groups]``        one scale per output row and input group
-``qzeros``   uint8, ``[ceil(out*groups*bits/8)]``  integer zero-points ``[out, groups]``, bit-packed
-``g_idx``    int32, ``[in]`` (act-order only)  group of each input column (default ``col // group_size``)
-===========  ===============================  ==================================================
+| buffer | dtype, shape | content |
+|---|---|---|
+| ``qweight`` | uint8, ``[ceil(out*in*bits/8)]`` | integer codes ``[out, in]``, row-major, bit-packed LSB first (`pack_codes`) |
+| ``scales`` | float16, ``[out, groups]`` | one scale per output row and input group |
+| ``qzeros`` | uint8, ``[ceil(out*groups*bits/8)]`` | integer zero-points ``[out, groups]``, bit-packed |
+| ``g_idx`` | int32, ``[in]`` (act-order only) | group of each input column (default ``col // group_size``) |
 
 A weight is read back as ``scales[:, g] * (codes - zeros[:, g])`` (in float32, then cast to the
 input's dtype), exactly what the search scored. The layout is this project's own bit stream, *not*
-GPTQ's int32 ``qweight`` packing: exporters convert through :meth:`EvoPressQuantLinear.quantized_data`.
+GPTQ's int32 ``qweight`` packing: exporters convert through `EvoPressQuantLinear.quantized_data`.
 
-The class subclasses :class:`torch.nn.Linear` (without calling its ``__init__``) and has
+The class subclasses `torch.nn.Linear` (without calling its ``__init__``) and has
 ``weight = None``, so PEFT's LoRA dispatcher wraps it like any linear with no custom registration;
 ``qweight`` tells PEFT the device, ``compute_dtype`` the adapter dtype. Merging a LoRA adapter into
-it is not possible in place (the weight is packed); dequantize with :meth:`EvoPressQuantLinear.to_linear`
+it is not possible in place (the weight is packed); dequantize with `EvoPressQuantLinear.to_linear`
 first.
 
-Sparse linears stay plain :class:`torch.nn.Linear` holding exact zeros; dropped attention / MLP
-sub-blocks are :class:`optimum_evo.decoder.DroppedAttention` / :class:`~optimum_evo.decoder.DroppedMLP`.
+Sparse linears stay plain `torch.nn.Linear` holding exact zeros; dropped attention / MLP
+sub-blocks are `optimum_evo.decoder.DroppedAttention` / `DroppedMLP`.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> dense = nn.Linear(256, 64, bias=False)
@@ -70,7 +67,7 @@ class EvoPressQuantLinear(nn.Linear):
 
     The buffers are empty after construction (this is how the model skeleton is built before a
     checkpoint's packed tensors are loaded into it); build a filled layer with
-    :meth:`from_quantized`, :meth:`from_packed` or :meth:`from_linear`.
+    `from_quantized`, `from_packed` or `from_linear`.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = 128,
@@ -111,7 +108,7 @@ class EvoPressQuantLinear(nn.Linear):
     def from_packed(cls, tensors: dict, in_features: int, out_features: int, bits: int, group_size: int | None,
                     bias: torch.Tensor | None = None, act_order: bool | None = None, device=None, dtype=None,
                     **kwargs) -> "EvoPressQuantLinear":
-        """A layer from a level database entry (:func:`~optimum_evo.compressors.codecs.encode_quantized`
+        """A layer from a level database entry (`encode_quantized`
         format: ``codes``, ``scales``, ``zeros`` and optionally ``g_idx``), e.g.
         ``EvoPressQuantLinear.from_packed(db.tensors(name, 3), 576, 1536, 3, 128)``."""
         act_order = ("g_idx" in tensors) if act_order is None else act_order
@@ -136,7 +133,7 @@ class EvoPressQuantLinear(nn.Linear):
     @classmethod
     def from_quantized(cls, q: QuantizedWeight, bias: torch.Tensor | None = None, act_order: bool | None = None,
                        device=None, dtype=None, **kwargs) -> "EvoPressQuantLinear":
-        """A layer from a :class:`~optimum_evo.compressors.obs.QuantizedWeight` (GPTQ's output)."""
+        """A layer from a `QuantizedWeight` (GPTQ's output)."""
         out_features, in_features = q.codes.shape
         tensors = encode_quantized(q)
         if act_order and "g_idx" not in tensors:
@@ -169,10 +166,10 @@ class EvoPressQuantLinear(nn.Linear):
     # ------------------------------------------------------------------ reading
     def quantized_data(self) -> QuantizedWeight:
         """The quantized weight, unpacked, for exporters: a
-        :class:`~optimum_evo.compressors.obs.QuantizedWeight` with ``codes`` (uint8 ``[out, in]``),
+        `QuantizedWeight` with ``codes`` (uint8 ``[out, in]``),
         ``scales`` (float32 holding the stored float16 values, ``[out, groups]``), ``zeros`` (float32
         holding integers, ``[out, groups]``), ``g_idx`` (int32 ``[in]``, always present), ``bits`` and
-        ``group_size``. ``dequantize()`` of it equals :meth:`dequantize_weight` in float32."""
+        ``group_size``. ``dequantize()`` of it equals `dequantize_weight` in float32."""
         codes = unpack_bits(self.qweight, self.bits, (self.out_features, self.in_features))
         zeros = unpack_bits(self.qzeros, self.bits, (self.out_features, self.num_groups)).float()
         return QuantizedWeight(codes, self.scales.float(), zeros, self._g_idx().to(torch.int32), self.bits,
@@ -206,7 +203,7 @@ class EvoPressQuantLinear(nn.Linear):
 
     @torch.no_grad()
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A dense :class:`torch.nn.Linear` with the dequantized weight (e.g. before merging LoRA)."""
+        """A dense `torch.nn.Linear` with the dequantized weight (e.g. before merging LoRA)."""
         dtype = dtype or self.compute_dtype
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = nn.Parameter(self.dequantize_weight(dtype).clone())
@@ -243,11 +240,11 @@ class EvoPressQuantLinear(nn.Linear):
 
 def set_dequantized_cache(model: nn.Module, enabled: bool = True) -> int:
     """Keep (``enabled``) or stop keeping the dequantized weight of every
-    :class:`EvoPressQuantLinear` of ``model`` between forwards: ``generate()`` then unpacks each
+    `EvoPressQuantLinear` of ``model`` between forwards: ``generate()`` then unpacks each
     layer once instead of at every token, at the memory cost of dense weights. Returns the number
     of layers changed.
 
-    Example:
+    Examples:
         >>> set_dequantized_cache(model)          # doctest: +SKIP
         >>> model.generate(ids, max_new_tokens=64)  # doctest: +SKIP
     """

@@ -1,18 +1,18 @@
 """Bit packing of integer codes: the level database's byte stream and the int32 words of GPTQ /
 compressed-tensors checkpoints.
 
-* :func:`pack_codes` / :func:`unpack_codes`: codes in ``[0, 2**bits)`` back to back in a flat uint8
+* `pack_codes` / `unpack_codes`: codes in ``[0, 2**bits)`` back to back in a flat uint8
   stream, least significant bit first, exactly ``ceil(numel * bits / 8)`` bytes (the format of the
-  level database and of :class:`~optimum_evo.compressors.EvoPressQuantLinear`);
-  :func:`unpack_bits` reads the same stream in uint8 arithmetic on the tensor's device (fast
+  level database and of `EvoPressQuantLinear`);
+  `unpack_bits` reads the same stream in uint8 arithmetic on the tensor's device (fast
   enough for every forward).
-* :func:`pack_int32` / :func:`unpack_int32`: a dense **little-endian bit stream in int32 words** per
+* `pack_int32` / `unpack_int32`: a dense **little-endian bit stream in int32 words** per
   row: code ``i`` occupies bits ``i*bits .. i*bits+bits-1`` of the row's stream, word ``w`` holds
   stream bits ``32w .. 32w+31`` (a code may straddle two words; for 2/4/8 bits none does). This is
   GPTQ's ``qweight``/``qzeros`` layout (auto-gptq / gptqmodel, including its 10-1-10-1-10 3-bit
   scheme, which is the same stream) and compressed-tensors' ``pack_to_int32`` layout.
 
-Example:
+Examples:
     >>> import torch
     >>> codes = torch.tensor([[1, 2, 3, 0, 7, 5, 6, 4]])
     >>> packed = pack_int32(codes, bits=3)            # 8 codes * 3 bits -> one int32 word
@@ -53,7 +53,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: uint8 bytes -> int codes of ``shape`` (``torch.uint8``)."""
+    """Inverse of `pack_codes`: uint8 bytes -> int codes of ``shape`` (``torch.uint8``)."""
     n = math.prod(int(d) for d in shape)
     arange = torch.arange(8, dtype=torch.int64, device=packed.device)
     bitstream = ((packed.to(torch.int64).unsqueeze(1) >> arange) & 1).reshape(-1)
@@ -63,7 +63,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
-    """Unpack codes written by :func:`pack_codes` (same result as :func:`unpack_codes`, uint8 of
+    """Unpack codes written by `pack_codes` (same result as `unpack_codes`, uint8 of
     ``shape``), working in uint8 on the tensor's own device so it is cheap enough to run in every
     forward."""
     n = math.prod(int(d) for d in shape)
@@ -109,7 +109,7 @@ def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_int32`: int32 words ``[rows, words]`` -> int64 codes ``[rows, n]``."""
+    """Inverse of `pack_int32`: int32 words ``[rows, words]`` -> int64 codes ``[rows, n]``."""
     w = packed.to(torch.int64) & 0xFFFFFFFF
     w = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=torch.int64, device=w.device)], dim=1)
     pos = torch.arange(n, dtype=torch.int64, device=w.device) * bits

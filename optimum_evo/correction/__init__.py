@@ -4,7 +4,7 @@ One call: closed-form rank-``r`` adapters from the compression residual weighted
 activations (EoRA-style; plain SVD as ablation), optionally followed by KL distillation to the
 dense model with ``transformers.Trainer``; the result is a standard ``peft`` LoRA model.
 
-Example:
+Examples:
     >>> from optimum_evo.correction import correct, save_correction
     >>> peft_model = correct(compressed, "path/to/dense", "brown", rank=16, train=200)   # doctest: +SKIP
     >>> compressed.save_pretrained("out/model")                                         # doctest: +SKIP
@@ -77,29 +77,29 @@ def correct(model, dense_model_or_path, calibration, rank: int = 16, rank_patter
         dense_model_or_path: the dense model it was compressed from (module, folder, embedded name
             or Hub id).
         calibration: ``[N, T]`` token ids or a text source (``"brown"``, a file, a list of strings,
-            a ``datasets.Dataset``; see :mod:`optimum_evo.data`). Never the evaluation text.
+            a ``datasets.Dataset``; see `optimum_evo.data`). Never the evaluation text.
         rank: global adapter rank; ``rank_pattern``: per-module overrides (peft semantics: regex
             matched at the end of the module name, e.g. ``{"down_proj": 32}``; 0 = no adapter).
         param_budget: total adapter parameters; ``rank`` then caps each module's rank and the
             ranks are allocated where they remove the most relative output error
-            (:func:`~optimum_evo.correction.eora.allocate_ranks`).
+            (`allocate_ranks`).
         method: ``"eora"`` (residual in the activation eigenspace) or ``"svd"`` (plain SVD).
         inputs: activation statistics from the ``"dense"`` model (EoRA) or the ``"compressed"``
             model, block by block with earlier blocks corrected, fitting the dense outputs; or
             ``"auto"``: both, each fitted on 7/8 of the windows and scored by KL to the dense model
             on the remaining 1/8; the better one is refitted on all windows (see
-            :func:`select_inputs`).
+            `select_inputs`).
         train: ``False`` (closed form only), a number of training steps, or a dict of
-            :func:`~optimum_evo.correction.train.distill` arguments (``max_steps``,
+            `distill` arguments (``max_steps``,
             ``learning_rate``, ...), for KL distillation to the dense model.
         tokenizer: for text calibration (default: the dense model's).
         num_samples, seq_len, seed: calibration windows drawn from a text source.
         teacher: ``"topk"`` (a top-``top_k`` teacher cache; 4.1 kB/token at K=512), ``"model"``
             (the dense model on the fly) or an existing
-            :class:`~optimum_evo.fitness.TeacherCache` of the calibration windows, for training.
+            `TeacherCache` of the calibration windows, for training.
 
     Returns:
-        a ``peft.PeftModelForCausalLM``; save it with :func:`save_correction` beside the
+        a ``peft.PeftModelForCausalLM``; save it with `save_correction` beside the
         compressed model.
     """
     if inputs not in INPUTS + ("auto",):

@@ -23,7 +23,7 @@ quantized and dequantized), we look for a rank-``r`` correction ``B A`` so that 
   WikiText-2 perplexity gap recovered, against 26.1% with dense inputs (docs/lora-correction.md).
 * ``method="svd"``: plain truncated SVD of ``D`` (activation-blind ablation).
 
-Example:
+Examples:
     >>> A, B = low_rank_correction(residual, H, rank=16, method="eora")   # doctest: +SKIP
     >>> adapters = closed_form_adapters(compressed, dense, windows, rank=16)  # doctest: +SKIP
 """
@@ -71,7 +71,7 @@ class Adapter:
 def compressed_weight(module: nn.Module) -> torch.Tensor:
     """The weight a compressed linear actually computes with, as a float tensor.
 
-    Uses ``module.dequantize_weight()`` (:class:`EvoPressQuantLinear`) or ``module.dequantize()``
+    Uses ``module.dequantize_weight()`` (`EvoPressQuantLinear`) or ``module.dequantize()``
     when the layer has one (packed quantized layers), else
     ``module.weight`` (sparse weights with zeros, or quantized weights loaded dequantized).
     """
@@ -111,13 +111,13 @@ def low_rank_correction(residual: torch.Tensor, H: torch.Tensor | None, rank: in
             calibration inputs never visit do not blow up ``S^-1``.
         weight: the dense weight; when given, ``Adapter.gains`` holds each component's error
             reduction relative to the layer's output energy (``tr(W H W^T)``, or ``||W||^2`` for SVD),
-            which :func:`allocate_ranks` compares across layers.
+            which `allocate_ranks` compares across layers.
 
     Returns:
-        an :class:`Adapter` with the singular values split evenly between ``A`` and ``B`` (the
+        an `Adapter` with the singular values split evenly between ``A`` and ``B`` (the
         balanced factorization trains best).
 
-    Example:
+    Examples:
         >>> D = torch.randn(8, 6); H = torch.eye(6)
         >>> ad = low_rank_correction(D, H, rank=6)
         >>> bool(torch.allclose(ad.delta(), D, atol=1e-4))
@@ -153,7 +153,7 @@ def allocate_ranks(adapters: dict, param_budget: int) -> dict:
     since each module's gains decrease with the component index. Returns truncated adapters
     (modules left at rank 0 are dropped).
 
-    Example:
+    Examples:
         >>> a = Adapter(torch.ones(2, 4), torch.ones(4, 2), torch.tensor([0.5, 0.1]))
         >>> b = Adapter(torch.ones(2, 4), torch.ones(4, 2), torch.tensor([0.3, 0.2]))
         >>> {n: x.rank for n, x in allocate_ranks({"a": a, "b": b}, 24).items()}
@@ -180,7 +180,7 @@ def resolve_ranks(names, rank: int, rank_pattern: dict | None = None) -> dict:
     (regular expression matched at the end of the name, after a dot); unmatched names get
     ``rank``. A rank of 0 leaves the module uncorrected.
 
-    Example:
+    Examples:
         >>> resolve_ranks(["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"], 8, {"down_proj": 32})
         {'model.layers.0.mlp.down_proj': 32, 'model.layers.0.self_attn.q_proj': 8}
     """
@@ -280,12 +280,12 @@ def closed_form_adapters(compressed, dense, windows: torch.Tensor, rank: int = 1
         compressed: the compressed model (not modified).
         dense: the dense model with the same architecture.
         windows: ``[N, T]`` calibration token ids (never the evaluation text).
-        rank, rank_pattern: global rank and per-module overrides (see :func:`resolve_ranks`).
+        rank, rank_pattern: global rank and per-module overrides (see `resolve_ranks`).
         method: ``"eora"`` or ``"svd"`` (see the module docstring).
         inputs: ``"dense"`` or ``"compressed"`` activation statistics (see the module docstring).
         damp: eigenvalue floor, relative to the mean input energy.
         param_budget: total adapter parameters; ranks are then chosen per module (at most the
-            module's ``rank``) by :func:`allocate_ranks`, spending the budget where it removes the
+            module's ``rank``) by `allocate_ranks`, spending the budget where it removes the
             most relative output error. With ``inputs="compressed"`` the ranks come from that
             allocation on dense inputs (a block's correction feeds the next block, so ranks must be
             fixed before the walk), which costs one more pass unless ``dense_allocation`` (the
@@ -296,7 +296,7 @@ def closed_form_adapters(compressed, dense, windows: torch.Tensor, rank: int = 1
     Returns:
         ``{full module name: Adapter}``.
 
-    Example:
+    Examples:
         >>> ads = closed_form_adapters(compressed, dense, windows, rank=16)   # doctest: +SKIP
         >>> ads["model.layers.0.self_attn.q_proj"].A.shape                   # doctest: +SKIP
         torch.Size([16, 576])

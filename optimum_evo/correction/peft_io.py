@@ -1,20 +1,20 @@
 """Correction adapters as standard PEFT LoRA: attach, save beside the compressed model, reload, merge.
 
-Layout written by :func:`save_correction` (``model_dir`` holds the compressed model)::
+Layout written by `save_correction` (``model_dir`` holds the compressed model):
 
     model_dir/                      config.json, model.safetensors, tokenizer ... (compressed model)
     model_dir/lora-correction/      adapter_config.json   (base_model_name_or_path -> model_dir)
                                     adapter_model.safetensors
                                     evopress_correction.json (method, ranks, kinds, sizes)
 
-so every standard entry point restores compressed model + adapter::
+so every standard entry point restores compressed model + adapter:
 
     AutoPeftModelForCausalLM.from_pretrained("model_dir/lora-correction")
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("model_dir"), "model_dir/lora-correction")
     AutoModelForCausalLM.from_pretrained("model_dir/lora-correction")   # transformers' PEFT integration
 
 Merging: ``peft``'s own ``merge_and_unload`` adds ``B A`` into the weight, which silently destroys a
-sparsity pattern or a quantization grid. :func:`merge_correction` does it correctly for sparse
+sparsity pattern or a quantization grid. `merge_correction` does it correctly for sparse
 layers (the merged weight is re-masked, so the layer keeps its exact sparsity) and refuses for
 quantized layers unless ``allow_dense=True`` (the result is then an uncompressed float weight).
 """
@@ -59,12 +59,12 @@ def attach_adapters(model, adapters: dict, adapter_name: str = "default"):
     Args:
         model: a transformers causal LM whose compressed linears are ``nn.Linear`` (or subclasses).
         adapters: ``{full module name: Adapter}`` from
-            :func:`~optimum_evo.correction.eora.closed_form_adapters`.
+            `closed_form_adapters`.
 
     Returns:
         the ``PeftModel`` (the base model is modified in place, as with ``get_peft_model``).
 
-    Example:
+    Examples:
         >>> peft_model = attach_adapters(compressed, adapters)     # doctest: +SKIP
         >>> peft_model.print_trainable_parameters()                # doctest: +SKIP
     """
@@ -124,7 +124,7 @@ def save_correction(peft_model, model_dir, base_model_name_or_path: str | None =
     compressed model + adapter.
 
     Args:
-        peft_model: the corrected model: a ``PeftModel`` (:func:`attach_adapters` or trained) or a
+        peft_model: the corrected model: a ``PeftModel`` (`attach_adapters` or trained) or a
             transformers model carrying the adapter through transformers' PEFT integration.
         model_dir: folder of the saved compressed model (must hold its ``config.json``).
         base_model_name_or_path: what the adapter config points at; default the absolute path of
@@ -166,7 +166,7 @@ def adopt_adapter(peft_model):
     PEFT integration: it stays a plain ``PreTrainedModel`` whose adapter ``"default"`` is active,
     as after ``model.load_adapter(...)`` (e.g. ``Trainer`` accepts it for fine-tuning the adapter).
     transformers 5.24's adapter methods (``active_adapters()``, ``disable_adapters()``, ...) need
-    peft >= 0.22; with peft 0.21 use :func:`set_correction_enabled`."""
+    peft >= 0.22; with peft 0.21 use `set_correction_enabled`."""
     base = peft_model.get_base_model()
     base._hf_peft_config_loaded = True
     return base
@@ -177,7 +177,7 @@ def set_correction_enabled(model, enabled: bool = True) -> int:
     or off, e.g. to compare with and without it; returns the number of layers switched. (Works
     with peft 0.21, which transformers 5's own ``disable_adapters()`` refuses.)
 
-    Example:
+    Examples:
         >>> set_correction_enabled(model, False)   # the compressed model alone   # doctest: +SKIP
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -242,20 +242,20 @@ def merge_correction(peft_model, kinds: dict | None = None, allow_dense: bool = 
       exactly its sparsity (the part of ``B A`` that falls on pruned weights is dropped, so a merged
       model is usually worse than base + adapter);
     * quantized layers (dequantized weights or packed codes): the merged weight is off the
-      quantization grid, so this raises :class:`MergeRefusedError` unless ``allow_dense=True``
+      quantization grid, so this raises `MergeRefusedError` unless ``allow_dense=True``
       (the merged layer is then a plain float layer and no longer compressed);
     * layers of unknown kind are treated as quantized.
 
     Args:
         kinds: ``{full module name: compression method name}`` (e.g. ``"sparsity"``), for models
             without an EvoPress record; by default the rules come from the model's record
-            (:func:`merge_rules`).
+            (`merge_rules`).
         rules: ``{full module name: MERGE_MASKED | MERGE_REFUSED}`` directly.
 
     Returns:
         the unwrapped base model with merged weights.
 
-    Example:
+    Examples:
         >>> model = merge_correction(peft_model)     # sparse model: keeps its exact sparsity  # doctest: +SKIP
     """
     from peft.tuners.lora import LoraLayer

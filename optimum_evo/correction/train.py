@@ -4,11 +4,11 @@ Starts from the closed-form adapters (or any ``PeftModel``) and minimises the me
 ``KL(dense || corrected)`` on calibration windows. Only the LoRA factors train; the compressed
 weights stay frozen, so sparsity and quantization are untouched.
 
-Memory: the teacher is either a :class:`~optimum_evo.fitness.TeacherCache` built once (top-K:
+Memory: the teacher is either a `TeacherCache` built once (top-K:
 4.1 kB per token for K=512, independent of the vocabulary, so the dense model can be freed) or
 the dense model itself, run on the fly under ``no_grad`` (full KL, no cache, two models in memory).
 
-Example:
+Examples:
     >>> teacher = TeacherCache.build(dense, windows, mode="topk", top_k=512)          # doctest: +SKIP
     >>> distill(peft_model, windows, teacher, max_steps=200, learning_rate=2e-4)      # doctest: +SKIP
 """
@@ -41,7 +41,7 @@ class KLDistillationTrainer(Trainer):
     """``Trainer`` whose loss is the mean per-token KL(teacher || student).
 
     Args:
-        teacher: a :class:`TeacherCache` of the training windows (items carry their ``window``
+        teacher: a `TeacherCache` of the training windows (items carry their ``window``
             index) or a dense ``PreTrainedModel`` run on the fly.
         All other arguments are ``Trainer``'s.
     """
@@ -78,14 +78,14 @@ def distill(peft_model, windows: torch.Tensor, teacher, max_steps: int = 200, le
     Args:
         peft_model: the corrected model (only its LoRA parameters are trainable).
         windows: ``[N, T]`` calibration token ids (the teacher cache's windows, same order).
-        teacher: :class:`TeacherCache` of ``windows`` or the dense model.
+        teacher: `TeacherCache` of ``windows`` or the dense model.
         max_steps, learning_rate, batch_size, gradient_accumulation_steps, warmup_ratio,
             weight_decay, seed, logging_steps: training settings (cosine schedule, AdamW).
         output_dir: Trainer folder (default: a temporary one; nothing is checkpointed).
         callbacks: extra ``TrainerCallback`` objects.
         training_kwargs: more ``TrainingArguments``.
 
-    Example:
+    Examples:
         >>> trainer = distill(peft_model, calib, teacher_cache, max_steps=100)   # doctest: +SKIP
         >>> trainer.state.log_history[-1]["train_loss"]                          # doctest: +SKIP
     """

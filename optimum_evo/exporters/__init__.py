@@ -1,22 +1,16 @@
 """The registry of export formats: compressed models that deploy **without this plugin**.
 
-=======================  ==========================================  ==========================================
-format                   writes                                      loads with
-=======================  ==========================================  ==========================================
-``dense``                plain transformers checkpoint (depth:      ``AutoModelForCausalLM.from_pretrained``
-                         blocks removed; sparsity: exact zeros;
-                         quantization: dequantized weights)
-``gptq``                 GPTQ format, per-module bits in             gptqmodel (``GPTQModel.load``), transformers
-                         ``dynamic``                                 with gptqmodel, vLLM
-``compressed-tensors``   ``pack-quantized``, one config group per    transformers (compressed-tensors quantizer),
-                         bit width                                   vLLM, llm-compressor
-=======================  ==========================================  ==========================================
+| format | writes | loads with |
+|---|---|---|
+| ``dense`` | plain transformers checkpoint (depth: blocks removed; sparsity: exact zeros; quantization: dequantized weights) | ``AutoModelForCausalLM.from_pretrained`` |
+| ``gptq`` | GPTQ format, per-module bits in ``dynamic`` | gptqmodel (``GPTQModel.load``), transformers with gptqmodel, vLLM |
+| ``compressed-tensors`` | ``pack-quantized``, one config group per bit width | transformers (compressed-tensors quantizer), vLLM, llm-compressor |
 
-Each format is an :class:`Exporter` registered with :func:`register_exporter`; the command line's
+Each format is an `Exporter` registered with `register_exporter`; the command line's
 ``--export`` choices, the optimum quantizer's ``export_format`` and the rule that a format needs
 packed quantized linears are read from the registry, so a new format is one module.
 
-Example:
+Examples:
     >>> import optimum_evo
     >>> from transformers import AutoModelForCausalLM
     >>> from optimum_evo.exporters import available_exporters, export

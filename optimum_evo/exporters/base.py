@@ -1,5 +1,5 @@
-"""The export-format interface and registry: :class:`Exporter`, :func:`register_exporter`,
-:func:`get_exporter`, :func:`available_exporters` and :func:`export`."""
+"""The export-format interface and registry: `Exporter`, `register_exporter`,
+`get_exporter`, `available_exporters` and `export`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class Exporter(ABC):
         description: one line for ``--help`` and the docs.
         loads_with: what reads the result.
         needs_packed_weights: the format holds packed quantized linears, so it only takes models of a
-            method with ``packs_weights`` (:class:`~optimum_evo.methods.CompressionMethod`).
+            method with ``packs_weights`` (`CompressionMethod`).
     """
 
     name: ClassVar[str]
@@ -75,7 +75,7 @@ def available_exporters() -> list:
 
 
 def export(model, save_dir, format: str, tokenizer=None, **kwargs) -> dict:
-    """Export ``model`` to ``save_dir`` in ``format`` (one of :func:`available_exporters`); ``kwargs``
+    """Export ``model`` to ``save_dir`` in ``format`` (one of `available_exporters`); ``kwargs``
     go to the format. Returns its summary dict."""
     exporter = get_exporter(format)
     from ..correction.peft_io import has_lora_layers

@@ -1,8 +1,8 @@
 """Shared pieces of the exporters: the plain (plugin-free) model rebuilt from an EvoPress model, and
 the bookkeeping of which modules are packed / dropped. (The int32 bit-stream packing that GPTQ and
-compressed-tensors share is :func:`optimum_evo.compressors.packing.pack_int32`.)
+compressed-tensors share is `optimum_evo.compressors.packing.pack_int32`.)
 
-Example:
+Examples:
     >>> contents = model_contents(model)                  # doctest: +SKIP
     >>> sorted(contents.quantized)[:1], contents.dropped   # doctest: +SKIP
 """

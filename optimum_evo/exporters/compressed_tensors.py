@@ -3,17 +3,14 @@ format), with one ``config_group`` per bit width (and grouping), loadable by tra
 compressed-tensors quantizer and by vLLM.
 
 Per quantized linear ``W [out, in]`` at ``b`` bits with ``G`` groups (compressed-tensors' conventions:
-signed codes ``q - 2**(b-1)`` packed with its ``pack_to_int32`` layout, see :mod:`.common`):
+signed codes ``q - 2**(b-1)`` packed with its ``pack_to_int32`` layout, see `.common`):
 
-=======================  ===================================  ==========================================
-tensor                   dtype, shape                         content
-=======================  ===================================  ==========================================
-``weight_packed``        int32 ``[out, ceil(in*b/32)]``        codes packed along the input dim
-``weight_scale``         ``dtype`` ``[out, G]``                scales (float16 values, exact in float16/32)
-``weight_zero_point``    int32 ``[ceil(out*b/32), G]``         asymmetric only: ``zero - 2**(b-1)`` packed
-                                                              along the output dim
-``weight_shape``         int64 ``[2]``                         ``[out, in]``
-=======================  ===================================  ==========================================
+| tensor | dtype, shape | content |
+|---|---|---|
+| ``weight_packed`` | int32 ``[out, ceil(in*b/32)]`` | codes packed along the input dim |
+| ``weight_scale`` | ``dtype`` ``[out, G]`` | scales (float16 values, exact in float16/32) |
+| ``weight_zero_point`` | int32 ``[ceil(out*b/32), G]`` | asymmetric only: ``zero - 2**(b-1)`` packed along the output dim |
+| ``weight_shape`` | int64 ``[2]`` | ``[out, in]`` |
 
 and ``W = (q_signed - zp_signed) * scale`` per group. Strategy ``group`` (``group_size``) or ``channel``
 (one group per row). Symmetric layers (every zero-point at ``2**(b-1)``) are written
@@ -30,7 +27,7 @@ zero-points unpacked (``[out, G]``) while the format packs them (llm-compressor 
 widths. Use the GPTQ export (gptqmodel loads asymmetric mixed-bit checkpoints) or quantize with
 ``sym=True`` for transformers; vLLM reads the packed zero-points.
 
-Example:
+Examples:
     >>> from optimum_evo.exporters import export_compressed_tensors
     >>> export_compressed_tensors(model, "out/ct", tokenizer=tok)        # doctest: +SKIP
     >>> AutoModelForCausalLM.from_pretrained("out/ct")   # needs `pip install compressed-tensors`  # doctest: +SKIP
@@ -65,12 +62,12 @@ def export_compressed_tensors(model, save_dir, tokenizer=None, dtype: torch.dtyp
     one config group per (bits, strategy, group size).
 
     Args:
-        model: a model holding :class:`~optimum_evo.compressors.EvoPressQuantLinear` layers.
+        model: a model holding `EvoPressQuantLinear` layers.
         save_dir: output folder.
         tokenizer: tokenizer object or path saved alongside (default: the model's own folder, if any).
         dtype: dtype of the unquantized weights and of the scales. The stored scales are float16, so
             float16 and float32 keep them exact; bfloat16 rounds them (a warning says so).
-        partial_drops: for models with attention-/MLP-only drops, as in :func:`export_dense`.
+        partial_drops: for models with attention-/MLP-only drops, as in `export_dense`.
 
     Returns:
         A summary dict (``format``, ``config_groups`` -> number of modules, ``path``).
@@ -156,7 +153,7 @@ def _ct_version() -> str:
 
 
 class CompressedTensorsExporter(Exporter):
-    """compressed-tensors ``pack-quantized`` checkpoints (:func:`export_compressed_tensors`)."""
+    """compressed-tensors ``pack-quantized`` checkpoints (`export_compressed_tensors`)."""
 
     name = "compressed-tensors"
     description = "compressed-tensors pack-quantized, one config group per bit width (transformers, vLLM)"

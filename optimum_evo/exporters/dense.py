@@ -1,12 +1,12 @@
 """Export an EvoPress model as a **plain transformers checkpoint** (no plugin needed to load it).
 
 * depth: whole dropped blocks are already gone (config renumbered); attention-/MLP-only drops are
-  written as zeroed sub-blocks (exact outputs; see :func:`~.common.build_plain_model`) or refused
+  written as zeroed sub-blocks (exact outputs; see `build_plain_model`) or refused
   with ``partial_drops="error"``.
 * sparsity: the linears already hold exact zeros; the checkpoint is the dense model.
 * quantization: packed linears are dequantized (the exact weights the search scored, in ``dtype``).
 
-Example:
+Examples:
     >>> from optimum_evo.exporters import export_dense
     >>> export_dense(model, "out/plain", tokenizer=tok)                          # doctest: +SKIP
     >>> AutoModelForCausalLM.from_pretrained("out/plain")   # no `import optimum_evo` needed  # doctest: +SKIP
@@ -48,7 +48,7 @@ def export_dense(model, save_dir, tokenizer=None, dtype: torch.dtype | None = No
 
 
 class DenseExporter(Exporter):
-    """Plain transformers checkpoints (:func:`export_dense`)."""
+    """Plain transformers checkpoints (`export_dense`)."""
 
     name = "dense"
     description = "plain transformers checkpoint: blocks removed, exact zeros, dequantized weights"

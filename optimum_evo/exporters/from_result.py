@@ -2,7 +2,7 @@
 (the base model, the found candidate and, for database methods, the level database), so it can be
 exported later.
 
-Example:
+Examples:
     >>> from optimum_evo.exporters.from_result import export_result
     >>> export_result("out/q/result.json", "gptq", "out/q/export-gptq")      # doctest: +SKIP
 """

@@ -2,18 +2,15 @@
 gptqmodel, transformers' GPTQ integration and vLLM), with per-module bit widths in ``dynamic``.
 
 Format written (per quantized linear ``W [out, in]``, ``G`` groups; see the spec in
-:mod:`optimum_evo.compressors.packing` for the int32 bit stream):
+`optimum_evo.compressors.packing` for the int32 bit stream):
 
-===========  ===========================  =====================================================
-tensor       dtype, shape                 content
-===========  ===========================  =====================================================
-``qweight``  int32 ``[ceil(in*b/32), out]``  codes, each output column packed along the input dim
-``qzeros``   int32 ``[G, ceil(out*b/32)]``   zero-points packed along the output dim; format
-                                              ``gptq`` (v1) stores ``zero - 1``, ``gptq_v2`` ``zero``
-``scales``   float16 ``[G, out]``           per group and output channel
-``g_idx``    int32 ``[in]``                 group of each input column
-``bias``     float16 ``[out]``              if the layer has one
-===========  ===========================  =====================================================
+| tensor | dtype, shape | content |
+|---|---|---|
+| ``qweight`` | int32 ``[ceil(in*b/32), out]`` | codes, each output column packed along the input dim |
+| ``qzeros`` | int32 ``[G, ceil(out*b/32)]`` | zero-points packed along the output dim; format ``gptq`` (v1) stores ``zero - 1``, ``gptq_v2`` ``zero`` |
+| ``scales`` | float16 ``[G, out]`` | per group and output channel |
+| ``g_idx`` | int32 ``[in]`` | group of each input column |
+| ``bias`` | float16 ``[out]`` | if the layer has one |
 
 and ``W[o, i] = scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o])``. ``quantize_config.json`` and
 ``config.json``'s ``quantization_config`` carry ``quant_method="gptq"``, the most common ``bits`` /
@@ -33,10 +30,10 @@ older vLLM. Bit widths GPTQ kernels lack (1, 5, 6, 7) are stored as the next sup
 width (2 or 8) with the same scales and codes and zero-points shifted by the same amount: exact,
 slightly larger.
 
-:func:`dequantize_gptq_checkpoint` is an independent reader of this layout (used by the tests, and
+`dequantize_gptq_checkpoint` is an independent reader of this layout (used by the tests, and
 to check a checkpoint without gptqmodel).
 
-Example:
+Examples:
     >>> from optimum_evo.exporters import export_gptq
     >>> summary = export_gptq(model, "out/gptq", tokenizer=tok)          # doctest: +SKIP
     >>> summary["bits"], summary["dynamic_overrides"], summary["checkpoint_format"]  # doctest: +SKIP
@@ -93,17 +90,17 @@ def _pattern(name: str) -> str:
 @torch.no_grad()
 def export_gptq(model, save_dir, tokenizer=None, checkpoint_format: str = "auto", dtype: torch.dtype = torch.float16,
                 partial_drops: str = "zero", max_shard_size: str = "5GB") -> dict:
-    """Write an EvoPress quantization model (its :class:`EvoPressQuantLinear` modules) as a GPTQ
+    """Write an EvoPress quantization model (its `EvoPressQuantLinear` modules) as a GPTQ
     checkpoint with per-module bits (see the module docstring for the exact format).
 
     Args:
-        model: a model holding :class:`~optimum_evo.compressors.EvoPressQuantLinear`
+        model: a model holding `EvoPressQuantLinear`
             layers (``compression="quantization"``).
         save_dir: output folder.
         tokenizer: tokenizer object or path saved alongside (default: the model's own folder, if any).
         checkpoint_format: ``"auto"`` (v1 when symmetric, else v2), ``"gptq"`` (v1) or ``"gptq_v2"``.
         dtype: dtype of the unquantized weights (embeddings, norms, head); GPTQ kernels run float16.
-        partial_drops: for models with attention-/MLP-only drops, as in :func:`export_dense`.
+        partial_drops: for models with attention-/MLP-only drops, as in `export_dense`.
 
     Returns:
         A summary dict (``format``, ``checkpoint_format``, ``bits``, ``group_size``,
@@ -250,7 +247,7 @@ def dequantize_gptq_checkpoint(path, dtype: torch.dtype = torch.float32):
     int32 packing) into a plain transformers model with **dequantized** weights, by reading the
     format spec directly (no gptqmodel). For verification on machines without GPTQ kernels.
 
-    Example:
+    Examples:
         >>> model = dequantize_gptq_checkpoint("out/gptq")        # doctest: +SKIP
     """
     from safetensors.torch import load_file
@@ -295,7 +292,7 @@ def dequantize_gptq_checkpoint(path, dtype: torch.dtype = torch.float32):
 
 
 class GPTQExporter(Exporter):
-    """GPTQ checkpoints with per-module bits (:func:`export_gptq`)."""
+    """GPTQ checkpoints with per-module bits (`export_gptq`)."""
 
     name = "gptq"
     description = "GPTQ format, per-module bits in `dynamic` (gptqmodel, vLLM for 4/8-bit symmetric)"

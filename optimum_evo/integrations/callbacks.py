@@ -1,13 +1,13 @@
 """``transformers.Trainer`` callbacks for compressed models.
 
-* :class:`SparsityPreservingCallback`: re-applies each layer's sparsity mask after every optimizer
+* `SparsityPreservingCallback`: re-applies each layer's sparsity mask after every optimizer
   step, so fine-tuning a pruned model keeps exactly its zeros.
-* :class:`EvaluationCallback`: at every evaluation, adds ``eval_kl`` (KL to the dense teacher) and
+* `EvaluationCallback`: at every evaluation, adds ``eval_kl`` (KL to the dense teacher) and
   ``eval_ppl`` (perplexity) on fixed token windows to the metrics.
-* :class:`CompressAfterTrainingCallback`: at the end of training, runs an EvoPress search on the
+* `CompressAfterTrainingCallback`: at the end of training, runs an EvoPress search on the
   trained model and saves (optionally pushes) the compressed result.
 
-Example:
+Examples:
     >>> trainer = Trainer(model=model, args=args, train_dataset=ds,                 # doctest: +SKIP
     ...                   callbacks=[SparsityPreservingCallback(model),
     ...                              EvaluationCallback(eval_ids, teacher=TeacherCache.build(dense, eval_ids))])
@@ -43,7 +43,7 @@ class SparsityPreservingCallback(TrainerCallback):
         min_sparsity: smallest fraction of exact zeros for a linear to count as sparse.
         modules: explicit module names (as in ``model.named_modules()``) instead of the threshold.
 
-    Example:
+    Examples:
         >>> cb = SparsityPreservingCallback(pruned_model)                  # doctest: +SKIP
         >>> Trainer(model=pruned_model, args=args, train_dataset=ds, callbacks=[cb]).train()  # doctest: +SKIP
         >>> cb.sparsity()       # {module: fraction of zeros}, unchanged  # doctest: +SKIP
@@ -113,8 +113,8 @@ class SparsityPreservingCallback(TrainerCallback):
 class EvaluationCallback(TrainerCallback):
     """Log ``eval_kl`` and ``eval_ppl`` at every evaluation.
 
-    Runs :func:`optimum_evo.fitness.evaluate` on fixed ``[N, T]`` token windows (e.g. WikiText-2,
-    :func:`optimum_evo.data.evaluation_windows`): perplexity, and the mean per-token
+    Runs `optimum_evo.fitness.evaluate` on fixed ``[N, T]`` token windows (e.g. WikiText-2,
+    `optimum_evo.data.evaluation_windows`): perplexity, and the mean per-token
     KL(teacher || model) when a teacher cache of the same windows is given. The values are added
     to the metrics dict returned by ``trainer.evaluate()`` and to the evaluation entry of
     ``trainer.state.log_history`` (hence ``trainer_state.json``), under ``{prefix}_kl`` and
@@ -122,11 +122,11 @@ class EvaluationCallback(TrainerCallback):
 
     Args:
         windows: ``[N, T]`` token ids.
-        teacher: a :class:`~optimum_evo.fitness.TeacherCache` built on ``windows`` by the dense
+        teacher: a `TeacherCache` built on ``windows`` by the dense
             model (``None``: perplexity only).
         prefix: metric prefix (``"eval"``).
 
-    Example:
+    Examples:
         >>> ids = evaluation_windows("wikitext2", tok, 512, max_windows=8)                # doctest: +SKIP
         >>> cb = EvaluationCallback(ids, teacher=TeacherCache.build(dense, ids))           # doctest: +SKIP
         >>> Trainer(..., eval_dataset=ds, callbacks=[cb]).evaluate()["eval_ppl"]           # doctest: +SKIP
@@ -177,19 +177,19 @@ class CompressAfterTrainingCallback(TrainerCallback):
     """Run an EvoPress search on the trained model when training ends; save (and push) the result.
 
     The trained model (merged first when it is a ``PeftModel``, on a copy) is saved to a temporary
-    folder with the tokenizer, then :func:`optimum_evo.pipeline.run_search` compresses it with
+    folder with the tokenizer, then `optimum_evo.pipeline.run_search` compresses it with
     ``search_arguments`` (``model`` and ``output_dir`` are filled in). The compressed model lands in
-    ``output_dir/model``; the search report is kept in :attr:`report`.
+    ``output_dir/model``; the search report is kept in `report`.
 
     Args:
-        search_arguments: a :class:`~optimum_evo.SearchArguments` or a dict of its
+        search_arguments: a `SearchArguments` or a dict of its
             fields (e.g. ``{"compression": "depth", "target": 0.25}``).
         output_dir: where the search writes (default: ``<trainer output_dir>/evopress``).
         push_to_hub: a repo id to upload ``output_dir/model`` to (created when missing).
-        hub_kwargs: more arguments of :func:`optimum_evo.integrations.hub.upload_folder` (``private``, ``token``, ...).
+        hub_kwargs: more arguments of `optimum_evo.integrations.hub.upload_folder` (``private``, ``token``, ...).
         tokenizer: saved with the model (default: the Trainer's ``processing_class``).
 
-    Example:
+    Examples:
         >>> cb = CompressAfterTrainingCallback({"compression": "depth", "target": 0.25})   # doctest: +SKIP
         >>> Trainer(..., callbacks=[cb]).train()                                          # doctest: +SKIP
         >>> cb.report["results"]["evopress"]["perplexity"]                               # doctest: +SKIP

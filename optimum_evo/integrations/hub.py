@@ -1,9 +1,9 @@
 """``save_pretrained`` and ``push_to_hub`` of EvoPress-compressed models.
 
-A model compressed (or reloaded) through :class:`~optimum_evo.integrations.transformers.EvoPressConfig`
+A model compressed (or reloaded) through `EvoPressConfig`
 gets instance versions of ``save_pretrained`` and ``push_to_hub``:
 
-* ``save_pretrained(dir)`` writes the EvoPress checkpoint (:func:`optimum_evo.checkpoint.save_checkpoint`:
+* ``save_pretrained(dir)`` writes the EvoPress checkpoint (`optimum_evo.checkpoint.save_checkpoint`:
   ``config.json`` with the EvoPress ``quantization_config``, ``model.safetensors`` with the packed
   tensors, ``generation_config.json``, a ``README.md`` model card and an attached LoRA correction
   adapter in ``lora-correction/``).
@@ -12,10 +12,10 @@ gets instance versions of ``save_pretrained`` and ``push_to_hub``:
   commit (transformers' own ``push_to_hub`` would replace the card by a generic one fetched from
   the Hub).
 
-The same functions work on any EvoPress model: :func:`save_pretrained`, :func:`push_to_hub`;
-:func:`model_card` returns the card's text.
+The same functions work on any EvoPress model: `save_pretrained`, `push_to_hub`;
+`model_card` returns the card's text.
 
-Example:
+Examples:
     >>> model.save_pretrained("compressed")                                # doctest: +SKIP
     >>> print(open("compressed/README.md").read()[:200])                   # doctest: +SKIP
     >>> model.push_to_hub("me/smollm2-evopress-3bit", private=True)        # doctest: +SKIP
@@ -52,7 +52,7 @@ def model_card(model, repo_id: str | None = None, tags=None) -> str:
 
 
 def save_pretrained(model, save_directory, **kwargs):
-    """Write the EvoPress checkpoint of ``model`` (:func:`optimum_evo.checkpoint.save_checkpoint`).
+    """Write the EvoPress checkpoint of ``model`` (`optimum_evo.checkpoint.save_checkpoint`).
     ``push_to_hub=True`` uploads the folder afterwards (``repo_id``, ``commit_message``,
     ``create_pr``, ``private``, ``token`` as in transformers)."""
     record = _record(model)
@@ -87,7 +87,7 @@ def upload_folder(folder, repo_id, token=None, private=None, commit_message=None
 def push_to_hub(model, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
                 private: bool | None = None, token=None, revision: str | None = None, create_pr: bool = False,
                 max_shard_size="50GB", tags=None):
-    """Upload exactly the files :func:`save_pretrained` writes (weights, configs, model card, LoRA
+    """Upload exactly the files `save_pretrained` writes (weights, configs, model card, LoRA
     correction) to ``repo_id`` in one commit; same keyword arguments as transformers' ``push_to_hub``."""
     record = _record(model)
     with tempfile.TemporaryDirectory() as tmp:

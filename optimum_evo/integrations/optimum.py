@@ -1,12 +1,12 @@
-"""Optimum integration: :class:`EvoPressQuantizer` (an ``optimum.quantization_base.OptimumQuantizer``) and
+"""Optimum integration: `EvoPressQuantizer` (an ``optimum.quantization_base.OptimumQuantizer``) and
 the ``optimum-cli evopress`` command.
 
 ``optimum-cli evopress`` takes exactly the options of ``optimum-evo search`` (the parser is built by
-:func:`optimum_evo.cli.add_search_arguments`, including ``--export``); it is registered through the
+`optimum_evo.cli.add_search_arguments`, including ``--export``); it is registered through the
 PEP 420 namespace ``optimum/commands/register/`` (module ``optimum/commands/register/evopress.py``
 of this distribution), which optimum-cli scans at startup.
 
-Example:
+Examples:
     >>> from optimum_evo.integrations.optimum import EvoPressQuantizer
     >>> quantizer = EvoPressQuantizer.from_pretrained("HuggingFaceTB/SmolLM2-135M")          # doctest: +SKIP
     >>> model = quantizer.quantize("out/q", compression="quantization", target=3.0,
@@ -34,9 +34,9 @@ def save_formats() -> tuple:
 class EvoPressQuantizer(OptimumQuantizer):
     """Runs an EvoPress search on a causal LM and saves the compressed model, in the EvoPress format
     (reloads with ``import optimum_evo``) or exported for deployment without the plugin
-    (``dense``, ``gptq``, ``compressed-tensors``, ...; see :mod:`optimum_evo.exporters`).
+    (``dense``, ``gptq``, ``compressed-tensors``, ...; see `optimum_evo.exporters`).
 
-    Build it with :meth:`from_pretrained` (a path / Hub id, or a loaded float model).
+    Build it with `from_pretrained` (a path / Hub id, or a loaded float model).
     """
 
     def __init__(self, model=None, model_path: str | None = None, tokenizer=None):
@@ -47,7 +47,7 @@ class EvoPressQuantizer(OptimumQuantizer):
     @classmethod
     def from_pretrained(cls, model_or_path, file_name: str | None = None, tokenizer=None) -> "EvoPressQuantizer":
         """``model_or_path``: a local folder, Hub id, embedded name (``"smollm2"``) or an already
-        loaded ``PreTrainedModel`` (compressed in place by :meth:`quantize`; its ``name_or_path``
+        loaded ``PreTrainedModel`` (compressed in place by `quantize`; its ``name_or_path``
         must point to its checkpoint, whose tokenizer and calibration identity are used).
         ``file_name`` is part of optimum's interface for single-file formats (ONNX) and must be ``None``."""
         if file_name is not None:
@@ -70,10 +70,10 @@ class EvoPressQuantizer(OptimumQuantizer):
         Args:
             save_dir: output folder (created).
             file_prefix: part of optimum's interface for single-file formats; must be ``None``.
-            quantization_config: an :class:`~optimum_evo.EvoPressConfig`; or pass its fields as keyword
+            quantization_config: an `EvoPressConfig`; or pass its fields as keyword
                 arguments (``compression="quantization", target=3.0, levels=[2, 3, 4], ...``).
             export_format: ``"evopress"`` (``save_pretrained``: packed mixed-bit layers, config with the
-                profile and metrics, model card) or a registered export format (:mod:`optimum_evo.exporters`).
+                profile and metrics, model card) or a registered export format (`optimum_evo.exporters`).
         """
         from ..exporters import export
         from .transformers import EvoPressConfig

@@ -1,12 +1,12 @@
 """The registry of compression methods.
 
-A method (see :class:`~optimum_evo.methods.base.CompressionMethod`) owns everything specific to
+A method (see `CompressionMethod`) owns everything specific to
 one kind of compression; it is found by its name everywhere else. The built-in methods are
 ``depth``, ``sparsity`` and ``quantization``; a new one is registered with
-:func:`register_method` and is then accepted by ``SearchArguments(compression=...)``,
+`register_method` and is then accepted by ``SearchArguments(compression=...)``,
 ``EvoPressConfig``, the command line and checkpoint reloading.
 
-Example:
+Examples:
     >>> from optimum_evo.methods import available_methods, get_method
     >>> available_methods()
     ['depth', 'sparsity', 'quantization']

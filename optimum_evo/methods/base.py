@@ -3,21 +3,18 @@
 A *compression method* is one kind of compression EvoPress can search over (depth pruning,
 unstructured sparsity, mixed-bit quantization, ...). Everything that depends on the kind lives in
 its method; the pipeline, the search engine, the checkpoint format, the model card, the exporters
-and the integrations only talk to a :class:`CompressionMethod` found by name with
-:func:`~optimum_evo.methods.get_method`.
+and the integrations only talk to a `CompressionMethod` found by name with
+`get_method`.
 
-To add a method, subclass :class:`CompressionMethod`, set the class attributes and implement:
+To add a method, subclass `CompressionMethod`, set the class attributes and implement:
 
-=========================  ====================================================================
-``validate(args)``          check the method's settings in :class:`~optimum_evo.SearchArguments`
-                            (the target's meaning, the levels) and raise ``ValueError`` naming
-                            the fix; called when the settings are built, before any model loads
-``build_space(run, model)``  the :class:`SearchSpace` of ``model`` (units, levels, exact budget)
-``baselines(run)``          named initial / comparison candidates (heuristics) in that space
-``materialize(model,        make a candidate permanent on ``model`` and return its *profile*
-space, candidate)``         (a JSON dict recorded in the checkpoint's ``quantization_config``)
-``summary(profile)``        the profile in a few readable lines (model card, ``show``)
-=========================  ====================================================================
+| method | does |
+|---|---|
+| ``validate(args)`` | check the method's settings in `SearchArguments` (the target's meaning, the levels) and raise ``ValueError`` naming the fix; called when the settings are built, before any model loads |
+| ``build_space(run, model)`` | the `SearchSpace` of ``model`` (units, levels, exact budget) |
+| ``baselines(run)`` | named initial / comparison candidates (heuristics) in that space |
+| ``materialize(model, space, candidate)`` | make a candidate permanent on ``model`` and return its *profile* (a JSON dict recorded in the checkpoint's ``quantization_config``) |
+| ``summary(profile)`` | the profile in a few readable lines (model card, summaries) |
 
 and, where the method needs them: ``prepare(run)`` (work shared by all spaces of a run, e.g. a
 level database), ``build_skeleton(model, profile)`` (swap modules of an empty model so a saved
@@ -26,7 +23,7 @@ the profile needs), ``space_from_report(model, report)``, ``budget_text(row)``,
 ``plot_profile(report, path)``, ``merge_rules(profile)`` and ``card_rows(record)``. Then register
 an instance: ``register_method(MyMethod())``.
 
-Example:
+Examples:
     >>> from optimum_evo.methods import get_method
     >>> get_method("depth").target_help
     'fraction of sub-blocks dropped'
@@ -41,9 +38,9 @@ from ..search import LevelSpace, SearchConfig
 
 __all__ = ["MERGE_MASKED", "MERGE_REFUSED", "CompressedModelError", "CompressionMethod", "SearchSpace"]
 
-#: :func:`~optimum_evo.correction.merge_correction` re-masks the merged weight (it keeps its zeros).
+#: `merge_correction` re-masks the merged weight (it keeps its zeros).
 MERGE_MASKED = "masked"
-#: :func:`~optimum_evo.correction.merge_correction` refuses (the merged weight leaves the compressed format).
+#: `merge_correction` refuses (the merged weight leaves the compressed format).
 MERGE_REFUSED = "refused"
 
 
@@ -56,7 +53,7 @@ class SearchSpace(Protocol):
     """What the engine, the fitness and the pipeline need from a method's search space.
 
     Attributes:
-        level_space: the units, their levels and switch groups (:class:`~optimum_evo.search.LevelSpace`).
+        level_space: the units, their levels and switch groups (`LevelSpace`).
         layer_of_unit: decoder layer of every unit (the fitness reuses the activations of the
             layers before the first changed unit).
     """
@@ -82,12 +79,12 @@ class CompressionMethod(ABC):
         description: one line for model cards and ``--help``.
         target_help: what ``target`` means for this method.
         packs_weights: the compressed linears are packed quantized layers
-            (:class:`~optimum_evo.compressors.EvoPressQuantLinear`); exporters of quantized formats
+            (`EvoPressQuantLinear`); exporters of quantized formats
             need this.
         correctable: LoRA error correction applies (every compressed linear keeps its shape and has
             a per-linear residual).
-        merge_rule: how :func:`~optimum_evo.correction.merge_correction` merges an adapter into
-            the method's compressed linears (:data:`MERGE_MASKED` or :data:`MERGE_REFUSED`).
+        merge_rule: how `merge_correction` merges an adapter into
+            the method's compressed linears (`MERGE_MASKED` or `MERGE_REFUSED`).
         presets: ``{"fast" | "paper" | "superfast": SearchConfig keyword arguments}``.
     """
 
@@ -136,11 +133,11 @@ class CompressionMethod(ABC):
         """Swap modules of an empty (meta) ``model`` for the compressed ones of ``profile``."""
 
     def verify(self, model, profile: dict) -> None:
-        """Raise :class:`CompressedModelError` when ``model`` lacks the modules ``profile`` needs."""
+        """Raise `CompressedModelError` when ``model`` lacks the modules ``profile`` needs."""
 
     def merge_rules(self, profile: dict) -> dict:
         """``{module name: MERGE_MASKED | MERGE_REFUSED}`` of the compressed linears (by default
-        :attr:`merge_rule` for every module of ``profile["modules"]``)."""
+        `merge_rule` for every module of ``profile["modules"]``)."""
         if self.merge_rule is None:
             return {}
         return {name: self.merge_rule for name in profile.get("modules", {})}

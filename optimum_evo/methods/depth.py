@@ -7,10 +7,10 @@ influence) and the sliding-window angular distance of Gromov et al., per sub-blo
 
 The compressed model removes whole dropped blocks (so the checkpoint is a plain transformers model
 with fewer layers) and replaces attention-only / MLP-only drops by stand-ins
-(:class:`~optimum_evo.decoder.DroppedAttention`, :class:`~optimum_evo.decoder.DroppedMLP`) that
+(`DroppedAttention`, `DroppedMLP`) that
 keep the KV cache valid; the profile records both.
 
-Example:
+Examples:
     >>> space = DepthSpace(model, target=0.25)                # 30 layers -> 7 attention + 7 MLP  # doctest: +SKIP
     >>> cand = space.candidate(attention=[20, 21, 22, 23, 24, 25, 26], mlp=[3, 4, 5, 6, 7, 8, 9])  # doctest: +SKIP
     >>> space.apply(model, cand)        # search-time: swap sub-blocks, generate() still works  # doctest: +SKIP
@@ -142,7 +142,7 @@ class DepthSpace:
         """Make ``cand`` permanent: whole dropped blocks are removed (config and layer indices
         renumbered, so the saved model reloads with plain ``from_pretrained``); attention-only or
         MLP-only drops are replaced by stand-ins. Returns the record of both (layer indices of the
-        partial drops are the new ones), which :func:`apply_depth_record` re-applies on reload."""
+        partial drops are the new ones), which `apply_depth_record` re-applies on reload."""
         self.apply(model, cand)
         d = self.drops(cand)
         removed = sorted(set(d["attention"]) & set(d["mlp"]))

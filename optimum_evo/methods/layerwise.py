@@ -1,13 +1,13 @@
 """What sparsity and quantization share: a search over the levels of a level database.
 
 Every searched linear of the decoder blocks is precompressed at every level once
-(:class:`~optimum_evo.compressors.database.LevelDatabase`, built with a level codec); a candidate
+(`LevelDatabase`, built with a level codec); a candidate
 picks one level per linear, and applying it swaps only the weights whose level changed (decoded
-levels are kept in RAM after first use). :class:`DatabaseMethod` builds or reuses the database
+levels are kept in RAM after first use). `DatabaseMethod` builds or reuses the database
 (keyed by model, calibration and settings), makes the spaces, computes the uniform and
 dynamic-programming baselines and writes the chosen levels into the model.
 
-Example:
+Examples:
     >>> db = LevelDatabase.open_or_build("db", model, windows, "quantization", [2, 3, 4, 5, 6, 8])  # doctest: +SKIP
     >>> space = QuantizationSpace(model, db, target_bits=3.0)                                     # doctest: +SKIP
     >>> space.apply(model, space.uniform())                                                       # doctest: +SKIP
@@ -177,8 +177,8 @@ def default_database_root(kind: str, identity: dict) -> Path:
 class DatabaseMethod(CompressionMethod):
     """A method whose levels come from a level database (sparsity, quantization).
 
-    Subclasses set ``codec`` (:mod:`~optimum_evo.compressors.codecs`), ``level_label`` (the plot's
-    y axis) and implement :meth:`database_request` and :meth:`make_space`; the uniform and DP
+    Subclasses set ``codec`` (`codecs`), ``level_label`` (the plot's
+    y axis) and implement `database_request` and `make_space`; the uniform and DP
     baselines, the database cache and the report's per-linear levels are shared.
     """
 

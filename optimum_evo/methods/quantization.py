@@ -3,9 +3,9 @@
 Levels are GPTQ quantizations of every searched linear at each bit width (group size, symmetric
 or asymmetric grids, act-order, damping and the clipping search as in transformers'
 ``GPTQConfig``), stored packed in the level database. The compressed model holds every searched
-linear as a packed :class:`~optimum_evo.compressors.EvoPressQuantLinear` at its own bit width.
+linear as a packed `EvoPressQuantLinear` at its own bit width.
 
-Example:
+Examples:
     >>> from optimum_evo import SearchArguments
     >>> args = SearchArguments(compression="quantization", target=2.5, levels=[2, 3, 4])
     >>> args.levels
@@ -174,7 +174,7 @@ class QuantizationMethod(DatabaseMethod):
 @torch.no_grad()
 def apply_levels(model, levels: dict, db) -> dict:
     """Replace the linears named in ``levels`` (``{module name: bits}``) by packed
-    :class:`EvoPressQuantLinear` layers holding the database's codes; returns the profile recorded
+    `EvoPressQuantLinear` layers holding the database's codes; returns the profile recorded
     in the checkpoint (``modules`` and the grid settings)."""
     settings = db.manifest["settings"]
     group_size = settings.get("group_size") or 0

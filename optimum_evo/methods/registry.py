@@ -1,5 +1,5 @@
-"""The registry of compression methods: :func:`register_method`, :func:`get_method`,
-:func:`available_methods`."""
+"""The registry of compression methods: `register_method`, `get_method`,
+`available_methods`."""
 
 from __future__ import annotations
 

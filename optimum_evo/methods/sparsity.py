@@ -5,7 +5,7 @@ offsets sum to zero prunes exactly the uniform model's number of weights. Baseli
 DP over per-layer errors, and OWL (outlier-weighted layer-wise sparsity, best of a grid of its two
 settings by calibration KL). The compressed model keeps plain linears holding exact zeros.
 
-Example:
+Examples:
     >>> SparsitySpace.level_fractions(numel=1000, target=0.5, step=100, max_offset=2)
     [0.3, 0.4, 0.5, 0.6, 0.7]
 """

@@ -1,16 +1,16 @@
 """The end-to-end job: load, calibrate, search, evaluate, compress, save, report.
 
-A run is a sequence of stages (:mod:`optimum_evo.pipeline.stages`) over one
-:class:`~optimum_evo.pipeline.context.RunContext`:
+A run is a sequence of stages (`optimum_evo.pipeline.stages`) over one
+`RunContext`:
 
-* :func:`run_search` / :func:`run`: the whole job of ``optimum-evo search`` (loads the model, writes
+* `run_search` / `run`: the whole job of ``optimum-evo search`` (loads the model, writes
   ``output_dir``);
-* :func:`search_loaded`: the search and evaluation of an already loaded model (nothing is changed
+* `search_loaded`: the search and evaluation of an already loaded model (nothing is changed
   or written except the checkpoint and caches);
-* :func:`compress`: search, then compress a loaded model in place (what
+* `compress`: search, then compress a loaded model in place (what
   ``from_pretrained(..., quantization_config=EvoPressConfig(...))`` runs).
 
-Example:
+Examples:
     >>> from optimum_evo.pipeline import SearchArguments, run_search
     >>> args = SearchArguments(model="smollm2", compression="depth", target=0.25, output_dir="out")
     >>> report = run_search(args)                                  # doctest: +SKIP
@@ -40,7 +40,7 @@ def _search(ctx: RunContext) -> RunContext:
 
 
 def run(args: SearchArguments, model=None, tokenizer=None) -> RunContext:
-    """Run a full EvoPress job (see :class:`~optimum_evo.SearchArguments`) and return its context:
+    """Run a full EvoPress job (see `SearchArguments`) and return its context:
     ``ctx.report`` (also written to ``output_dir/result.json``), ``ctx.model`` (compressed in place
     when ``output_dir`` is set), ``ctx.tokenizer``. ``model`` / ``tokenizer``: already loaded ones
     (``args.model`` then only names the checkpoint)."""
@@ -60,19 +60,19 @@ def run(args: SearchArguments, model=None, tokenizer=None) -> RunContext:
 
 
 def run_search(args: SearchArguments) -> dict:
-    """Run a full EvoPress job (see :class:`~optimum_evo.SearchArguments`) and return the report that
+    """Run a full EvoPress job (see `SearchArguments`) and return the report that
     is also written to ``output_dir/result.json``."""
     return run(args).report
 
 
 def search_loaded(args: SearchArguments, model, tokenizer, path=None) -> RunContext:
-    """The search of :func:`run_search` on an already loaded ``model`` (float32 or bfloat16) and its
+    """The search of `run_search` on an already loaded ``model`` (float32 or bfloat16) and its
     ``tokenizer``: calibrate, (build or reuse the level database,) search, evaluate (unless
     ``args.eval_windows == 0``). ``path`` names the model in caches and the report (default
     ``args.model``). The model is left dense; nothing is written except the checkpoint and teacher
     cache under ``args.output_dir`` and the database.
 
-    Example:
+    Examples:
         >>> ctx = search_loaded(SearchArguments(compression="depth", target=0.25), model, tok)  # doctest: +SKIP
         >>> ctx.method.materialize(model, ctx.eval_space, ctx.best)                           # doctest: +SKIP
     """

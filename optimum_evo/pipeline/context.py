@@ -14,14 +14,14 @@ from ..settings import SearchArguments
 
 @dataclass
 class RunContext:
-    """Everything a run has made so far; each stage of :mod:`optimum_evo.pipeline.stages` reads
+    """Everything a run has made so far; each stage of `optimum_evo.pipeline.stages` reads
     what the earlier ones left and adds its own.
 
     Attributes:
         args: the run's settings.
         method: the compression method of ``args.compression``.
         path: the model's folder or Hub id (names the model in caches and the report).
-        model: the model in the evaluation dtype; compressed in place by :func:`~.stages.materialize`.
+        model: the model in the evaluation dtype; compressed in place by `materialize`.
         tokenizer: its tokenizer.
         search_model: the model the search scores (``model`` itself, or a copy in ``search_dtype``).
         calibration, evaluation: ``[N, T]`` token windows (``evaluation`` is ``None`` without evaluation).
@@ -32,12 +32,12 @@ class RunContext:
         objective: the KL fitness of the search.
         baselines, baseline_notes: named heuristic candidates and how they were chosen.
         initial: the engine's initial candidates.
-        result: the engine's :class:`~optimum_evo.search.SearchResult`.
+        result: the engine's `SearchResult`.
         rows: evaluation rows (``dense``, ``evopress``, baselines, ``evopress+lora``).
         report: the run report (``result.json``).
         dense_model: a dense copy kept for the LoRA correction (only when it is asked for).
-        profile: what :func:`~.stages.materialize` recorded; ``record``: the checkpoint's
-            ``quantization_config`` (:func:`optimum_evo.checkpoint.checkpoint_record`).
+        profile: what `materialize` recorded; ``record``: the checkpoint's
+            ``quantization_config`` (`optimum_evo.checkpoint.checkpoint_record`).
         peft_model: the corrected model (with ``lora_correction``).
         timings: seconds per stage.
     """

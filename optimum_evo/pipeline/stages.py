@@ -1,24 +1,19 @@
-"""The stages of an EvoPress run, each a function of the :class:`~.context.RunContext`.
+"""The stages of an EvoPress run, each a function of the `RunContext`.
 
-=================  ===========================================================================
-stage              does
-=================  ===========================================================================
-``load``           resolve the model, load it (evaluation dtype) and its tokenizer
-``calibrate``      calibration windows; evaluation windows (unless ``eval_windows=0``)
-``prepare``        the search model (search dtype), the method's shared work (level database),
-                   the search spaces and the engine settings
-``fitness``        the dense teacher cache (persisted in ``output_dir/cache/teacher``) and the
-                   KL objective
-``initialize``     the method's baselines and, when asked for, best-of-N random candidates
-``search``         the evolutionary search (checkpointed in ``output_dir/checkpoint``)
-``evaluate``       held-out perplexity and KL of dense, EvoPress and (optionally) the baselines
-``summarize``      the run report
-``materialize``    compress the model in place with the found candidate; the checkpoint record
-``export``         plugin-free formats (``export=[...]``) into ``output_dir/export-FORMAT``
-``correct``        LoRA error correction (``lora_correction=RANK``), reusing the run's dense
-                   model, calibration windows and teacher caches
-``save``           the EvoPress checkpoint in ``output_dir/model``, the plots and ``result.json``
-=================  ===========================================================================
+| stage | does |
+|---|---|
+| ``load`` | resolve the model, load it (evaluation dtype) and its tokenizer |
+| ``calibrate`` | calibration windows; evaluation windows (unless ``eval_windows=0``) |
+| ``prepare`` | the search model (search dtype), the method's shared work (level database), the search spaces and the engine settings |
+| ``fitness`` | the dense teacher cache (persisted in ``output_dir/cache/teacher``) and the KL objective |
+| ``initialize`` | the method's baselines and, when asked for, best-of-N random candidates |
+| ``search`` | the evolutionary search (checkpointed in ``output_dir/checkpoint``) |
+| ``evaluate`` | held-out perplexity and KL of dense, EvoPress and (optionally) the baselines |
+| ``summarize`` | the run report |
+| ``materialize`` | compress the model in place with the found candidate; the checkpoint record |
+| ``export`` | plugin-free formats (``export=[...]``) into ``output_dir/export-FORMAT`` |
+| ``correct`` | LoRA error correction (``lora_correction=RANK``), reusing the run's dense model, calibration windows and teacher caches |
+| ``save`` | the EvoPress checkpoint in ``output_dir/model``, the plots and ``result.json`` |
 """
 
 from __future__ import annotations

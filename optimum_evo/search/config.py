@@ -1,9 +1,9 @@
 """Search settings.
 
 Presets are tables ``{preset name: SearchConfig keyword arguments}``; every compression method
-has its own (:attr:`optimum_evo.methods.CompressionMethod.presets`).
+has its own (`optimum_evo.methods.CompressionMethod.presets`).
 
-Example:
+Examples:
     >>> table = {"tiny": dict(generations=5, offspring=4, stages=((1, 64),), init_tokens=64)}
     >>> cfg = SearchConfig.from_preset("tiny", table, offspring=8)
     >>> cfg.offspring, [(s.survivors, s.tokens) for s in cfg.stages]

@@ -1,6 +1,6 @@
 """The (1 + lambda) evolutionary engine with multi-step selection (EvoPress).
 
-Model-agnostic: it sees a :class:`~optimum_evo.search.space.LevelSpace` and an *objective*, any
+Model-agnostic: it sees a `LevelSpace` and an *objective*, any
 object with
 
 * ``num_samples`` (int): size of the calibration pool, in samples (sequences);
@@ -10,7 +10,7 @@ object with
 * optionally ``set_parent(candidate)``: told the current parent, so it can reuse work shared by
   the parent and its children (e.g. activations of an unchanged prefix).
 
-Example:
+Examples:
     >>> space = LevelSpace(("a", "b", "c", "d"), (2, 2, 2, 2), (0, 0, 0, 0))
     >>> class Obj:
     ...     num_samples, tokens_per_sample = 8, 1

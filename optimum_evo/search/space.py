@@ -1,12 +1,12 @@
 """Search spaces seen by the engine: a level per unit, switch groups, exact budgets.
 
-The engine knows nothing about models. A :class:`LevelSpace` says how many units there are,
+The engine knows nothing about models. A `LevelSpace` says how many units there are,
 how many levels each unit has, and which units may trade a level with each other (a *switch
 group*: units whose one-level step costs the same). A level switch raises one unit of a group by
 one step and lowers another unit of the same group by one step, so the sum of levels inside every
 group (and hence the global budget) never changes.
 
-Example:
+Examples:
     >>> space = LevelSpace(unit_names=("a", "b", "c"), num_levels=(2, 2, 2), groups=(0, 0, 0))
     >>> space.group_sums((1, 0, 0))
     {0: 1}
@@ -35,7 +35,7 @@ class LevelSpace:
             ``l`` to ``l + 1``), e.g. ``(1, 1, 1, 1, 2)`` for bit widths 2,3,4,5,6,8. Without it
             every step costs 1.
         meaning: optional text identifying what the levels *are* (e.g. a hash of the level values
-            and of the database they come from). It goes into :meth:`fingerprint`, so a checkpoint
+            and of the database they come from). It goes into `fingerprint`, so a checkpoint
             written for 60% sparsity levels is not resumed on 70% ones with the same shape.
     """
 

@@ -3,7 +3,7 @@
 Importing this package registers ``quant_method="evopress"`` with transformers (``import optimum_evo``
 arranges that too, lazily). Registration is idempotent.
 
-Example:
+Examples:
     >>> from optimum_evo.integrations.transformers import EvoPressConfig, register
     >>> register()                     # no-op when already registered
     >>> EvoPressConfig(compression="sparsity", target=0.5).compression
@@ -18,7 +18,7 @@ __all__ = ["EvoPressConfig", "EvoPressConfigError", "EvoPressHfQuantizer", "EvoP
 
 
 def register() -> None:
-    """Register :class:`EvoPressConfig` and :class:`EvoPressHfQuantizer` under ``"evopress"`` with
+    """Register `EvoPressConfig` and `EvoPressHfQuantizer` under ``"evopress"`` with
     transformers. Safe to call repeatedly (and after ``importlib.reload``); raises if another
     package registered a different ``"evopress"`` method."""
     from transformers.quantizers.auto import (

@@ -1,11 +1,11 @@
 """``EvoPressConfig``: the ``quantization_config`` that runs an EvoPress search inside ``from_pretrained``.
 
-Its fields are the settings of :class:`optimum_evo.SearchArguments` marked for the config (every
+Its fields are the settings of `optimum_evo.SearchArguments` marked for the config (every
 setting except ``model``, ``eval_dtype``, ``save_model`` and ``export``), with the same names,
 defaults, validation and messages; once the model is compressed it also holds the ``profile`` and
-``metrics`` the checkpoint records (:mod:`optimum_evo.checkpoint`).
+``metrics`` the checkpoint records (`optimum_evo.checkpoint`).
 
-Example:
+Examples:
     >>> import optimum_evo                                    # registers quant_method "evopress"
     >>> from transformers import AutoModelForCausalLM
     >>> from optimum_evo import EvoPressConfig
@@ -38,12 +38,12 @@ LORA_KEYS = {"rank": "lora_correction", "method": "lora_method", "inputs": "lora
 
 
 class EvoPressConfigError(ValueError):
-    """An invalid :class:`EvoPressConfig` (the message says what to change)."""
+    """An invalid `EvoPressConfig` (the message says what to change)."""
 
 
 def _lora_settings(value) -> dict:
     """The ``lora_*`` settings of ``lora_correction`` given as ``None`` / ``0`` / a rank / a dict of
-    :data:`LORA_KEYS` (each dict value checked with the dict's own key names)."""
+    `LORA_KEYS` (each dict value checked with the dict's own key names)."""
     if value is None or value is False or (isinstance(value, int) and not isinstance(value, bool) and value == 0):
         return {"lora_correction": 0}
     if isinstance(value, int) and not isinstance(value, bool):
@@ -77,7 +77,7 @@ class EvoPressConfig(QuantizationConfigMixin):
     is compressed, the record of what was found: ``profile`` and ``metrics``, saved in
     ``config.json`` and used to rebuild the compressed modules on reload).
 
-    Takes every setting of :class:`optimum_evo.SearchArguments` except ``model``, ``eval_dtype``,
+    Takes every setting of `optimum_evo.SearchArguments` except ``model``, ``eval_dtype``,
     ``save_model`` and ``export`` (the first two may be given positionally: ``compression``,
     ``target``), with the same meaning: e.g. ``compression``, ``target``, ``dataset`` (the
     calibration text), ``levels``, ``group_size``, ``sym``, ``desc_act``, ``damp_percent``, ``mse``,
@@ -91,7 +91,7 @@ class EvoPressConfig(QuantizationConfigMixin):
             "train_steps": ..., "learning_rate": ..., "param_budget": ...}``. The returned model
             carries the adapter (transformers' PEFT integration, adapter ``"default"``, active);
             ``save_pretrained(dir)`` writes the compressed model to ``dir`` and the adapter to
-            ``dir/lora-correction`` (see :mod:`optimum_evo.correction`).
+            ``dir/lora-correction`` (see `optimum_evo.correction`).
         profile, metrics: filled in by the search (do not set them by hand).
 
     Raises:
@@ -147,7 +147,7 @@ class EvoPressConfig(QuantizationConfigMixin):
         self.search_arguments()
 
     def search_arguments(self, model: str = "model", **overrides) -> SearchArguments:
-        """The :class:`optimum_evo.SearchArguments` of this config (``model`` names the checkpoint;
+        """The `optimum_evo.SearchArguments` of this config (``model`` names the checkpoint;
         ``overrides`` replace settings)."""
         settings = {name: getattr(self, name) for name in config_fields()}
         if isinstance(settings["dataset"], list):
@@ -157,12 +157,12 @@ class EvoPressConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_search_arguments(cls, args: SearchArguments) -> "EvoPressConfig":
-        """The config equivalent to a :class:`optimum_evo.SearchArguments`."""
+        """The config equivalent to a `optimum_evo.SearchArguments`."""
         return cls(**{name: getattr(args, name) for name in config_fields()})
 
     @property
     def method(self):
-        """The compression method (:mod:`optimum_evo.methods`)."""
+        """The compression method (`optimum_evo.methods`)."""
         return get_method(self.compression)
 
     @property

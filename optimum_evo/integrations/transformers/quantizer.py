@@ -1,19 +1,19 @@
 """``EvoPressHfQuantizer``: the transformers quantizer of ``quant_method="evopress"``, a thin adapter
-over :mod:`optimum_evo.pipeline` (search and compress) and :mod:`optimum_evo.checkpoint` (the
+over `optimum_evo.pipeline` (search and compress) and `optimum_evo.checkpoint` (the
 checkpoint format).
 
 Two ways in:
 
 * ``from_pretrained(dense_path, quantization_config=EvoPressConfig(...))``: the dense weights load,
-  then :meth:`EvoPressHfQuantizer._process_model_after_weight_loading` runs the EvoPress search
-  (:func:`optimum_evo.pipeline.compress`) and compresses the model in place. The found profile and
+  then `EvoPressHfQuantizer._process_model_after_weight_loading` runs the EvoPress search
+  (`optimum_evo.pipeline.compress`) and compresses the model in place. The found profile and
   metrics go into ``model.config.quantization_config``.
 * ``from_pretrained(compressed_path)`` (after ``import optimum_evo``): the config in
-  ``config.json`` carries the profile, so :meth:`_process_model_before_weight_loading` swaps the
-  modules of the meta skeleton (:func:`optimum_evo.checkpoint.build_skeleton`) and the packed
+  ``config.json`` carries the profile, so `_process_model_before_weight_loading` swaps the
+  modules of the meta skeleton (`optimum_evo.checkpoint.build_skeleton`) and the packed
   tensors load straight into them. No search runs.
 
-Example:
+Examples:
     >>> import optimum_evo
     >>> from transformers import AutoModelForCausalLM
     >>> model = AutoModelForCausalLM.from_pretrained(
@@ -106,7 +106,7 @@ class EvoPressHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         """What ``save_pretrained`` writes: the compressed model's own tensors. With a LoRA correction
         attached (``lora_correction``), its LoRA tensors are left out and the wrapped layers keep
-        their plain names (the adapter is saved separately, see :func:`optimum_evo.checkpoint.save_checkpoint`)."""
+        their plain names (the adapter is saved separately, see `optimum_evo.checkpoint.save_checkpoint`)."""
         from ...correction.peft_io import base_state_dict, has_lora_layers
 
         if has_lora_layers(model):
@@ -147,7 +147,7 @@ def compress_on_load(model, config: EvoPressConfig) -> None:
 
 
 def mark_compressed(model, config: EvoPressConfig) -> None:
-    """Make a model compressed outside ``from_pretrained`` (e.g. by :func:`optimum_evo.pipeline.run`)
+    """Make a model compressed outside ``from_pretrained`` (e.g. by `optimum_evo.pipeline.run`)
     look like one loaded with ``quantization_config=config``: its config carries ``config``, it has
     the EvoPress quantizer, and ``save_pretrained`` / ``push_to_hub`` write the EvoPress checkpoint
     and model card."""
