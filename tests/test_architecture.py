@@ -320,3 +320,43 @@ def test_search_engine_and_settings_stay_light():
 
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr
+
+
+def test_every_builtin_space_implements_the_declared_protocol(tmp_path):
+    from conftest import tiny_model
+
+    from optimum_evo.compressors.database import LevelDatabase
+    from optimum_evo.methods import SearchSpace
+    from optimum_evo.methods.depth import DepthSpace
+    from optimum_evo.methods.quantization import QuantizationSpace
+    from optimum_evo.methods.sparsity import SparsitySpace
+
+    model = tiny_model("llama")
+    windows = torch.randint(0, 128, (2, 16))
+    quant = LevelDatabase.build(model, windows, "quantization", [2, 4], tmp_path / "q", {"group_size": 32},
+                                progress=False)
+    sparse = LevelDatabase.build(model, windows, "sparsity",
+                                 lambda name, shape: SparsitySpace.level_fractions(shape[0] * shape[1], 0.5, 64, 1),
+                                 tmp_path / "s", progress=False)
+    spaces = [DepthSpace(model, 0.34), QuantizationSpace(model, quant, 3.0), SparsitySpace(model, sparse, 0.5, 64, 1)]
+    assert all(isinstance(space, SearchSpace) for space in spaces)
+    assert not isinstance(object(), SearchSpace)
+
+
+def test_a_run_inspects_the_decoder_layout_once_per_model(monkeypatch, tmp_path, one_thread):
+    """Every stage asks find_decoder_layout; the layout of a model is found once and remembered."""
+    from test_hf_quantizer import CALIB, char_tokenizer
+
+    from conftest import tiny_model
+    from optimum_evo import SearchArguments, decoder
+    from optimum_evo.pipeline import compress
+
+    calls = []
+    real = decoder._inspect
+    monkeypatch.setattr(decoder, "_inspect", lambda model: calls.append(id(model)) or real(model))
+    model = tiny_model("llama")
+    args = SearchArguments(model="tiny", compression="quantization", target=3.0, levels=[2, 4], group_size=32,
+                           dataset=CALIB, generations=1, offspring=2, num_samples=2, seq_len=16, eval_windows=0,
+                           top_k=8, search_dtype="float32", database_dir=str(tmp_path / "db"), progress=False)
+    compress(args, model, char_tokenizer(), "tiny")
+    assert calls and len(calls) == len(set(calls)), "a model's decoder layout was inspected more than once"

@@ -151,11 +151,9 @@ def _model_dtype(model) -> torch.dtype:
 def save_tokenizer(tokenizer, save_dir) -> None:
     if tokenizer is None:
         return
-    if isinstance(tokenizer, str):
-        from transformers import AutoTokenizer
+    from ..loading import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    tokenizer.save_pretrained(save_dir)
+    load_tokenizer(tokenizer).save_pretrained(save_dir)
 
 
 def source_tokenizer(model):
