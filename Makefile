@@ -34,7 +34,7 @@ test: setup docs
 
 # The documentation site; --strict fails on any warning (broken link, unparsable docstring).
 docs: setup
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(VENV)/site
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

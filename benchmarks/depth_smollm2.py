@@ -1,7 +1,7 @@
 """Depth-pruning benchmark: EvoPress vs ShortGPT, sliding-window cosine and best-of-N random.
 
 Runs one EvoPress search (fast preset by default) with every baseline in the same code path and
-writes a markdown table (with the command, machine and date) to ``docs/depth-benchmark.md``.
+writes a markdown table (with the command, machine and date) to ``docs/benchmarks/depth.md``.
 
 Usage::
 
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (1 when another job shares the 2 cores: oversubscription is slow)")
     p.add_argument("--output", default="outputs/bench-depth")
-    p.add_argument("--doc", default="docs/depth-benchmark.md", help="markdown table to (over)write; '' = none")
+    p.add_argument("--doc", default="docs/benchmarks/depth.md", help="markdown table to (over)write; '' = none")
     ns = p.parse_args(argv)
     if ns.oracle_calibration and ns.doc:
         raise SystemExit("--oracle-calibration calibrates on the evaluation text (a diagnostic, never a result): it does "

@@ -2,7 +2,7 @@
 
 For every target, one EvoPress search with all baselines in the same code path; writes a markdown
 table (command, machine, date, database build time / disk size, search time) to
-``docs/layerwise-benchmark.md``.
+``docs/benchmarks/layerwise.md``.
 
 Usage::
 
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--generations", type=int, default=None)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--output", default="outputs/bench-layerwise")
-    p.add_argument("--doc", default="docs/layerwise-benchmark.md")
+    p.add_argument("--doc", default="docs/benchmarks/layerwise.md")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (1 is faster when other jobs share the cores)")
     ns = p.parse_args(argv)

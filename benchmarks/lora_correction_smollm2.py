@@ -3,7 +3,7 @@
 For each compressed model: WikiText-2 perplexity and KL of the dense model, the compressed model,
 closed-form corrections (EoRA on dense inputs, EoRA on compressed inputs, plain SVD) and the
 KL-distilled correction; the share of the perplexity gap each recovers; adapter size against the
-compressed model's deployable size. Writes ``docs/lora-correction.md``.
+compressed model's deployable size. Writes ``docs/benchmarks/lora-correction.md``.
 
 Inputs:
 
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--output", default="outputs/bench-lora")
-    p.add_argument("--doc", default="docs/lora-correction.md")
+    p.add_argument("--doc", default="docs/benchmarks/lora-correction.md")
     ns = p.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)

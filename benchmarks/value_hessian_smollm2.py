@@ -4,7 +4,7 @@ token-uniform Hessian, and GPTQ with the attention-aware value Hessian
 (:mod:`optimum_evo.compressors.calibrate`), at 3 and 4 bits, group size 128, asymmetric.
 
 Rows: all linears RTN; RTN everywhere except ``v_proj`` (GPTQ plain / attention-aware); all GPTQ
-(plain / attention-aware v_proj). Writes ``docs/value-hessian.md``.
+(plain / attention-aware v_proj). Writes ``docs/benchmarks/value-hessian.md``.
 
 Usage::
 
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int, nargs="*", default=[4, 3])
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--eval-windows", type=int, default=20)
-    p.add_argument("--doc", default="docs/value-hessian.md")
+    p.add_argument("--doc", default="docs/benchmarks/value-hessian.md")
     ns = p.parse_args(argv)
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     path = resolve_model(ns.model)

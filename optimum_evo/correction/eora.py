@@ -20,7 +20,7 @@ quantized and dequantized), we look for a rank-``r`` correction ``B A`` so that 
   the block computes them (true-sequential, as GPTQ does): ``o_proj``'s statistics are collected
   with the ``q/k/v`` corrections active, ``down_proj``'s with ``gate/up``'s, so no error is
   corrected twice. Measured on SmolLM2-135M, 70% uniform SparseGPT, uniform rank 9: 50.2% of the
-  WikiText-2 perplexity gap recovered, against 26.1% with dense inputs (docs/lora-correction.md).
+  WikiText-2 perplexity gap recovered, against 26.1% with dense inputs (docs/benchmarks/lora-correction.md).
 * ``method="svd"``: plain truncated SVD of ``D`` (activation-blind ablation).
 
 Examples:

@@ -43,7 +43,7 @@ class KLDistillationTrainer(Trainer):
     Args:
         teacher: a `TeacherCache` of the training windows (items carry their ``window``
             index) or a dense ``PreTrainedModel`` run on the fly.
-        All other arguments are ``Trainer``'s.
+        *args, **kwargs: ``Trainer``'s arguments.
     """
 
     def __init__(self, *args, teacher=None, **kwargs):
@@ -79,8 +79,14 @@ def distill(peft_model, windows: torch.Tensor, teacher, max_steps: int = 200, le
         peft_model: the corrected model (only its LoRA parameters are trainable).
         windows: ``[N, T]`` calibration token ids (the teacher cache's windows, same order).
         teacher: `TeacherCache` of ``windows`` or the dense model.
-        max_steps, learning_rate, batch_size, gradient_accumulation_steps, warmup_ratio,
-            weight_decay, seed, logging_steps: training settings (cosine schedule, AdamW).
+        max_steps: training steps (cosine schedule, AdamW).
+        learning_rate: peak learning rate.
+        batch_size: windows per step.
+        gradient_accumulation_steps: as in ``TrainingArguments``.
+        warmup_ratio: fraction of the steps spent warming up.
+        weight_decay: AdamW weight decay.
+        seed: seed of the data order and of the initialisation.
+        logging_steps: log every this many steps.
         output_dir: Trainer folder (default: a temporary one; nothing is checkpointed).
         callbacks: extra ``TrainerCallback`` objects.
         training_kwargs: more ``TrainingArguments``.
