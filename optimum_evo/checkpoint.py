@@ -100,10 +100,13 @@ def save_checkpoint(model, folder, record: dict, tokenizer=None, repo_id: str | 
 
     from .card import model_card
     from .correction.peft_io import base_state_dict, save_correction
+    from .faults import fault_point
+    from .utils import publish_folder, staging_folder
 
     verify(model, record)
     folder = Path(folder)
     main = save_kwargs.get("is_main_process", True)
+    final, folder = folder, staging_folder(folder) if main else folder
     previous = model.config.__dict__.get("quantization_config", None)
     had = "quantization_config" in model.config.__dict__
     if read_record(model) != record:
@@ -130,7 +133,7 @@ def save_checkpoint(model, folder, record: dict, tokenizer=None, repo_id: str | 
         return folder
     if adapter:
         metadata = (record.get("metrics") or {}).get("lora_correction") or {}
-        save_correction(model, folder, base_model_name_or_path=repo_id,
+        save_correction(model, folder, base_model_name_or_path=repo_id or str(final.resolve()),
                         metadata={k: v for k, v in metadata.items() if k != "path"})
     if tokenizer is not None:
         if isinstance(tokenizer, (str, Path)):
@@ -138,7 +141,8 @@ def save_checkpoint(model, folder, record: dict, tokenizer=None, repo_id: str | 
 
             tokenizer = load_tokenizer(tokenizer)
         tokenizer.save_pretrained(folder)
-    (folder / CARD_NAME).write_text(model_card(record, repo_id or str(folder), tags=card_tags, adapter=adapter),
+    (folder / CARD_NAME).write_text(model_card(record, repo_id or str(final), tags=card_tags, adapter=adapter),
                                     encoding="utf-8")
-    return folder
+    fault_point("model.write")
+    return publish_folder(folder, final)
 

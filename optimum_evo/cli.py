@@ -96,17 +96,19 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
             help_text += "; one of: " + ", ".join(f"{m} ({get_method(m).target_help})" for m in available_methods())
         if f.name == "export":
             help_text += "; one of: " + ", ".join(available_exporters())
-        kind = _base_type(hints[f.name])
+        base = _base_type(hints[f.name])
         if f.default is not None:
             help_text += f" (default: {f.default!r})"
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
-        if kind is bool and f.default is True:
-            group.add_argument(option.negate or f"--no-{f.name.replace('_', '-')}", action="store_false", **kwargs)
+        if base is bool and f.default is True:
+            flag = option.negate or f"--no-{f.name.replace('_', '-')}"
+            kwargs["help"] = f"turn off: {f.metadata['help']} (on by default)"
+            group.add_argument(flag, action="store_false", **kwargs)
             continue
-        if kind is bool:
+        if base is bool:
             group.add_argument(*flags, action="store_true", **kwargs)
             continue
-        convert = _converter(f.name, kind if kind in (int, float, str) else str, option)
+        convert = _converter(f.name, base if base in (int, float, str) else str, option)
         if option.append:
             group.add_argument(*flags, action="append", type=convert, metavar=option.metavar, **kwargs)
             continue
@@ -124,18 +126,11 @@ def arguments_from_namespace(ns: argparse.Namespace) -> SearchArguments:
 
 
 def run_search_command(ns: argparse.Namespace) -> int:
-    from .exporters import get_exporter
-    from .methods import get_method
     from .pipeline import format_table, run
 
     if not getattr(ns, "output_dir", None):
         raise ValueError("--output is required: the folder for the compressed model, result.json and the plots.")
-    args = arguments_from_namespace(ns)
-    method = get_method(args.compression)
-    for fmt in args.export or []:
-        reason = get_exporter(fmt).refusal(method)
-        if reason:
-            raise ValueError(reason)
+    args = arguments_from_namespace(ns)  # validates everything, the export formats included
     ctx = run(args)
     print(format_table(ctx.report))
     print(f"\nWrote {args.output_dir}/result.json, profile.png, fitness.png"

@@ -20,6 +20,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 from .decoder import find_decoder_layout, logits_from_hidden, unwrap
 
 CHUNK_TOKENS = 256  # rows of logits materialized at once
+logger = logging.getLogger(__name__)
 
 
 def _final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -104,14 +106,19 @@ class TeacherCache:
 
         from .search.checkpoint import atomic_write_json
 
+        from .faults import fault_point
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {"values": self.values}
         if self.indices is not None:
             tensors.update(indices=self.indices, rest=self.rest)
+        # the old manifest goes first: a crash below must not leave it describing new tensors
+        (path / "manifest.json").unlink(missing_ok=True)
         tmp = path / "teacher.safetensors.tmp"
         save_file(tensors, str(tmp))
         os.replace(tmp, path / "teacher.safetensors")
+        fault_point("teacher.write")
         atomic_write_json(path / "manifest.json", {**manifest, "mode": self.mode, "vocab_size": self.vocab_size})
 
     @classmethod
@@ -122,7 +129,10 @@ class TeacherCache:
         path = Path(path)
         try:
             saved = json.loads((path / "manifest.json").read_text())
-            if {k: saved.get(k) for k in manifest} != manifest:
+            differ = sorted(k for k in manifest if saved.get(k) != manifest[k])
+            if differ:
+                logger.warning("The teacher cache in %s was built with another %s; rebuilding it.", path,
+                               ", ".join(differ))
                 return None
             t = load_file(str(path / "teacher.safetensors"))
             return cls(saved["mode"], t["values"], t.get("indices"), t.get("rest"), saved["vocab_size"])

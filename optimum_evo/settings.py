@@ -220,6 +220,16 @@ class SearchArguments:
 
         method = get_method(self.compression)
         method.validate(self)
+        if self.export is not None:
+            from .exporters import get_exporter
+
+            if isinstance(self.export, str) or not all(isinstance(f, str) for f in self.export):
+                raise ValueError(f"export must be a list of format names, got {self.export!r}.")
+            self.export = list(self.export)
+            for fmt in self.export:
+                reason = get_exporter(fmt).refusal(method)
+                if reason:
+                    raise ValueError(reason)
         if self.lora_correction and not method.correctable:
             names = " and ".join(m for m in available_methods() if get_method(m).correctable)
             raise ValueError(f"lora_correction applies to {names}: {self.compression} compression leaves no "

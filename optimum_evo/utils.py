@@ -32,3 +32,67 @@ def jsonable(value):
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return repr(value)
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")
+
+
+def staging_folder(folder) -> Path:
+    """A fresh temporary sibling of ``folder`` to write into before :func:`publish_folder`; leftovers
+    of killed processes (``.NAME.tmp-PID`` whose process is gone) are removed first."""
+    import os
+    import shutil
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    if os.name != "posix":
+        return True  # no liveness probe: keep it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def publish_folder(tmp, folder, last: str = "config.json") -> Path:
+    """Move everything written in ``tmp`` into ``folder`` so that a crash at any moment leaves no
+    folder a loader would trust with mixed contents: ``folder/last`` (what makes it loadable) is
+    removed first and moved in last; weight files and sub-folders of an earlier save that the new
+    one does not have are removed. Other files in ``folder`` are left alone, as ``save_pretrained``
+    leaves them."""
+    import os
+    import shutil
+
+    tmp, folder = Path(tmp), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / last).unlink(missing_ok=True)
+    new = set(os.listdir(tmp))
+    for old in list(folder.iterdir()):
+        stale_weights = old.is_file() and old.name not in new and (
+            old.name in _WEIGHT_FILES or (old.name.startswith("model-") and old.name.endswith(".safetensors")))
+        if stale_weights:
+            old.unlink()
+        elif old.is_dir() and old.name not in new and (old / "adapter_config.json").is_file():
+            shutil.rmtree(old)
+    for name in sorted(new - {last}) + ([last] if last in new else []):
+        src, dst = tmp / name, folder / name
+        if src.is_dir():
+            shutil.rmtree(dst, ignore_errors=True)
+        os.replace(src, dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -109,7 +109,7 @@ def test_a_cycle_is_detected():
 
 
 CORE = ("search", "methods", "compressors", "fitness", "data", "pipeline", "settings", "checkpoint", "record", "card",
-        "decoder", "exporters", "correction", "loading", "embedded_models", "plotting", "utils", "version")
+        "decoder", "exporters", "correction", "loading", "embedded_models", "plotting", "utils", "version", "faults")
 
 
 def test_the_core_never_imports_the_integrations():

@@ -146,8 +146,10 @@ def save_correction(peft_model, model_dir, base_model_name_or_path: str | None =
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     if adapter_name not in (getattr(base, "peft_config", None) or {}):
         raise ValueError(f"The model carries no adapter named {adapter_name!r}.")
-    out = model_dir / subfolder
-    out.mkdir(parents=True, exist_ok=True)
+    from ..utils import publish_folder, staging_folder
+
+    final = model_dir / subfolder
+    out = staging_folder(final)  # a crash leaves no half-written adapter that a loader would trust
     config = copy.deepcopy(base.peft_config[adapter_name])
     config.base_model_name_or_path = base_model_name_or_path or str(model_dir.resolve())
     config.save_pretrained(str(out))
@@ -158,7 +160,7 @@ def save_correction(peft_model, model_dir, base_model_name_or_path: str | None =
     info = {"adapter_bytes": os.path.getsize(out / "adapter_model.safetensors"),
             "ranks": {n: a.rank for n, a in extract_adapters(base, adapter_name).items()}, **(metadata or {})}
     (out / METADATA_NAME).write_text(json.dumps(info, indent=1, sort_keys=True))
-    return out
+    return publish_folder(out, final, last="adapter_config.json")
 
 
 def adopt_adapter(peft_model):

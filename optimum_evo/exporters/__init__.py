@@ -3,7 +3,7 @@
 | format | writes | loads with |
 |---|---|---|
 | ``dense`` | plain transformers checkpoint (depth: blocks removed; sparsity: exact zeros; quantization: dequantized weights) | ``AutoModelForCausalLM.from_pretrained`` |
-| ``gptq`` | GPTQ format, per-module bits in ``dynamic`` | gptqmodel (``GPTQModel.load``), transformers with gptqmodel, vLLM |
+| ``gptq`` | GPTQ format, per-module bits in ``dynamic`` | gptqmodel (``GPTQModel.load``), transformers with gptqmodel, vLLM (4/8-bit symmetric only) |
 | ``compressed-tensors`` | ``pack-quantized``, one config group per bit width | transformers (compressed-tensors quantizer), vLLM, llm-compressor |
 
 Each format is an `Exporter` registered with `register_exporter`; the command line's

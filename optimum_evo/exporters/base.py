@@ -86,4 +86,14 @@ def export(model, save_dir, format: str, tokenizer=None, **kwargs) -> dict:
             "Export the compressed model without it (optimum_evo.correction.set_correction_enabled does not remove "
             "it: reload the saved folder without its lora-correction/ subfolder, export that, and ship the "
             "adapter folder beside it: it is a standard PEFT adapter).")
-    return exporter.export(model, save_dir, tokenizer=tokenizer, **kwargs)
+    from pathlib import Path
+
+    from ..faults import fault_point
+    from ..utils import publish_folder, staging_folder
+
+    final = Path(save_dir)
+    tmp = staging_folder(final)  # a crash leaves no half-written export that a loader would trust
+    summary = exporter.export(model, tmp, tokenizer=tokenizer, **kwargs)
+    fault_point("export.write")
+    publish_folder(tmp, final)
+    return {**summary, "path": str(final)}

@@ -1,5 +1,6 @@
 """Export a mixed-bit EvoPress model in the **GPTQ checkpoint format** (auto-gptq's layout, as read by
-gptqmodel, transformers' GPTQ integration and vLLM), with per-module bit widths in ``dynamic``.
+gptqmodel and transformers' GPTQ integration; vLLM for 4/8-bit symmetric layers), with per-module bit widths
+in ``dynamic``.
 
 Format written (per quantized linear ``W [out, in]``, ``G`` groups; see the spec in
 `optimum_evo.compressors.packing` for the int32 bit stream):
@@ -25,8 +26,8 @@ a zero-point of 0 (a group whose weights are all >= 0 under asymmetric quantizat
 stored in v1 (such exports are refused), and gptqmodel loads asymmetric v1 checkpoints only from its
 own writer (it checks ``meta.quantizer``); ``gptq_v2`` stores zero-points as they are.
 ``checkpoint_format="auto"`` (default) writes v1 for symmetric models (every reader) and ``gptq_v2``
-for asymmetric ones (gptqmodel; vLLM since its GPTQ v2 support); ask for ``"gptq"`` to get v1 for
-older vLLM. Bit widths GPTQ kernels lack (1, 5, 6, 7) are stored as the next supported
+for asymmetric ones (gptqmodel). vLLM's GPTQ path reads only 4- and 8-bit symmetric layers (Marlin);
+other widths and asymmetric grids go to vLLM through the compressed-tensors export. Bit widths GPTQ kernels lack (1, 5, 6, 7) are stored as the next supported
 width (2 or 8) with the same scales and codes and zero-points shifted by the same amount: exact,
 slightly larger.
 

@@ -21,7 +21,7 @@ from ..compressors.calibrate import linear_modules
 from ..decoder import find_decoder_layout
 from ..fitness import best_by_kl
 from .registry import register_method
-from .base import MERGE_MASKED
+from .base import MERGE_MASKED, CompressedModelError
 from .layerwise import DatabaseMethod, DatabaseSpace, _stages
 
 
@@ -177,6 +177,18 @@ class SparsityMethod(DatabaseMethod):
             linear.weight.copy_(space.db.weight(name, level, dtype=linear.weight.dtype).to(linear.weight.device))
         return {"modules": {n: float(v) for n, v in levels.items()},
                 "sparsity": space.describe(candidate)["sparsity"]}
+
+    def verify(self, model, profile: dict) -> None:
+        for name, level in profile.get("modules", {}).items():
+            module = model.get_submodule(name)
+            module = module.get_base_layer() if hasattr(module, "get_base_layer") else module  # under LoRA
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
+                raise CompressedModelError(f"The weights of {name} were not loaded (missing from the checkpoint?).")
+            zeros, expected = int((weight == 0).sum()), round(float(level) * weight.numel())
+            if zeros < expected:
+                raise CompressedModelError(f"{name} should have {expected} zero weights ({float(level):.1%}), found "
+                                           f"{zeros}.")
 
     def budget_text(self, row: dict) -> str:
         return f"{row['sparsity']:.1%}" if "sparsity" in row else "0%"

@@ -104,6 +104,8 @@ def format_table(report: dict) -> str:
     rows = report["results"]
     times = report["timings"]
     lines = [f"{'model':<24} {'ppl':>10} {'KL':>8} {'params (M)':>11} {'budget':>12}", "-" * 69]
+    if not rows:
+        lines.append("(no held-out evaluation: eval_windows=0)")
     for name, r in rows.items():
         kl = f"{r['kl']:.4f}" if "kl" in r else "-"
         lines.append(f"{name:<24} {r['perplexity']:>10.2f} {kl:>8} {r['parameters'] / 1e6:>11.1f} "

@@ -39,6 +39,8 @@ class RunContext:
         profile: what `materialize` recorded; ``record``: the checkpoint's
             ``quantization_config`` (`optimum_evo.checkpoint.checkpoint_record`).
         peft_model: the corrected model (with ``lora_correction``).
+        identity: what decides the result besides the settings the engine fingerprints itself
+            (model weights, calibration tokens, fitness, dtype), checked when a search resumes.
         timings: seconds per stage.
     """
 
@@ -68,6 +70,7 @@ class RunContext:
     profile: Optional[dict] = None
     record: Optional[dict] = None
     peft_model: Any = None
+    identity: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
 
     @property

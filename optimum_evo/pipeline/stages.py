@@ -80,19 +80,33 @@ def prepare(ctx: RunContext) -> None:
     eval_dtype = ctx.model.dtype
     ctx.search_dtype = fastest_dtype() if args.search_dtype == "auto" else DTYPES[args.search_dtype]
     ctx.search_model = ctx.model if ctx.search_dtype == eval_dtype else copy.deepcopy(ctx.model).to(ctx.search_dtype)
+    ctx.identity = run_identity(ctx)
     method.prepare(ctx)
     ctx.space = method.build_space(ctx, ctx.search_model)
     ctx.eval_space = ctx.space if ctx.model is ctx.search_model else method.build_space(ctx, ctx.model)
     ctx.search_config = method.search_config(args, ctx.space)
 
 
-def fitness(ctx: RunContext) -> None:
-    from ..methods.layerwise import config_hash
+def run_identity(ctx: RunContext) -> dict:
+    """What decides a run's result besides the space and the engine settings: the model (config and a
+    digest of its weights), the calibration tokens (a digest; it covers the text, ``num_samples``,
+    ``seq_len`` and ``seed``, which are named too), the fitness and the search dtype."""
+    from ..methods.layerwise import config_hash, weights_hash
 
+    args = ctx.args
+    return {"model": str(ctx.path), "model config": config_hash(ctx.model), "model weights": weights_hash(ctx.model),
+            "dataset": args.to_dict()["dataset"], "num_samples": args.num_samples, "seq_len": args.seq_len,
+            "seed": args.seed, "calibration tokens": _hash_tensor(ctx.calibration), "fitness": args.fitness,
+            "top_k": args.top_k, "search_dtype": str(ctx.search_dtype).replace("torch.", "")}
+
+
+def fitness(ctx: RunContext) -> None:
     args, out = ctx.args, ctx.output_dir
     start = time.perf_counter()
-    manifest = {"model": str(ctx.path), "config": config_hash(ctx.model), "windows": _hash_tensor(ctx.calibration),
-                "mode": args.fitness, "top_k": args.top_k, "dtype": str(ctx.search_dtype)}
+    identity = ctx.identity
+    manifest = {"model": identity["model"], "config": identity["model config"], "weights": identity["model weights"],
+                "windows": identity["calibration tokens"], "mode": args.fitness, "top_k": args.top_k,
+                "dtype": str(ctx.search_dtype)}
     teacher = TeacherCache.load(out / "cache" / "teacher", manifest) if out else None
     if teacher is None:
         teacher = TeacherCache.build(ctx.search_model, ctx.calibration, args.fitness, args.top_k, progress=args.progress)
@@ -131,7 +145,8 @@ def initialize(ctx: RunContext) -> None:
 def search(ctx: RunContext) -> None:
     out = ctx.output_dir
     engine = EvolutionarySearch(ctx.space.level_space, ctx.objective, ctx.search_config,
-                                checkpoint_dir=out / "checkpoint" if out else None, progress=ctx.args.progress)
+                                checkpoint_dir=out / "checkpoint" if out else None, progress=ctx.args.progress,
+                                identity=ctx.identity)
     ctx.objective.reset_stats()
     start = time.perf_counter()
     ctx.result = engine.run(ctx.initial)
@@ -240,6 +255,9 @@ def correct(ctx: RunContext) -> None:
     section["seconds"] = round(time.perf_counter() - start, 1)
     ctx.report["lora_correction"] = section
     ctx.peft_model = peft_model
+    from ..faults import fault_point
+
+    fault_point("correction.fitted")
     adopt_adapter(peft_model)  # the model itself carries the adapter (transformers' PEFT integration)
     ctx.record["metrics"] = metrics_from_report(ctx.report)
     ctx.record["metrics"]["lora_correction"] = section

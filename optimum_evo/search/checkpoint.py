@@ -7,9 +7,12 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..faults import fault_point
 
-def atomic_write_json(path, payload) -> None:
-    """Write ``payload`` as JSON so that ``path`` always holds either the old or the new content."""
+
+def atomic_write_json(path, payload, fault: str | None = None) -> None:
+    """Write ``payload`` as JSON so that ``path`` always holds either the old or the new content
+    (``fault``: the `optimum_evo.faults.fault_point` between writing and moving into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -18,6 +21,8 @@ def atomic_write_json(path, payload) -> None:
             json.dump(payload, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        if fault:
+            fault_point(fault)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
+from ..faults import fault_point
 from .checkpoint import atomic_write_json, read_json, rng_state_from_json, rng_state_to_json
 from .config import SearchConfig
 from .mutation import mutate
@@ -41,7 +42,8 @@ from .space import Candidate, LevelSpace
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "search_state.json"
-CHECKPOINT_VERSION = 1
+#: 2: the checkpoint records the run's identity (see ``EvolutionarySearch(identity=...)``).
+CHECKPOINT_VERSION = 2
 
 
 @dataclass
@@ -112,6 +114,9 @@ class EvolutionarySearch:
             from it (and ends exactly where an uninterrupted run ends).
         progress: show a tqdm bar with the best fitness.
         callback: called as ``callback(generation, state_dict)`` after each checkpoint.
+        identity: what else decides the result (e.g. the model's weight digest, the calibration
+            tokens' digest, the fitness mode, its K, the dtype), as ``{setting: value}``; a resume
+            whose identity differs is refused with a message naming each differing setting.
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class EvolutionarySearch:
         checkpoint_dir=None,
         progress: bool = True,
         callback: Callable | None = None,
+        identity: dict | None = None,
     ):
         if config.generations is None:
             raise ValueError("config.generations is None: call config.resolve_generations(...) first.")
@@ -131,6 +137,7 @@ class EvolutionarySearch:
         self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
         self.progress = progress
         self.callback = callback
+        self.identity = dict(identity or {})
 
     # ------------------------------------------------------------------ helpers
     def _num_samples(self, tokens: int) -> int:
@@ -181,6 +188,10 @@ class EvolutionarySearch:
             mismatch.append("search settings (preset, generations, offspring, stages or seed)")
         if data.get("initial") != self._initial_key:
             mismatch.append("initial candidates")
+        saved = data.get("identity") or {}
+        for key in sorted(set(saved) | set(self.identity)):
+            if saved.get(key) != self.identity.get(key):
+                mismatch.append(f"{key} ({saved.get(key)!r} there, {self.identity.get(key)!r} now)")
         if mismatch:
             raise ValueError(
                 f"The checkpoint {self.checkpoint_path} was written by a search with a different "
@@ -192,8 +203,9 @@ class EvolutionarySearch:
         if self.checkpoint_path is None:
             return
         fingerprints = {"version": CHECKPOINT_VERSION, "space": self.space.fingerprint(),
-                        "config": self.config.fingerprint(), "initial": self._initial_key}
-        atomic_write_json(self.checkpoint_path, {**fingerprints, **state.to_json()})
+                        "config": self.config.fingerprint(), "initial": self._initial_key, "identity": self.identity}
+        atomic_write_json(self.checkpoint_path, {**fingerprints, **state.to_json()}, fault="search.checkpoint.write")
+        fault_point("search.checkpoint")
 
     # ------------------------------------------------------------------ main loop
     def run(self, initial: Sequence[Sequence[int]]) -> SearchResult:
