@@ -401,20 +401,11 @@ def _fix_permissions(folder: Path) -> None:
             os.chmod(path, 0o666 & ~umask)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Inter-process lock (POSIX ``flock``; a no-op where unavailable)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _file_lock(path: Path):
+    """Inter-process lock (``filelock``: works on every platform)."""
+    from filelock import FileLock
+
+    return FileLock(str(path))
 
 
 def embedded_model_path(name: str = DEFAULT_MODEL, cache_dir: Union[str, os.PathLike, None] = None) -> Path:

@@ -13,7 +13,7 @@ Nothing happens unless the environment variable ``OPTIMUM_EVO_FAULT`` names the 
     :class:`FaultInjected` is raised instead.
 
 The restart must end with the same result as an uninterrupted run and trust no half-written file;
-the tests in ``tests/test_faults.py`` check this for every point (table in the docs).
+the tests in ``tests/test_faults.py`` check this for every point (table in ``docs/reliability.md``).
 
 Example:
     >>> fault_point("search.checkpoint")     # no-op unless OPTIMUM_EVO_FAULT names it

@@ -33,4 +33,7 @@ def load_tokenizer(tokenizer_or_path):
         return tokenizer_or_path
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model(str(tokenizer_or_path)))
+    from .embedded_models import MODEL_ALIASES
+
+    name = str(tokenizer_or_path)
+    return AutoTokenizer.from_pretrained(resolve_model(name) if name.strip().lower() in MODEL_ALIASES else name)

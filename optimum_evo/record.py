@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 
-from .settings import config_fields
+from .settings import recorded_fields
 from .utils import jsonable
 
 QUANT_METHOD = "evopress"
@@ -36,7 +36,7 @@ def settings_record(settings) -> dict:
     """The settings part of a record (JSON-safe: a calibration text given as a list or an object is
     summarised, never stored)."""
     out = {}
-    for name in config_fields():
+    for name in recorded_fields():
         value = getattr(settings, name)
         if name in ("dataset", "eval_dataset") and not isinstance(value, (str, type(None))):
             if isinstance(value, (list, tuple)) and all(isinstance(t, str) for t in value):

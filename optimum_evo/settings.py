@@ -48,8 +48,9 @@ class Option:
         group: heading of the option in ``--help``.
         flags: command-line option strings (default: ``--name-with-dashes``).
         cli: whether the command line has the option.
-        config: whether `EvoPressConfig` takes the setting (and ``config.json``
-            records it).
+        config: whether `EvoPressConfig` takes the setting.
+        record: whether a compressed checkpoint's ``config.json`` records it (local folders of the
+            run are not recorded: they mean nothing where the checkpoint is loaded).
         parse: converts the command-line string (default: the field's type).
         choices: fixed command-line choices (argparse refuses others).
         negate: for a ``True``-by-default flag, the option string that sets it to ``False``.
@@ -61,6 +62,7 @@ class Option:
     flags: tuple = ()
     cli: bool = True
     config: bool = True
+    record: bool = True
     parse: Optional[Callable] = None
     choices: Optional[tuple] = None
     negate: Optional[str] = None
@@ -112,7 +114,7 @@ class SearchArguments:
     # -- model and output
     model: Annotated[str, Option("model", flags=("-m", "--model"), config=False)] = _setting(
         "smollm2", "embedded model name (smollm2, gemma3), local folder or Hub id")
-    output_dir: Annotated[Optional[str], Option("model", flags=("--output", "--output-dir"))] = _setting(
+    output_dir: Annotated[Optional[str], Option("model", flags=("--output", "--output-dir"), record=False)] = _setting(
         None, "output folder: compressed model, result.json, plots, search checkpoint and teacher cache")
 
     # -- what to compress
@@ -136,6 +138,18 @@ class SearchArguments:
     mse: Annotated[float, Option("compression")] = _setting(
         0.0, "quantization: search each group's clipping range to minimise the p-norm rounding error with this "
              "p (2.4 as in GPTQ's reference; 0 = min-max range)")
+    builder: Annotated[str, Option("compression", choices=("gptq", "gptq-sequential", "quantease", "signround"))] = \
+        _setting("gptq", "quantization: how the levels are made: gptq (each linear on the dense model's activations), "
+                         "gptq-sequential (on the activations of the model quantized so far), quantease (GPTQ then "
+                         "coordinate descent), signround (rounding and clipping tuned on each block's output, as "
+                         "AutoRound); see optimum_evo.compressors.builders")
+    builder_iters: Annotated[Optional[int], Option("compression")] = _setting(
+        None, "quantization: iterations of the signround builder (default 200) or coordinate-descent passes of "
+              "quantease (default 3)")
+    group_sizes: Annotated[Optional[list[int]], Option("compression", parse=_int_list, metavar="SIZES")] = _setting(
+        None, "quantization: also build levels at these group sizes (comma-separated, e.g. 64,128); the search then "
+              "picks bits and group size per linear under the stored bits (codes, scales, zeros) of the uniform "
+              "target-bit model at group_size")
     sparsity_step: Annotated[float, Option("compression")] = _setting(
         0.05, "sparsity levels are spaced by this fraction of the median linear's weights")
     max_offset: Annotated[int, Option("compression")] = _setting(
@@ -147,7 +161,7 @@ class SearchArguments:
                                                                   metavar="NAMES")] = _setting(
         None, "linears left dense: a module is skipped when one of these strings is part of its name, as in "
               "transformers (comma-separated on the command line)")
-    database_dir: Annotated[Optional[str], Option("compression")] = _setting(
+    database_dir: Annotated[Optional[str], Option("compression", record=False)] = _setting(
         None, "level database folder (default: a shared cache keyed by model, data and settings)")
 
     # -- search
@@ -220,16 +234,10 @@ class SearchArguments:
 
         method = get_method(self.compression)
         method.validate(self)
-        if self.export is not None:
-            from .exporters import get_exporter
-
+        if self.export is not None:  # the formats themselves are checked by the pipeline, before any model loads
             if isinstance(self.export, str) or not all(isinstance(f, str) for f in self.export):
                 raise ValueError(f"export must be a list of format names, got {self.export!r}.")
             self.export = list(self.export)
-            for fmt in self.export:
-                reason = get_exporter(fmt).refusal(method)
-                if reason:
-                    raise ValueError(reason)
         if self.lora_correction and not method.correctable:
             names = " and ".join(m for m in available_methods() if get_method(m).correctable)
             raise ValueError(f"lora_correction applies to {names}: {self.compression} compression leaves no "
@@ -309,6 +317,10 @@ class SearchArguments:
         if isinstance(source, str) and Path(source).is_file() \
                 and not Path(source).read_text(errors="replace").strip():
             raise ValueError(f"The dataset file {source!r} is empty.")
+        if isinstance(source, str) and source not in BUILTIN_TEXTS and not Path(source).exists() and (
+                os.sep in source or Path(source).suffix in (".txt", ".json", ".jsonl", ".csv", ".parquet")):
+            raise ValueError(f"The dataset file {source!r} does not exist; give an existing text file, a built-in "
+                             f"name ({_CALIBRATION_TEXTS}) or a dataset name.")
 
     # ------------------------------------------------------------------ views
     def search_config(self, space=None):
@@ -364,5 +376,10 @@ def setting_fields() -> list:
 
 
 def config_fields() -> list:
-    """Names of the settings `EvoPressConfig` takes (and ``config.json`` records)."""
+    """Names of the settings `EvoPressConfig` takes."""
     return [f.name for f in setting_fields() if option_of(f.name).config]
+
+
+def recorded_fields() -> list:
+    """Names of the settings a compressed checkpoint's ``config.json`` records."""
+    return [name for name in config_fields() if option_of(name).record]

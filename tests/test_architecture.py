@@ -31,10 +31,17 @@ def modules() -> dict:
 
 def imports_of(name: str, path: Path, known: set) -> set:
     """Every optimum_evo module ``name`` imports, at module level or inside functions, with relative
-    imports resolved; ``from package import submodule`` counts as an import of the submodule."""
+    imports resolved; ``from package import submodule`` counts as an import of the submodule;
+    ``importlib.import_module(f"{__name__}.x")`` calls are not seen (registries load plugins so)."""
     is_package = path.name == "__init__.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+                   for n in ast.walk(block)}
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:  # `if TYPE_CHECKING:` imports never run
+            continue
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name.split(".")[0] == "optimum_evo")
         elif isinstance(node, ast.ImportFrom):

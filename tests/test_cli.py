@@ -1,8 +1,6 @@
 """Command line: clear early errors, outputs, and kill-and-resume giving the uninterrupted result."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -123,44 +121,14 @@ def test_search_outputs(tmp_path, tiny_dir, calib_file):
     assert set(report["results"]) == {"dense", "evopress", "shortgpt", "sliding_cosine", "shortgpt_blocks",
                                       "sliding_cosine_blocks", "random_best_of_3"}
     assert report["profile"]["dropped_sub_blocks"] == 4
-    # elitist: EvoPress's fitness is never worse than its best initial candidate's on the same data
-    assert report["results"]["evopress"]["kl"] >= 0
+    # elitist: a generation keeps its parent unless a child scores lower on the same tokens
+    for h in report["search"]["history"]:
+        assert h["best_fitness"] <= h["previous_parent_fitness"]
+        assert (h["best_fitness"] < h["previous_parent_fitness"]) == h["parent_changed"]
     for png in ("profile.png", "fitness.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "model" / "config.json").exists() and (out / "model" / "tokenizer.json").exists()
     assert_saved_model_reloads_as_found(out)
-
-
-def test_killed_search_resumes_to_same_result(tmp_path, tiny_dir, calib_file):
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    proc = run_cli(*small_args(tiny_dir, full, calib_file))
-    assert proc.returncode == 0, proc.stderr
-    args = [sys.executable, "-m", "optimum_evo", *map(str, small_args(tiny_dir, killed, calib_file))]
-    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = killed / "checkpoint" / "search_state.json"
-    deadline = time.time() + 120
-    generation = 0
-    while time.time() < deadline and p.poll() is None:
-        if state.exists():
-            try:
-                generation = json.loads(state.read_text())["generation"]
-            except (json.JSONDecodeError, OSError):
-                pass
-            if generation >= 5:
-                break
-        time.sleep(0.02)
-    assert p.poll() is None, "the search finished before it could be killed; make it longer"
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
-    assert not (killed / "result.json").exists()
-    proc = run_cli(*small_args(tiny_dir, killed, calib_file))
-    assert proc.returncode == 0, proc.stderr
-    a = json.loads((full / "result.json").read_text())
-    b = json.loads((killed / "result.json").read_text())
-    assert b["search"]["resumed_from"] >= 5
-    assert b["candidate"] == a["candidate"]
-    assert [h["best_fitness"] for h in b["search"]["history"]] == [h["best_fitness"] for h in a["search"]["history"]]
-    assert b["results"]["evopress"]["perplexity"] == a["results"]["evopress"]["perplexity"]
 
 
 @pytest.mark.parametrize("kind, extra, check", [

@@ -21,8 +21,15 @@ def test_smollm2_depth_search_end_to_end(tmp_path):
     saved = json.loads((out / "result.json").read_text())
     assert saved["candidate"] == report["candidate"]
     rows = report["results"]
-    assert rows["dense"]["perplexity"] < rows["evopress"]["perplexity"] < 10 * rows["dense"]["perplexity"]
+    # Measured (AMD EPYC, this configuration): dense 39.45, EvoPress = sliding-window cosine 93.93 (KL 0.788),
+    # ShortGPT 98.67 (1.034), best-of-2 random 11951 (5.55). EvoPress starts from the best heuristic by
+    # calibration KL and keeps a parent unless a child beats it, so on held-out text it stays within
+    # fitness noise of the best heuristic and far from random profiles.
+    assert rows["dense"]["perplexity"] < rows["evopress"]["perplexity"] < 4 * rows["dense"]["perplexity"]
     assert rows["evopress"]["kl"] > 0 and rows["dense"]["kl"] < 1e-3
+    best_heuristic = min(rows[name]["kl"] for name in ("shortgpt", "sliding_cosine"))
+    assert rows["evopress"]["kl"] <= 1.1 * best_heuristic
+    assert rows["random_best_of_2"]["perplexity"] > 10 * rows["evopress"]["perplexity"]
     assert report["profile"]["dropped_sub_blocks"] == 12  # 6 of 30 blocks, attention + MLP
     assert set(report["profile"]["dropped_attention"]) == set(report["profile"]["dropped_mlp"])
 

@@ -104,9 +104,12 @@ def test_optimum_cli_evopress_runs_a_tiny_search_and_exports(tiny_dir, tmp_path)
     assert "Exported dense" in run.stdout
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "export-dense", dtype=torch.float32)
-    assert result["compression"] == "depth" and plain.config.num_hidden_layers <= 4
+    evopress = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model", dtype=torch.float32)
+    assert result["compression"] == "depth" and evopress.config.quantization_config.quant_method == "evopress"
     assert "quantization_config" not in json.loads((tmp_path / "out" / "export-dense" / "config.json").read_text())
-    assert torch.isfinite(logits(plain)).all()
+    # the plugin-free export computes what the EvoPress model computes (dropped sub-blocks as zeros)
+    assert torch.allclose(logits(plain), logits(evopress), atol=1e-5)
+    assert plain.config.num_hidden_layers == 4 - len(result["saved_model"]["removed_layers"])
     bad = _cli("evopress", "--model", str(tiny_dir), "--compression", "depth", "--output", str(tmp_path / "x"),
                "--export", "gptq")
     assert bad.returncode == 2 and "needs --compression quantization" in bad.stderr

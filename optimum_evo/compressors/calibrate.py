@@ -147,16 +147,21 @@ class Block:
     kwargs: dict
     _walker: "object" = None
 
+    def __post_init__(self):
+        self._next_streams: dict = {}
+
     def linears(self) -> dict:
         return linear_modules(self.module)
 
     @torch.no_grad()
-    def hessians(self, names=None) -> dict:
+    def hessians(self, names=None, inputs: list | None = None) -> dict:
         """Run the dense block on every window; return ``{linear name: H}`` and keep its outputs.
 
         ``names``: only these linears (relative names; default all). With
         ``walk_blocks(..., attention_aware=True)`` the value projection's entry is a
-        ``[kv_heads, in, in]`` stack of attention-aware Hessians (see the module docstring)."""
+        ``[kv_heads, in, in]`` stack of attention-aware Hessians (see the module docstring).
+        ``inputs``: run the block on these instead (e.g. a level's `stream_inputs`); the outputs
+        are then not kept."""
         linears = {n: m for n, m in self.linears().items() if names is None or n in names}
         accs = {name: HessianAccumulator(m.in_features) for name, m in linears.items()}
         value = None
@@ -182,7 +187,9 @@ class Block:
 
             handles.append(attention.register_forward_hook(on_attention))
         try:
-            self._outputs = [self._call(x) for x in self.inputs]
+            outputs = [self._call(x) for x in (self.inputs if inputs is None else inputs)]
+            if inputs is None:
+                self._outputs = outputs
         finally:
             for h in handles:
                 h.remove()
@@ -196,6 +203,39 @@ class Block:
     def _call(self, x):
         out = self.module(x, **self.kwargs)
         return out[0] if isinstance(out, tuple) else out
+
+    def dense_outputs(self) -> list:
+        """The dense block's outputs on the dense inputs (computed once)."""
+        if getattr(self, "_outputs", None) is None:
+            with torch.no_grad():
+                self._outputs = [self._call(x) for x in self.inputs]
+        return self._outputs
+
+    # ------------------------------------------------------------- level streams
+    def stream_inputs(self, key) -> list:
+        """Inputs of this block in the calibration stream ``key``: the outputs of the previous blocks
+        as *compressed at level* ``key`` (the dense inputs until a block sets the stream with
+        `set_stream_outputs`). Only with ``walk_blocks(..., streams=True)``."""
+        if not self._walker.streams:
+            raise RuntimeError("stream_inputs needs walk_blocks(..., streams=True).")
+        return self._walker._streams.get(key, self.inputs)
+
+    def set_stream_outputs(self, key, outputs: list) -> None:
+        """The inputs of the next block in stream ``key`` (one per window), e.g. the outputs of this
+        block compressed at level ``key`` on `stream_inputs` of ``key``."""
+        if len(outputs) != len(self.inputs):
+            raise ValueError(f"set_stream_outputs needs one output per window ({len(self.inputs)}), got {len(outputs)}.")
+        self._next_streams[key] = list(outputs)
+
+    @torch.no_grad()
+    def _advance_streams(self) -> None:
+        """Streams this block did not set run through the block as it is (dense)."""
+        walker = self._walker
+        nxt = dict(self._next_streams)
+        for key, inputs in walker._streams.items():
+            if key not in nxt:
+                nxt[key] = [self._call(x) for x in inputs]
+        walker._streams = nxt
 
     def set_outputs(self, outputs: list) -> None:
         """Hand the next block these inputs (one per window) instead of this dense block's outputs,
@@ -216,13 +256,18 @@ class walk_blocks:
     """Iterate over the decoder blocks of ``model`` with their dense calibration inputs.
 
     ``attention_aware=True`` makes `Block.hessians` return attention-aware Hessians for the
-    value projections (the blocks then run with eager attention)."""
+    value projections (the blocks then run with eager attention). ``streams=True`` also carries
+    one input stream per compression level (`Block.stream_inputs`, `Block.set_stream_outputs`):
+    a level's stream holds the calibration activations of the model compressed at that level up
+    to the current block (quantized-input propagation, one stream per level)."""
 
     def __init__(self, model, windows: torch.Tensor, progress: bool = True, desc: str = "Blocks",
-                 attention_aware: bool = False):
+                 attention_aware: bool = False, streams: bool = False):
         self.model, self.windows, self.progress, self.desc = model, windows, progress, desc
         self.layout = find_decoder_layout(model)
         self.attention_aware = attention_aware
+        self.streams = streams
+        self._streams: dict = {}
 
     def __iter__(self):
         # Eager attention for the whole walk: the captured masks must match what the blocks run.
@@ -234,5 +279,7 @@ class walk_blocks:
         for i in tqdm(range(len(self.layout)), desc=self.desc, disable=not self.progress, dynamic_ncols=True):
             block = Block(i, f"{self.layout.path}.{i}", self.layout.layers[i], self._inputs, kwargs[i], self)
             yield block
+            if self.streams:  # before the dense inputs move on (a stream not set yet starts from them)
+                block._advance_streams()
             if self._inputs is block.inputs:
                 block.advance()

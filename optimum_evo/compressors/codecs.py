@@ -25,6 +25,8 @@ Examples:
 
 from __future__ import annotations
 
+import math
+import re
 from abc import ABC, abstractmethod
 
 import torch
@@ -34,12 +36,53 @@ from .obs import QuantizedWeight, gptq_levels, sparsegpt_levels
 from .packing import pack_codes, unpack_codes
 
 __all__ = ["LevelCodec", "QuantizedLevelCodec", "SparseLevelCodec", "decode_quantized", "decode_sparse",
-           "encode_quantized", "encode_sparse", "get_codec", "level_key", "register_codec"]
+           "encode_quantized", "encode_sparse", "get_codec", "level_key", "quant_level", "quant_level_name",
+           "register_codec", "stored_bits"]
 
 
 def level_key(level) -> str:
-    """Tensor-name prefix of a level (``3`` -> ``"3"``, ``0.6`` -> ``"0.6"``)."""
+    """Tensor-name prefix of a level (``3`` -> ``"3"``, ``0.6`` -> ``"0.6"``, ``"3g64"`` -> ``"3g64"``)."""
     return repr(float(level)).rstrip("0").rstrip(".") if isinstance(level, float) else str(level)
+
+
+_QUANT_LEVEL = re.compile(r"^(\d+)(?:g(\d+))?$")
+
+
+def quant_level(level, default_group_size: int | None = 128) -> tuple:
+    """``(bits, group_size)`` of a quantization level: an integer bit width (at
+    ``default_group_size``), ``"3g64"`` (3 bits, groups of 64 input columns; ``g0``: one group per
+    row) or a pair ``(3, 64)``.
+
+    Examples:
+        >>> quant_level(3), quant_level("2g64"), quant_level([4, 32])
+        ((3, 128), (2, 64), (4, 32))
+    """
+    if isinstance(level, (list, tuple)) and len(level) == 2:
+        bits, group = level
+    elif isinstance(level, str) and _QUANT_LEVEL.match(level.strip()):
+        m = _QUANT_LEVEL.match(level.strip())
+        bits, group = m.group(1), m.group(2) if m.group(2) is not None else default_group_size
+    elif isinstance(level, (int, float)) and not isinstance(level, bool) and float(level).is_integer():
+        bits, group = level, default_group_size
+    else:
+        raise ValueError(f"A quantization level is a bit width (3), 'BITSgGROUP' ('3g64') or a pair (3, 64); got "
+                         f"{level!r}.")
+    return int(bits), int(group or 0)
+
+
+def quant_level_name(bits: int, group_size: int, default_group_size: int | None = 128):
+    """The level value of ``(bits, group_size)``: the bit width itself at the default group size (so
+    databases of one group size keep integer levels), else ``"BITSgGROUP"``."""
+    return int(bits) if int(group_size) == int(default_group_size or 0) else f"{int(bits)}g{int(group_size)}"
+
+
+def stored_bits(bits: int, group_size: int, shape) -> int:
+    """Bits a ``bits``-bit level with ``group_size`` stores for a ``[rows, cols]`` weight: the codes,
+    one float16 scale and one ``bits``-bit zero-point per row and group (what
+    `encode_quantized` writes, without act-order's ``g_idx``)."""
+    rows, cols = (int(x) for x in shape)
+    groups = math.ceil(cols / group_size) if group_size and group_size > 0 else 1
+    return rows * cols * int(bits) + rows * groups * (16 + int(bits))
 
 
 class LevelCodec(ABC):
@@ -63,6 +106,25 @@ class LevelCodec(ABC):
     @abstractmethod
     def compress(self, weight: torch.Tensor, H: torch.Tensor, levels: list, settings: dict) -> list:
         """One compressed result per level (``H``: the layer's Hessian, or a per-head stack)."""
+
+    def compress_block(self, block, names: list, levels: list, hessians: dict, settings: dict) -> dict:
+        """``{name: [result per level]}`` for the linears ``names`` of a calibration ``block``
+        (`optimum_evo.compressors.calibrate.Block`); by default `compress` on each linear
+        with its dense-input Hessian."""
+        linears = block.linears()
+        return {n: self.compress(linears[n].weight, hessians[n], levels, settings) for n in names}
+
+    def needs_streams(self, settings: dict) -> bool:
+        """Whether `compress_block` needs one calibration stream per level."""
+        return False
+
+    def builder_name(self, settings: dict) -> str:
+        """Name of what makes the levels (recorded per level in the manifest)."""
+        return self.kind
+
+    def sort_levels(self, levels) -> list:
+        """``levels`` in the database's order (cheapest first)."""
+        return sorted(levels)
 
     @abstractmethod
     def encode(self, result) -> dict:
@@ -110,21 +172,46 @@ def decode_sparse(t: dict, shape) -> torch.Tensor:
 
 
 class QuantizedLevelCodec(LevelCodec):
-    """GPTQ levels at several bit widths (levels are bit widths)."""
+    """Quantized levels: a level is a bit width at the ``group_size`` setting (``3``) or a
+    ``(bits, group size)`` pair written ``"3g64"`` (`quant_level`). How the codes are chosen
+    is the ``builder`` setting (`optimum_evo.compressors.builders`: ``gptq`` by default,
+    ``gptq-sequential``, ``quantease``, ``signround``); ``iters``, ``batch_size`` and ``lr``
+    are the tuning builders' settings (``None`` / 0: the builder's default)."""
 
     kind = "quantization"
-    default_settings = dict(group_size=128, sym=False, mse=0.0, act_order=False, damp=0.01, attention_aware=True)
+    default_settings = dict(group_size=128, sym=False, mse=0.0, act_order=False, damp=0.01, attention_aware=True,
+                            builder="gptq", iters=None, batch_size=8, lr=0.0)
+
+    def _pairs(self, levels, settings) -> list:
+        return [quant_level(lv, settings["group_size"]) for lv in levels]
+
+    def sort_levels(self, levels) -> list:
+        return sorted(levels, key=lambda lv: quant_level(lv, 0))
+
+    def needs_streams(self, settings) -> bool:
+        from .builders import get_builder
+
+        return get_builder(settings["builder"]).streams
+
+    def builder_name(self, settings) -> str:
+        return settings["builder"]
 
     def compress(self, weight, H, levels, settings):
-        return gptq_levels(weight, H, [int(lv) for lv in levels], group_size=settings["group_size"],
-                           sym=settings["sym"], mse=settings["mse"], act_order=settings["act_order"],
-                           damp=settings["damp"])
+        from .builders import _gptq_all
+
+        return _gptq_all(weight, H, self._pairs(levels, settings), settings)
+
+    def compress_block(self, block, names, levels, hessians, settings) -> dict:
+        from .builders import get_builder
+
+        return get_builder(settings["builder"]).build(block, names, self._pairs(levels, settings), hessians, settings)
 
     def encode(self, result):
         return encode_quantized(result)
 
     def decode(self, tensors, shape, level, settings):
-        return decode_quantized(tensors, tuple(shape), int(level), settings["group_size"] or shape[1])
+        bits, group = quant_level(level, settings["group_size"])
+        return decode_quantized(tensors, tuple(shape), bits, group or shape[1])
 
 
 class SparseLevelCodec(LevelCodec):

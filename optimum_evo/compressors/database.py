@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from ..search.checkpoint import atomic_write_json
 from ..utils import sha256_file
 from .calibrate import linear_modules, walk_blocks
+from ..faults import fault_point
 from .codecs import LevelCodec, get_codec, level_key
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class LevelDatabase:
     def __init__(self, root, manifest: dict, codec: LevelCodec | None = None):
         self.root = Path(root)
         self.manifest = manifest
+        self.reused = None  # open_or_build: whether an existing database was reused
         self.codec = get_codec(codec if codec is not None else manifest["kind"])
 
     @staticmethod
@@ -173,17 +175,23 @@ class LevelDatabase:
             root: target folder (written in a temporary sibling, then moved into place).
             settings: the codec's settings (its ``default_settings`` fill the rest); quantization:
                 ``group_size`` (128), ``sym`` (False), ``mse`` (0: min-max), ``act_order`` (False),
-                ``damp`` (0.01); sparsity: ``damp``; both: ``attention_aware`` (True: value
+                ``damp`` (0.01), ``builder`` (``"gptq"``; ``"gptq-sequential"``, ``"quantease"``,
+                ``"signround"``) and its ``iters`` / ``batch_size`` / ``lr``; levels are bit widths
+                or ``"BITSgGROUP"`` (`optimum_evo.compressors.codecs.quant_level`); sparsity:
+                ``damp``; both: ``attention_aware`` (True: value
                 projections are compressed against the attention output, see
                 `optimum_evo.compressors.calibrate`).
             identity: extra manifest entries (e.g. model and calibration hashes) checked by
                 `open`.
+
+        The manifest's ``level_builders`` records what made each level (quantization: the
+        ``builder`` setting, `optimum_evo.compressors.builders`).
             modules: optional predicate ``name -> bool`` selecting the linears to compress.
         """
         codec = get_codec(kind)
         settings = codec.full_settings(settings)
         per_module = callable(levels)
-        level_fn = levels if per_module else (lambda name, shape, _lv=sorted(levels): _lv)
+        level_fn = levels if per_module else (lambda name, shape, _lv=codec.sort_levels(levels): _lv)
         root = Path(root)
         build_dir = root.with_name(f".{root.name}.build-{os.getpid()}")
         shutil.rmtree(build_dir, ignore_errors=True)
@@ -192,7 +200,7 @@ class LevelDatabase:
         start = time.perf_counter()
         entries, totals = {}, {}  # module entries; level key -> [bytes, weights]
         walk = walk_blocks(model, windows, progress=progress, desc=f"Building {codec.kind} database",
-                           attention_aware=settings["attention_aware"])
+                           attention_aware=settings["attention_aware"], streams=codec.needs_streams(settings))
         # The selected linears of every block; the walk stops after the last block that has one.
         selected = {i: [n for n in linear_modules(layer) if modules is None or modules(f"{walk.layout.path}.{i}.{n}")]
                     for i, layer in enumerate(walk.layout.layers)}
@@ -202,9 +210,17 @@ class LevelDatabase:
                 break
             if not selected[block.index]:
                 continue  # the walk advances the calibration inputs through this block
-            hessians = block.hessians(selected[block.index])
+            names = selected[block.index]
+            hessians = block.hessians(names)
             linears = block.linears()
-            for name in selected[block.index]:
+            levels_of = {n: codec.sort_levels(level_fn(f"{block.prefix}.{n}", tuple(linears[n].weight.shape)))
+                         for n in names}
+            if per_module:
+                compressed_of = {n: codec.compress_block(block, [n], levels_of[n], hessians, settings)[n]
+                                 for n in names}
+            else:  # every linear has the same levels: one call for the block (all levels in one sweep)
+                compressed_of = codec.compress_block(block, names, levels_of[names[0]], hessians, settings)
+            for name in names:
                 linear = linears[name]
                 full = f"{block.prefix}.{name}"
                 H = hessians[name]
@@ -213,8 +229,8 @@ class LevelDatabase:
                 diag = diag.sum(0) if diag.dim() == 2 else diag
                 tensors = {"stats::act_norm": torch.sqrt(diag.clamp(min=0)).contiguous()}
                 errors = {}
-                module_levels = sorted(level_fn(full, tuple(linear.weight.shape)))
-                compressed = codec.compress(linear.weight, H, module_levels, settings)  # all levels in one sweep
+                module_levels = levels_of[name]
+                compressed = compressed_of[name]
                 for lv, c in zip(module_levels, compressed):
                     enc = codec.encode(c)
                     decoded = codec.decode(enc, tuple(dense.shape), lv, settings)
@@ -227,20 +243,24 @@ class LevelDatabase:
                     acc[1] += linear.weight.numel()
                 rel = f"layers/{full}.safetensors"
                 save_file(tensors, str(build_dir / rel))
+                fault_point("database.layer")
                 entries[full] = {"shape": list(linear.weight.shape), "file": rel, "sha256": sha256_file(build_dir / rel),
                                  "levels": module_levels, "errors": errors}
             block.advance()
         manifest = {
             "format": FORMAT_VERSION,
             "kind": codec.kind,
-            "levels": "per-module" if per_module else sorted(levels),
+            "levels": "per-module" if per_module else codec.sort_levels(levels),
             "settings": settings,
+            "level_builders": "per-module" if per_module else {
+                level_key(lv): codec.builder_name(settings) for lv in codec.sort_levels(levels)},
             **(identity or {}),
             "modules": entries,
             "bytes_per_weight": {k: b / max(n, 1) for k, (b, n) in totals.items()},
             "build_seconds": round(time.perf_counter() - start, 1),
         }
         atomic_write_json(build_dir / "manifest.json", manifest)
+        fault_point("database.manifest")
         if root.exists():
             shutil.rmtree(root)
         os.replace(build_dir, root)
@@ -249,14 +269,25 @@ class LevelDatabase:
     @classmethod
     def open_or_build(cls, root, model, windows, kind, levels, settings=None, identity=None, modules=None,
                       progress=True) -> "LevelDatabase":
-        """Reuse the database at ``root`` when it matches the request, else (re)build it."""
+        """Reuse the database at ``root`` when it matches the request, else (re)build it. Processes
+        asking for the same folder at once take turns (a file lock beside it): one builds, the
+        others wait and reuse its result."""
+        from filelock import FileLock
+
         codec = get_codec(kind)
-        expected = {"kind": codec.kind, "levels": "per-module" if callable(levels) else sorted(levels),
+        expected = {"kind": codec.kind, "levels": "per-module" if callable(levels) else codec.sort_levels(levels),
                     "settings": codec.full_settings(settings), **(identity or {})}
-        _remove_orphan_builds(Path(root))
-        try:
-            return cls.open(root, expected)
-        except StaleDatabaseError as e:
-            if Path(root).exists():
-                logger.warning("%s Rebuilding it.", e)
-        return cls.build(model, windows, codec, levels, root, settings, identity, modules, progress)
+        root = Path(root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root.with_name(f".{root.name}.lock"))):
+            _remove_orphan_builds(root)
+            try:
+                db = cls.open(root, expected)
+                db.reused = True
+                return db
+            except StaleDatabaseError as e:
+                if root.exists():
+                    logger.warning("%s Rebuilding it.", e)
+            db = cls.build(model, windows, codec, levels, root, settings, identity, modules, progress)
+            db.reused = False
+            return db

@@ -249,3 +249,50 @@ def magnitude_prune(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     if k:
         W.view(-1)[torch.topk(W.abs().flatten(), k, largest=False).indices] = 0
     return W
+
+
+@torch.no_grad()
+def quantease(weight: torch.Tensor, H: torch.Tensor, start: QuantizedWeight, iters: int = 3,
+              damp: float = 0.01) -> QuantizedWeight:
+    """Improve a quantized ``start`` (e.g. GPTQ's) by cyclic coordinate descent on the layer output
+    error ``tr((W - Q) H (W - Q)^T)`` (QuantEase, Behdin et al. 2023): each input column in turn is
+    set to its optimum given all the others, rounded onto its group's grid (scales and zero-points
+    kept). Every column update cannot increase the error (up to the damping), so ``iters`` passes
+    end at least as good as ``start``. ``H`` may be a ``[groups, in, in]`` stack (see `gptq`)."""
+    slices = _row_groups(weight, H) if H.dim() == 3 else [slice(None)]
+    hessians = H if H.dim() == 3 else H[None]
+    codes = start.codes.clone()
+    g = start.g_idx.long()
+    for k, sl in enumerate(slices):
+        codes[sl] = _quantease(weight[sl].float(), hessians[k], start.codes[sl], start.scales[sl][:, g],
+                               start.zeros[sl][:, g], start.bits, iters, damp)
+    return QuantizedWeight(codes, start.scales, start.zeros, start.g_idx, start.bits, start.group_size)
+
+
+def _quantease(W, H, codes, scale, zero, bits, iters, damp) -> torch.Tensor:
+    H = H.clone().float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0])
+    W = W.clone()
+    W[:, dead] = 0
+    maxq = 2**bits - 1
+    S, Z = scale.t().contiguous(), zero.t().contiguous()  # [cols, rows]: column-major, as in _gptq
+    QT = codes.float().t().contiguous()
+    WT = W.t().contiguous()
+    ET = WT - S * (QT - Z)  # error, column-major
+    RT = H @ ET  # R^T = (E H)^T = H E^T (H symmetric)
+    diag = torch.diag(H)
+    for _ in range(iters):
+        for j in range(W.shape[1]):
+            e = ET[j]
+            # optimum of column j with the others fixed: e_j = -(R_j - e_j H_jj) / H_jj
+            target = WT[j] + (RT[j] - e * diag[j]) / diag[j]
+            q = torch.clamp(torch.round(target / S[j]) + Z[j], 0, maxq)
+            new_e = WT[j] - S[j] * (q - Z[j])
+            delta = new_e - e
+            if bool(delta.any()):
+                RT.addr_(H[:, j], delta)
+                ET[j] = new_e
+                QT[j] = q
+    return QT.t().to(torch.uint8).contiguous()

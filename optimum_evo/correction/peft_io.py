@@ -153,6 +153,10 @@ def save_correction(peft_model, model_dir, base_model_name_or_path: str | None =
     config = copy.deepcopy(base.peft_config[adapter_name])
     config.base_model_name_or_path = base_model_name_or_path or str(model_dir.resolve())
     config.save_pretrained(str(out))
+    saved = json.loads((out / "adapter_config.json").read_text())
+    if isinstance(saved.get("target_modules"), list):  # peft keeps a set: write it in a reproducible order
+        saved["target_modules"] = sorted(saved["target_modules"])
+        (out / "adapter_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     state = get_peft_model_state_dict(base, adapter_name=adapter_name)
     state = {f"base_model.model.{k}": (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
              .detach().cpu().contiguous() for k, v in state.items()}

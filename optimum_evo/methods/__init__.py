@@ -24,7 +24,11 @@ __all__ = [
     "available_methods", "get_method", "register_method", "unregister_method",
 ]
 
-# The built-in methods register themselves on import, in this order.
-from . import depth  # noqa: E402,F401
-from . import sparsity  # noqa: E402,F401,I001
-from . import quantization  # noqa: E402,F401,I001
+def _register_builtins() -> None:
+    import importlib
+
+    for name in ("depth", "sparsity", "quantization"):  # each module registers its method, in this order
+        importlib.import_module(f"{__name__}.{name}")
+
+
+_register_builtins()

@@ -32,9 +32,12 @@ Examples:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence, runtime_checkable
 
 from ..search import LevelSpace, SearchConfig
+
+if TYPE_CHECKING:  # annotations only
+    from ..pipeline.context import RunContext
 
 __all__ = ["MERGE_MASKED", "MERGE_REFUSED", "CompressedModelError", "CompressionMethod", "SearchSpace"]
 

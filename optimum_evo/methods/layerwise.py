@@ -214,8 +214,24 @@ class DatabaseMethod(CompressionMethod):
         return select
 
     # ------------------------------------------------------------------ the search
+    def check_selection(self, args, model) -> None:
+        """Refuse, before any database work, a model or selection with no linear to compress."""
+        layout = find_decoder_layout(model)
+        select = self.selected(args)
+        names = [f"{layout.path}.{i}.{n}" for i, layer in enumerate(layout.layers) for n in linear_modules(layer)]
+        if not names:
+            kinds = sorted({type(m).__name__ for m in layout.layers[0].modules() if "linear" in type(m).__name__.lower()
+                            or "conv1d" in type(m).__name__.lower()})
+            raise ValueError(f"{type(model).__name__}'s decoder blocks hold no torch.nn.Linear layers (found "
+                             f"{kinds or 'none'}); {self.name} compresses nn.Linear layers: use compression='depth' "
+                             "for this architecture.")
+        if select is not None and not any(select(n) for n in names):
+            raise ValueError(f"modules={args.modules!r} / modules_to_not_convert={args.modules_to_not_convert!r} "
+                             f"select none of the decoder blocks' {len(names)} linear layers (e.g. {names[0]!r}).")
+
     def prepare(self, run) -> None:
         args, model = run.args, run.model
+        self.check_selection(args, model)
         levels, settings, extra = self.database_request(args, model)
         identity = {"model": str(run.path), "config": config_hash(model), "calibration": _hash_tensor(run.calibration),
                     "weights": weights_hash(model), **extra}
@@ -245,7 +261,7 @@ class DatabaseMethod(CompressionMethod):
         db = run.database
         return {"database": {"path": str(db.root), "bytes_per_weight": db.bytes_per_weight(),
                              "disk_bytes": sum(f.stat().st_size for f in db.root.rglob("*") if f.is_file()),
-                             "build_seconds": db.manifest.get("build_seconds")},
+                             "build_seconds": db.manifest.get("build_seconds"), "reused": db.reused},
                 "levels": run.eval_space.profile(candidate)}
 
     def space_from_report(self, model, report: dict):

@@ -19,6 +19,8 @@ import math
 import torch
 from torch import nn
 
+from ..compressors.builders import available_builders
+from ..compressors.codecs import quant_level, quant_level_name, stored_bits
 from ..compressors.packed_linear import EvoPressQuantLinear
 from .registry import register_method
 from .base import MERGE_REFUSED, CompressedModelError
@@ -33,46 +35,112 @@ class QuantizationSpace(DatabaseSpace):
     Units are grouped by size (number of weights) and switches stay inside a group, so the average
     is exact for every candidate. Non-integer targets (2.25, 2.5, 3.5) mix the two bracketing bit
     widths inside each group.
+
+    **Group size as a level dimension.** When the database holds levels at several group sizes
+    (``"3g64"``, see `quant_level`), a unit's levels are its ``(bits, group size)`` options
+    ordered by the bits they store (codes, float16 scales and ``bits``-bit zero-points,
+    `stored_bits`), and the budget is those *stored* bits: exactly the stored bits of the
+    uniform ``target``-bit model at the database's ``group_size`` (the reference), inside every
+    switch group of units with identical costs (same shape). The search then trades bit widths
+    against scale granularity under one effective-bit budget.
     """
 
     def __init__(self, model, db, target_bits: float, cache: bool = True):
-        bits = sorted(int(b) for b in db.levels)
+        settings = db.manifest.get("settings", {})
+        self.reference_group = int(settings.get("group_size") or 0)
+        pairs = {lv: quant_level(lv, self.reference_group) for lv in db.levels}
+        bits = sorted({b for b, g in pairs.values() if g == self.reference_group})
+        if not bits:
+            raise ValueError(f"The database has no level at its group size {self.reference_group}: {db.levels}.")
         if not bits[0] <= target_bits <= bits[-1]:
             raise ValueError(f"target_bits={target_bits} is outside the database's bit widths {bits}.")
         self.bits, self.target = bits, float(target_bits)
+        self.pairs = pairs
+        self.mixed_groups = any(g != self.reference_group for _, g in pairs.values())
         names = list(db.modules)
-        sizes = [math.prod(db.modules[n]["shape"]) for n in names]
-        size_ids = {s: g for g, s in enumerate(sorted(set(sizes)))}
-        costs = tuple(b - a for a, b in zip(bits, bits[1:]))
-        super().__init__(model, db, [bits] * len(names), [size_ids[s] for s in sizes], (costs,) * len(names), cache)
+        shapes = [tuple(db.modules[n]["shape"]) for n in names]
+        if not self.mixed_groups:
+            # one group size: levels are bit widths, a step costs its bits per weight (exact average bits)
+            levels = sorted(db.levels, key=lambda lv: pairs[lv][0])
+            sizes = [math.prod(s) for s in shapes]
+            size_ids = {s: g for g, s in enumerate(sorted(set(sizes)))}
+            costs = tuple(pairs[b][0] - pairs[a][0] for a, b in zip(levels, levels[1:]))
+            super().__init__(model, db, [list(levels)] * len(names), [size_ids[s] for s in sizes],
+                             (costs,) * len(names), cache)
+            return
+        unit_levels, step_costs, keys = [], [], []
+        for shape in shapes:
+            by_cost = {}
+            for lv, (b, g) in sorted(pairs.items(), key=lambda kv: (kv[1][0], -(kv[1][1] or 10**9))):
+                by_cost.setdefault(stored_bits(b, g, shape), lv)  # equal cost: the first (wider groups)
+            ordered = sorted(by_cost.items())
+            cost = [c // shape[0] for c, _ in ordered]  # every cost is a multiple of the rows
+            steps = [b - a for a, b in zip(cost, cost[1:])]
+            gcd = math.gcd(*steps) if steps else 1
+            unit_levels.append([lv for _, lv in ordered])
+            step_costs.append(tuple(s // gcd for s in steps))
+            keys.append((tuple(unit_levels[-1]), step_costs[-1]))
+        key_ids = {k: g for g, k in enumerate(dict.fromkeys(keys))}
+        super().__init__(model, db, unit_levels, [key_ids[k] for k in keys], tuple(step_costs), cache)
+
+    def _reference_index(self, unit: int, bits: int) -> int:
+        for j, lv in enumerate(self.unit_levels[unit]):
+            if self.pairs[lv] == (bits, self.reference_group):
+                return j
+        # a level of equal cost stood in for it (e.g. group size >= the columns)
+        shape = tuple(self.db.modules[self.names[unit]]["shape"])
+        want = stored_bits(bits, self.reference_group, shape)
+        return next(j for j, lv in enumerate(self.unit_levels[unit]) if stored_bits(*self.pairs[lv], shape) == want)
 
     def uniform(self) -> tuple:
-        """A candidate whose average is the target: inside each size group, ``round(target * n)``
-        bits spread over the two bit widths bracketing the target (exact when achievable)."""
-        lo = max(i for i, b in enumerate(self.bits) if b <= self.target)
-        hi = min(i for i, b in enumerate(self.bits) if b >= self.target)
-        cand = [lo] * self.level_space.num_units
+        """A candidate whose average is the target at the reference group size: inside each
+        switch group, ``round(target * n)`` bits spread over the two bit widths bracketing the target
+        (exact when achievable)."""
+        lo = max(b for b in self.bits if b <= self.target)
+        hi = min(b for b in self.bits if b >= self.target)
+        cand = [self._reference_index(i, lo) for i in range(self.level_space.num_units)]
         if hi != lo:
-            span = self.bits[hi] - self.bits[lo]
-            for g in set(self.level_space.groups):
+            for g in sorted(set(self.level_space.groups), key=str):
                 members = [i for i, gi in enumerate(self.level_space.groups) if gi == g]
-                extra = round((self.target - self.bits[lo]) * len(members) / span)
+                extra = round((self.target - lo) * len(members) / (hi - lo))
                 for k, i in enumerate(members):
                     # spread the higher bit width evenly over depth
                     if math.floor((k + 1) * extra / len(members)) > math.floor(k * extra / len(members)):
-                        cand[i] = hi
+                        cand[i] = self._reference_index(i, hi)
         return tuple(cand)
 
+    def level_pair(self, unit: int, index: int) -> tuple:
+        """``(bits, group size)`` of level ``index`` of ``unit``."""
+        return self.pairs[self.unit_levels[unit][index]]
+
     def average_bits(self, cand) -> float:
+        """Average code bits per weight (scales and zeros not counted)."""
         total = sum(self.numel)
-        return sum(n * self.bits[idx] for n, idx in zip(self.numel, cand)) / total
+        return sum(n * self.level_pair(i, idx)[0] for i, (n, idx) in enumerate(zip(self.numel, cand))) / total
+
+    def effective_bits(self, cand) -> float:
+        """Stored bits per weight: codes, float16 scales and zero-points (`stored_bits`)."""
+        total = sum(self.numel)
+        return sum(stored_bits(*self.level_pair(i, idx), self.db.modules[self.names[i]]["shape"])
+                   for i, idx in enumerate(cand)) / total
 
     def describe(self, cand) -> dict:
-        bpw = self.db.bytes_per_weight()
-        total = sum(self.numel)
-        effective = sum(n * 8 * bpw[str(self.bits[idx])] for n, idx in zip(self.numel, cand)) / total
-        return {"average_bits": self.average_bits(cand), "effective_bits": effective,
-                "bits": {b: sum(1 for idx in cand if self.bits[idx] == b) for b in self.bits}}
+        counts: dict = {}
+        for i, idx in enumerate(cand):
+            label = profile_level(*self.level_pair(i, idx), self.reference_group)
+            counts[label] = counts.get(label, 0) + 1
+        out = {"average_bits": self.average_bits(cand), "effective_bits": self.effective_bits(cand),
+               "bits": {b: sum(1 for i, idx in enumerate(cand) if self.level_pair(i, idx)[0] == b) for b in
+                        sorted({b for b, _ in self.pairs.values()})}}
+        if self.mixed_groups:
+            out["levels"] = dict(sorted(counts.items(), key=lambda kv: quant_level(kv[0], self.reference_group)))
+        return out
+
+
+def profile_level(bits: int, group_size: int, reference_group: int):
+    """How a module's level is written in the checkpoint profile: its bit width at the profile's
+    ``group_size``, else ``"BITSgGROUP"`` (e.g. ``"3g64"``)."""
+    return quant_level_name(bits, group_size, reference_group)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -121,11 +189,33 @@ class QuantizationMethod(DatabaseMethod):
         if isinstance(args.mse, bool) or not isinstance(args.mse, (int, float)) or args.mse < 0:
             raise ValueError(f"mse must be >= 0 (the p of the clipping search's p-norm, e.g. 2.4; 0 = min-max "
                              f"scales), got {args.mse!r}.")
+        builder = getattr(args, "builder", "gptq")
+        if builder not in available_builders():
+            raise ValueError(f"builder must be one of {available_builders()} (how the levels are made), got "
+                             f"{builder!r}.")
+        iters = getattr(args, "builder_iters", None)
+        if iters is not None and (isinstance(iters, bool) or not isinstance(iters, int) or iters < 0):
+            raise ValueError(f"builder_iters must be a non-negative integer (None: the builder's default), got "
+                             f"{iters!r}.")
+        groups = getattr(args, "group_sizes", None)
+        if groups is not None:
+            if isinstance(groups, (str, int)) or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0
+                                                         for g in groups) or len(set(groups)) != len(groups):
+                raise ValueError(f"group_sizes must be distinct group sizes >= 0 (0 = one group per row), e.g. "
+                                 f"[64, 128], got {groups!r}.")
+            args.group_sizes = sorted(set(groups) | {args.group_size})
+        if args.desc_act and groups is not None and len(args.group_sizes) > 1:
+            raise ValueError("desc_act (act-order) is not supported with several group_sizes.")
+        if args.desc_act and builder in ("signround",):
+            raise ValueError("desc_act (act-order) is a GPTQ option; the signround builder keeps columns in order.")
 
     def database_request(self, args, model) -> tuple:
         settings = {"group_size": args.group_size, "sym": args.sym, "mse": float(args.mse),
-                    "act_order": args.desc_act, "damp": float(args.damp_percent)}
-        return list(args.levels), settings, {}
+                    "act_order": args.desc_act, "damp": float(args.damp_percent),
+                    "builder": getattr(args, "builder", "gptq"), "iters": getattr(args, "builder_iters", None)}
+        groups = getattr(args, "group_sizes", None) or [args.group_size]
+        levels = [quant_level_name(b, g, args.group_size) for b in args.levels for g in sorted(groups)]
+        return levels, settings, {}
 
     def make_space(self, run, model) -> QuantizationSpace:
         return QuantizationSpace(model, run.database, run.args.target)
@@ -138,8 +228,9 @@ class QuantizationMethod(DatabaseMethod):
         return profile
 
     def build_skeleton(self, model, profile: dict) -> None:
-        group_size, act_order = profile["group_size"], profile.get("act_order", False)
-        for name, bits in profile["modules"].items():
+        reference, act_order = profile["group_size"], profile.get("act_order", False)
+        for name, level in profile["modules"].items():
+            bits, group_size = quant_level(level, reference)
             try:
                 linear = model.get_submodule(name)
             except AttributeError:
@@ -150,22 +241,43 @@ class QuantizationMethod(DatabaseMethod):
                                            "linear.")
             dtype = linear.weight.dtype if linear.weight is not None else None
             _set_submodule(model, name, EvoPressQuantLinear(
-                linear.in_features, linear.out_features, int(bits), group_size, bias=linear.bias is not None,
+                linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None,
                 act_order=act_order, device="meta", dtype=dtype))
 
     def verify(self, model, profile: dict) -> None:
-        for name, bits in profile.get("modules", {}).items():
+        for name, level in profile.get("modules", {}).items():
+            bits, group_size = quant_level(level, profile.get("group_size"))
             module = model.get_submodule(name)
             module = module.get_base_layer() if hasattr(module, "get_base_layer") else module  # under LoRA
-            if not isinstance(module, EvoPressQuantLinear) or module.bits != int(bits):
-                raise CompressedModelError(f"{name} should be a {bits}-bit EvoPressQuantLinear, found {module!r}.")
+            if not isinstance(module, EvoPressQuantLinear) or module.bits != bits or \
+                    module.group_size != (group_size or module.in_features):
+                raise CompressedModelError(f"{name} should be a {bits}-bit EvoPressQuantLinear with group size "
+                                           f"{group_size}, found {module!r}.")
             if module.scales.device.type == "meta" or not bool(module.scales.abs().sum() > 0):
                 raise CompressedModelError(f"The packed weights of {name} were not loaded (missing from the "
                                            "checkpoint?).")
 
     def card_rows(self, record: dict) -> list:
-        return [("bit widths searched", f"{record.get('levels')}, group size "
-                                        f"{(record.get('profile') or {}).get('group_size')}")]
+        groups = record.get("group_sizes") or [(record.get("profile") or {}).get("group_size")]
+        rows = [("bit widths searched", f"{record.get('levels')}, group size{'s' if len(groups) > 1 else ''} "
+                                        f"{', '.join(str(g) for g in groups)}")]
+        if record.get("builder"):
+            rows.append(("levels made by", f"{record.get('builder')}"))
+        return rows
+
+    def summary(self, profile: dict) -> dict:
+        modules = profile.get("modules", {})
+        if not modules:
+            return {}
+        reference = profile.get("group_size")
+        counts: dict = {}
+        for level in modules.values():
+            counts[level] = counts.get(level, 0) + 1
+        ordered = dict(sorted(counts.items(), key=lambda kv: quant_level(kv[0], reference)))
+        out = {"average_bits": profile.get("average_bits"), "modules per level": ordered, "modules": len(modules)}
+        if profile.get("effective_bits") is not None:
+            out["effective_bits"] = profile["effective_bits"]
+        return out
 
     def budget_text(self, row: dict) -> str:
         return f"{row['average_bits']:.2f} bit" if "average_bits" in row else "16 bit"
@@ -173,19 +285,23 @@ class QuantizationMethod(DatabaseMethod):
 
 @torch.no_grad()
 def apply_levels(model, levels: dict, db) -> dict:
-    """Replace the linears named in ``levels`` (``{module name: bits}``) by packed
-    `EvoPressQuantLinear` layers holding the database's codes; returns the profile recorded
-    in the checkpoint (``modules`` and the grid settings)."""
+    """Replace the linears named in ``levels`` (``{module name: level}``, a level a bit width or
+    ``"BITSgGROUP"``) by packed `EvoPressQuantLinear` layers holding the database's codes;
+    returns the profile recorded in the checkpoint: ``modules`` (``{name: bits}`` at the profile's
+    ``group_size``, ``{name: "BITSgGROUP"}`` at another group size) and the grid settings."""
     settings = db.manifest["settings"]
-    group_size = settings.get("group_size") or 0
+    reference = settings.get("group_size") or 0
     act_order = bool(settings.get("act_order", False))
-    for name, bits in levels.items():
+    modules = {}
+    for name, level in levels.items():
+        bits, group_size = quant_level(level, reference)
         linear = model.get_submodule(name)
         bias = linear.bias.detach() if linear.bias is not None else None
         _set_submodule(model, name, EvoPressQuantLinear.from_packed(
-            db.tensors(name, int(bits)), linear.in_features, linear.out_features, int(bits), group_size,
+            db.tensors(name, level), linear.in_features, linear.out_features, bits, group_size,
             bias=bias, act_order=act_order, device=linear.weight.device, dtype=linear.weight.dtype))
-    return {"modules": {n: int(b) for n, b in levels.items()}, "group_size": group_size, "act_order": act_order}
+        modules[name] = profile_level(bits, group_size, reference)
+    return {"modules": modules, "group_size": reference, "act_order": act_order}
 
 
 register_method(QuantizationMethod())

@@ -47,6 +47,7 @@ def run(args: SearchArguments, model=None, tokenizer=None) -> RunContext:
     start = time.perf_counter()
     ctx = RunContext(args=args, method=get_method(args.compression), path=args.model, model=model,
                      tokenizer=tokenizer)
+    stages.check_exports(ctx)
     stages.load(ctx)
     _search(ctx)
     if ctx.output_dir:

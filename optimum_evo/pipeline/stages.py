@@ -57,11 +57,46 @@ def _hash_tensor(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
+def check_exports(ctx: RunContext) -> None:
+    """Refuse, before anything loads, an export format that cannot hold what the method makes."""
+    from ..exporters import get_exporter
+
+    for fmt in ctx.args.export or []:
+        reason = get_exporter(fmt).refusal(ctx.method)
+        if reason:
+            raise ValueError(reason)
+
+
+def _refuse_compressed(path: str) -> None:
+    """A search needs a dense model: refuse a folder without weights and a checkpoint that is already
+    quantized / compressed."""
+    import json
+    from pathlib import Path
+
+    folder = Path(path)
+    if folder.is_dir() and not any(any(folder.glob(p)) for p in ("*.safetensors", "pytorch_model*.bin")):
+        raise ValueError(f"Model directory {path!r} has a config.json but no weights (model.safetensors); save the "
+                         "model with save_pretrained, or point to the folder that holds its weights.")
+    config = folder / "config.json"
+    qc = json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
+    if not qc:
+        return
+    method = qc.get("quant_method")
+    if method == "evopress":
+        base = (qc.get("metrics") or {}).get("model")
+        raise ValueError(f"{path} is an EvoPress checkpoint (already compressed, {qc.get('compression')}); search the "
+                         f"dense model it was made from{f' ({base})' if base else ''}.")
+    raise ValueError(f"{path} is a {method} checkpoint (already quantized); EvoPress searches a dense model: point "
+                     "--model at the original one.")
+
+
 def load(ctx: RunContext) -> None:
     from ..embedded_models import resolve_model
     from ..loading import load_model, load_tokenizer
 
     ctx.path = resolve_model(ctx.args.model)
+    if ctx.model is None:
+        _refuse_compressed(ctx.path)
     if ctx.tokenizer is None:
         ctx.tokenizer = load_tokenizer(ctx.path)
     if ctx.model is None:

@@ -24,6 +24,8 @@ def atomic_write_json(path, payload, fault: str | None = None) -> None:
         if fault:
             fault_point(fault)
         os.replace(tmp, path)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by writers that were killed
+            stale.unlink(missing_ok=True)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

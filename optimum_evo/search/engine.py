@@ -270,11 +270,13 @@ class EvolutionarySearch:
                 candidates = [candidates[i] for i in keep]
                 best_child_score = child_scores[keep[0]] if keep else math.inf
             changed = bool(candidates) and best_child_score < parent_score
+            previous_score = parent_score  # the parent's score on the tokens that decided
             if changed and cfg.confirm_tokens:
                 ids = self._minibatch(rng, cfg.confirm_tokens)
                 best_child_score, parent_score = self._score([candidates[0], parent], ids)
                 gen_tokens += 2 * len(ids) * self.objective.tokens_per_sample
                 changed = best_child_score < parent_score
+                previous_score = parent_score
             if changed:
                 state.parent, state.fitness, state.stale = candidates[0], best_child_score, 0
                 self._set_parent(state.parent)
@@ -288,6 +290,7 @@ class EvolutionarySearch:
                 "generation": state.generation,
                 "best_fitness": state.fitness,
                 "parent_changed": changed,
+                "previous_parent_fitness": previous_score,
                 "tokens": gen_tokens,
                 "total_tokens": state.tokens,
                 "seconds": round(state.seconds, 3),

@@ -34,7 +34,7 @@ from ... import checkpoint
 from ...checkpoint import EvoPressLoadError, check_evopress_model
 from ...compressors.packed_linear import EvoPressQuantLinear
 from ...methods import CompressedModelError
-from .config import QUANT_METHOD, EvoPressConfig, EvoPressConfigError
+from .config import EvoPressConfig, EvoPressConfigError
 
 logger = logging.getLogger(__name__)
 
