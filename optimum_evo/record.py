@@ -55,7 +55,8 @@ def checkpoint_record(settings, profile: dict | None, metrics: dict | None) -> d
 
 def upgrade_record(record: dict) -> dict:
     """A record of an earlier format in the current one (format 1 named ``database_dir``
-    ``cache_dir`` and nested the LoRA settings in ``lora_correction``)."""
+    ``cache_dir``, nested the LoRA settings in ``lora_correction`` and stored packed codes as bit
+    streams)."""
     record = dict(record)
     if record.get("format_version", FORMAT_VERSION) == 1:
         if "cache_dir" in record:
@@ -68,6 +69,8 @@ def upgrade_record(record: dict) -> dict:
                     record[f"lora_{key}"] = lora[key]
         elif lora is None:
             record["lora_correction"] = 0
+        if isinstance(record.get("profile"), dict):  # packed codes were bit streams, not bit planes
+            record["profile"] = {**record["profile"], "qweight_layout": "stream"}
         record["format_version"] = FORMAT_VERSION
     return record
 

@@ -38,8 +38,10 @@ def test_packed_layer_is_bit_identical_to_the_database_level(bits, act_order):
     layer = EvoPressQuantLinear.from_packed(enc, 160, 48, bits, 64, bias=bias, act_order=act_order)
     assert layer.weight is None and isinstance(layer, nn.Linear)
     assert torch.equal(layer.dequantize_weight(torch.float32), reference)
-    x = torch.randn(2, 5, 160)
-    assert torch.equal(layer(x), nn.functional.linear(x, reference, bias))
+    assert layer.layout == "planes"
+    for x in (torch.randn(1, 1, 160), torch.randn(2, 5, 160)):  # decode (matrix-vector kernel) and prefill
+        # the kernels sum in another order (groups, bit planes): equal within float32 rounding
+        assert torch.allclose(layer(x), nn.functional.linear(x, reference, bias), rtol=1e-5, atol=1e-5)
     # Stored: packed codes and zeros, fp16 scales; no dense weight anywhere.
     state = layer.state_dict()
     assert set(state) == {"qweight", "scales", "qzeros", "bias"} | ({"g_idx"} if act_order else set())
@@ -51,6 +53,39 @@ def test_packed_layer_is_bit_identical_to_the_database_level(bits, act_order):
     assert torch.equal(data.g_idx.long(), q.g_idx.long()) and (data.bits, data.group_size) == (bits, 64)
     assert torch.equal(data.scales, q.scales.half().float())
     assert torch.equal(data.dequantize(), reference)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_serve_every_width_within_rounding(bits, dtype):
+    """Every width 1..8 goes through the bit-plane kernels (matrix-vector for a few rows, dequantize
+    + matrix product for many) and matches the stream layout's PyTorch path."""
+    from optimum_evo.compressors import kernels
+
+    _, q = _gptq_layer(bits, out_features=40, in_features=192)
+    enc = encode_quantized(q)
+    fast = EvoPressQuantLinear.from_packed(enc, 192, 40, bits, 64, dtype=dtype).to(dtype)
+    slow = EvoPressQuantLinear.from_packed(enc, 192, 40, bits, 64, dtype=dtype, layout="stream").to(dtype)
+    assert (fast.layout, slow.layout) == ("planes", "stream") and fast.qweight.numel() == slow.qweight.numel()
+    assert torch.equal(fast.dequantize_weight(torch.float32), slow.dequantize_weight(torch.float32))
+    assert kernels.available(), "the kernels should build on this machine"
+    weight = slow.dequantize_weight(torch.float32)
+    for rows in (1, 3, 32):
+        x = torch.randn(rows, 192).to(dtype)
+        exact = x.float() @ weight.t()
+        if dtype == torch.float32:
+            assert torch.allclose(fast(x), slow(x), rtol=1e-5, atol=1e-5), (bits, rows)
+        else:  # bfloat16 outputs: the kernels are no further from the exact product than PyTorch's own bf16 path
+            assert (fast(x).float() - exact).abs().max() <= 1.5 * (slow(x).float() - exact).abs().max() + 1e-3
+    assert torch.equal(fast.stream_tensors()["codes"], enc["codes"])
+
+
+def test_layers_the_kernels_do_not_take_keep_the_stream_layout():
+    _, q = _gptq_layer(3, in_features=160, group_size=48)
+    layer = EvoPressQuantLinear.from_quantized(q)
+    assert layer.layout == "stream"  # group size not a multiple of 32
+    x = torch.randn(3, 160)
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.dequantize_weight(), None))
 
 
 def test_from_quantized_and_from_linear():

@@ -28,7 +28,8 @@ import math
 
 import torch
 
-__all__ = ["pack_codes", "pack_int32", "packed_bytes", "unpack_bits", "unpack_codes", "unpack_int32"]
+__all__ = ["codes_to_planes", "pack_codes", "pack_int32", "packed_bytes", "planes_to_codes", "unpack_bits", "unpack_codes",
+           "unpack_int32"]
 
 
 def packed_bytes(numel: int, bits: int) -> int:
@@ -118,3 +119,29 @@ def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     hi = w[:, word + 1] << (32 - offset)  # only matters where the code spills into the next word
     mask = (1 << bits) - 1
     return torch.where(offset + bits > 32, (lo | hi), lo) & mask
+
+
+def codes_to_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bit-plane layout of integer codes ``[rows, cols]`` (``cols`` a multiple of 32): for every row
+    and block of 32 columns, ``bits`` little-endian 32-bit words, word ``j`` holding bit ``j`` of the
+    block's 32 codes (bit ``i`` = column ``i``). Returns the words' bytes (uint8, ``rows * cols *
+    bits / 8`` of them), the layout of `optimum_evo.compressors.kernels`."""
+    rows, cols = codes.shape
+    if cols % 32:
+        raise ValueError(f"the bit-plane layout needs a multiple of 32 columns, got {cols}.")
+    c = codes.reshape(rows, cols // 32, 32).to(torch.int64)
+    lanes = torch.arange(32, dtype=torch.int64, device=codes.device)
+    words = torch.stack([(((c >> j) & 1) << lanes).sum(-1) for j in range(bits)], dim=-1)  # [rows, blocks, bits]
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    return words.contiguous().view(torch.uint8).reshape(-1)
+
+
+def planes_to_codes(planes: torch.Tensor, bits: int, shape) -> torch.Tensor:
+    """Inverse of `codes_to_planes`: uint8 codes ``shape`` (``[rows, cols]``)."""
+    rows, cols = (int(d) for d in shape)
+    words = planes.contiguous().view(torch.int32).reshape(rows, cols // 32, bits).to(torch.int64) & 0xFFFFFFFF
+    lanes = torch.arange(32, dtype=torch.int64, device=planes.device)
+    codes = torch.zeros(rows, cols // 32, 32, dtype=torch.int64, device=planes.device)
+    for j in range(bits):
+        codes |= ((words[..., j:j + 1] >> lanes) & 1) << j
+    return codes.reshape(rows, cols).to(torch.uint8)
