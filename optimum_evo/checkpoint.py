@@ -27,7 +27,7 @@ PLUGIN_HINT = ("Run `import optimum_evo` before `from_pretrained` (pip install o
                "computes garbage.")
 
 __all__ = ["CARD_NAME", "CompressedModelError", "EvoPressLoadError", "build_skeleton", "check_evopress_model",
-           "has_adapter", "save_checkpoint", "verify"]
+           "checkpoint_state_dict", "finalize_loaded", "has_adapter", "save_checkpoint", "verify"]
 
 
 class EvoPressLoadError(CompressedModelError):
@@ -40,6 +40,20 @@ def build_skeleton(model, record: dict) -> None:
     """Swap the modules of a (meta) model skeleton for the compressed ones the record's profile
     needs, so the checkpoint's tensors load into them."""
     get_method(record["compression"]).build_skeleton(model, record.get("profile") or {})
+
+
+def finalize_loaded(model, record: dict) -> None:
+    """Finish a model whose checkpoint tensors loaded into `build_skeleton`'s modules."""
+    get_method(record["compression"]).after_load(model, record.get("profile") or {})
+
+
+def checkpoint_state_dict(model, record: dict) -> dict:
+    """The tensors an EvoPress checkpoint stores: the model's own (without LoRA tensors, under the
+    names they have without adapters), as the compression method stores them."""
+    from .correction.peft_io import base_state_dict
+
+    return get_method(record["compression"]).checkpoint_tensors(model, record.get("profile") or {},
+                                                                base_state_dict(model))
 
 
 def verify(model, record: dict) -> None:
@@ -99,7 +113,7 @@ def save_checkpoint(model, folder, record: dict, tokenizer=None, repo_id: str | 
     from transformers import PreTrainedModel
 
     from .card import model_card
-    from .correction.peft_io import base_state_dict, save_correction
+    from .correction.peft_io import save_correction
     from .faults import fault_point
     from .utils import publish_folder, staging_folder
 
@@ -112,12 +126,12 @@ def save_checkpoint(model, folder, record: dict, tokenizer=None, repo_id: str | 
     if read_record(model) != record:
         model.config.quantization_config = record
     adapter = has_adapter(model)
+    if getattr(model, "hf_quantizer", None) is None:
+        # With a quantizer transformers ignores `state_dict` and takes the quantizer's
+        # (EvoPressHfQuantizer.get_state_dict_and_metadata gives the same tensors).
+        save_kwargs.setdefault("state_dict", checkpoint_state_dict(model, record))
     try:
         if adapter:
-            if getattr(model, "hf_quantizer", None) is None:
-                # With a quantizer transformers ignores `state_dict` and takes the quantizer's
-                # (EvoPressHfQuantizer.get_state_dict_and_metadata leaves the LoRA tensors out).
-                save_kwargs.setdefault("state_dict", base_state_dict(model))
             model._hf_peft_config_loaded = False  # else transformers writes the adapter alone
         try:
             PreTrainedModel.save_pretrained(model, folder, **save_kwargs)

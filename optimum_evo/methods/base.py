@@ -18,7 +18,7 @@ To add a method, subclass `CompressionMethod`, set the class attributes and impl
 
 and, where the method needs them: ``prepare(run)`` (work shared by all spaces of a run, e.g. a
 level database), ``build_skeleton(model, profile)`` (swap modules of an empty model so a saved
-checkpoint's tensors load into them), ``verify(model, profile)`` (refuse a model that lacks what
+checkpoint's tensors load into them) with ``after_load`` and ``checkpoint_tensors``, ``verify(model, profile)`` (refuse a model that lacks what
 the profile needs), ``space_from_report(model, report)``, ``budget_text(row)``,
 ``plot_profile(report, path)``, ``merge_rules(profile)`` and ``card_rows(record)``. Then register
 an instance: ``register_method(MyMethod())``.
@@ -134,6 +134,14 @@ class CompressionMethod(ABC):
 
     def build_skeleton(self, model, profile: dict) -> None:
         """Swap modules of an empty (meta) ``model`` for the compressed ones of ``profile``."""
+
+    def after_load(self, model, profile: dict) -> None:
+        """Finish a model whose checkpoint tensors just loaded into `build_skeleton`'s modules."""
+
+    def checkpoint_tensors(self, model, profile: dict, state_dict: dict) -> dict:
+        """The tensors a checkpoint stores, from the model's ``state_dict`` (default: as they are;
+        e.g. sparse weights stored compactly)."""
+        return state_dict
 
     def verify(self, model, profile: dict) -> None:
         """Raise `CompressedModelError` when ``model`` lacks the modules ``profile`` needs."""

@@ -16,8 +16,10 @@ import math
 import statistics
 
 import torch
+from torch import nn
 
 from ..compressors.calibrate import linear_modules
+from ..compressors.sparse_linear import EvoPressSparseLinear, compact_tensors
 from ..decoder import find_decoder_layout
 from ..fitness import best_by_kl
 from .registry import register_method
@@ -175,8 +177,32 @@ class SparsityMethod(DatabaseMethod):
         for name, level in levels.items():
             linear = model.get_submodule(name)
             linear.weight.copy_(space.db.weight(name, level, dtype=linear.weight.dtype).to(linear.weight.device))
+        kept = {n: int(model.get_submodule(n).weight.count_nonzero()) for n in levels}
+        # kept: non-zero weights per module; a checkpoint stores these modules as bitmask + values
         return {"modules": {n: float(v) for n, v in levels.items()},
-                "sparsity": space.describe(candidate)["sparsity"]}
+                "sparsity": space.describe(candidate)["sparsity"], "kept": kept}
+
+    def checkpoint_tensors(self, model, profile: dict, state_dict: dict) -> dict:
+        out = dict(state_dict)
+        for name in profile.get("kept", {}):
+            weight = out.pop(f"{name}.weight")
+            out.update({f"{name}.{k}": v for k, v in compact_tensors(weight).items()})
+        return out
+
+    def build_skeleton(self, model, profile: dict) -> None:
+        for name, kept in profile.get("kept", {}).items():
+            linear = model.get_submodule(name)
+            if not isinstance(linear, nn.Linear):
+                raise CompressedModelError(f"The EvoPress profile names {name!r}, a {type(linear).__name__}, not a "
+                                           "linear.")
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, EvoPressSparseLinear(
+                linear.in_features, linear.out_features, kept, bias=linear.bias is not None, device="meta",
+                dtype=linear.weight.dtype if linear.weight is not None else None))
+
+    def after_load(self, model, profile: dict) -> None:
+        for name in profile.get("kept", {}):
+            model.get_submodule(name).densify()
 
     def verify(self, model, profile: dict) -> None:
         for name, level in profile.get("modules", {}).items():

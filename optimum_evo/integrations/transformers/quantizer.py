@@ -85,6 +85,7 @@ class EvoPressHfQuantizer(HfQuantizer):
         from ..hub import attach_hub_methods
 
         if self.pre_quantized:
+            checkpoint.finalize_loaded(model, self.quantization_config.to_dict())
             check_evopress_model(model)
         else:
             compress_on_load(model, self.quantization_config)
@@ -104,14 +105,10 @@ class EvoPressHfQuantizer(HfQuantizer):
         return True
 
     def get_state_dict_and_metadata(self, model):
-        """What ``save_pretrained`` writes: the compressed model's own tensors. With a LoRA correction
-        attached (``lora_correction``), its LoRA tensors are left out and the wrapped layers keep
-        their plain names (the adapter is saved separately, see `optimum_evo.checkpoint.save_checkpoint`)."""
-        from ...correction.peft_io import base_state_dict, has_lora_layers
-
-        if has_lora_layers(model):
-            return base_state_dict(model), {}
-        return None, {}
+        """What ``save_pretrained`` writes: the compressed model's own tensors as the checkpoint stores
+        them (`optimum_evo.checkpoint.checkpoint_state_dict`: LoRA tensors left out, the adapter is
+        saved separately; sparse weights as bitmask + values)."""
+        return checkpoint.checkpoint_state_dict(model, self.quantization_config.to_dict()), {}
 
     @property
     def is_trainable(self) -> bool:
