@@ -250,15 +250,28 @@ class KLObjective:
 
     @torch.inference_mode()
     def score(self, candidates: Sequence, sample_ids: Sequence[int]) -> list:
-        scores = []
-        for cand in candidates:
+        """Mean KL of each candidate on the windows ``sample_ids``. In a multi-process run
+        (`optimum_evo.distributed`) process ``r`` scores candidates ``r, r + world, ...`` and
+        the scores are gathered, so every process returns the full list."""
+        from . import distributed
+
+        world, rank = distributed.world_size(), distributed.rank()
+        mine = {}
+        for i, cand in enumerate(candidates):
+            if i % world != rank:
+                continue
             cand = tuple(cand)
             self.space.apply(self.model, cand)
             total = 0.0
             for w in sample_ids:
                 total += self._score_window(cand, int(w))
-            scores.append(total / len(sample_ids))
-        return scores
+            mine[i] = total / len(sample_ids)
+        if world == 1:
+            return [mine[i] for i in range(len(candidates))]
+        gathered = {}
+        for part in distributed.all_gather_objects(mine):
+            gathered.update(part)
+        return [gathered[i] for i in range(len(candidates))]
 
     def _score_window(self, cand, w: int) -> float:
         self.window_scores += 1
@@ -348,6 +361,9 @@ def best_by_kl(objective: "KLObjective", candidates: dict, tokens: int, seed: in
     windows = objective.windows
     n = min(len(windows), max(1, -(-tokens // windows.shape[1])))
     ids = sorted(random.Random(seed).sample(range(len(windows)), n))
-    scores = {name: objective.score([c], ids)[0]
-              for name, c in tqdm(candidates.items(), desc=desc, disable=not progress, dynamic_ncols=True)}
+    names = list(candidates)
+    with tqdm(total=len(names), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        values = objective.score([candidates[n] for n in names], ids)  # one call: spread over processes
+        bar.update(len(names))
+    scores = dict(zip(names, values))
     return min(scores, key=scores.get), scores

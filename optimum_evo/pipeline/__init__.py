@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 
+from .. import distributed
 from ..fitness import TeacherCache
 from ..methods import get_method
 from ..settings import SearchArguments
@@ -33,9 +34,11 @@ __all__ = ["RunContext", "SearchArguments", "compress", "fastest_dtype", "format
 
 
 def _search(ctx: RunContext) -> RunContext:
-    for stage in (stages.calibrate, stages.prepare, stages.fitness, stages.initialize, stages.search,
-                  stages.evaluate, stages.summarize):
+    for stage in (stages.calibrate, stages.prepare, stages.fitness, stages.initialize, stages.search):
         stage(ctx)
+    if distributed.is_main():  # the other processes of a multi-process run only help the search
+        for stage in (stages.evaluate, stages.summarize):
+            stage(ctx)
     return ctx
 
 
@@ -43,13 +46,17 @@ def run(args: SearchArguments, model=None, tokenizer=None) -> RunContext:
     """Run a full EvoPress job (see `SearchArguments`) and return its context:
     ``ctx.report`` (also written to ``output_dir/result.json``), ``ctx.model`` (compressed in place
     when ``output_dir`` is set), ``ctx.tokenizer``. ``model`` / ``tokenizer``: already loaded ones
-    (``args.model`` then only names the checkpoint)."""
+    (``args.model`` then only names the checkpoint). Under ``torchrun`` the processes share the
+    search (`optimum_evo.distributed`) and process 0 does the rest."""
     start = time.perf_counter()
+    distributed.init_from_env()
     ctx = RunContext(args=args, method=get_method(args.compression), path=args.model, model=model,
                      tokenizer=tokenizer)
     stages.check_exports(ctx)
     stages.load(ctx)
     _search(ctx)
+    if not distributed.is_main():
+        return ctx
     if ctx.output_dir:
         if args.save_model or args.export or args.lora_correction:
             stages.materialize(ctx)

@@ -112,8 +112,11 @@ def calibrate(ctx: RunContext) -> None:
 
 def prepare(ctx: RunContext) -> None:
     args, method = ctx.args, ctx.method
+    from .. import distributed
+
     eval_dtype = ctx.model.dtype
     ctx.search_dtype = fastest_dtype() if args.search_dtype == "auto" else DTYPES[args.search_dtype]
+    ctx.search_dtype = distributed.all_gather_objects(ctx.search_dtype)[0]  # every process searches in one dtype
     ctx.search_model = ctx.model if ctx.search_dtype == eval_dtype else copy.deepcopy(ctx.model).to(ctx.search_dtype)
     ctx.identity = run_identity(ctx)
     method.prepare(ctx)
@@ -142,10 +145,12 @@ def fitness(ctx: RunContext) -> None:
     manifest = {"model": identity["model"], "config": identity["model config"], "weights": identity["model weights"],
                 "windows": identity["calibration tokens"], "mode": args.fitness, "top_k": args.top_k,
                 "dtype": str(ctx.search_dtype)}
+    from .. import distributed
+
     teacher = TeacherCache.load(out / "cache" / "teacher", manifest) if out else None
     if teacher is None:
         teacher = TeacherCache.build(ctx.search_model, ctx.calibration, args.fitness, args.top_k, progress=args.progress)
-        if out:
+        if out and distributed.is_main():
             teacher.save(out / "cache" / "teacher", manifest)
     ctx.teacher = teacher
     ctx.timings["teacher_seconds"] = time.perf_counter() - start
@@ -179,14 +184,22 @@ def initialize(ctx: RunContext) -> None:
 
 def search(ctx: RunContext) -> None:
     out = ctx.output_dir
+    from .. import distributed
+
     engine = EvolutionarySearch(ctx.space.level_space, ctx.objective, ctx.search_config,
-                                checkpoint_dir=out / "checkpoint" if out else None, progress=ctx.args.progress,
-                                identity=ctx.identity)
+                                checkpoint_dir=out / "checkpoint" if out else None,
+                                progress=ctx.args.progress and distributed.is_main(), identity=ctx.identity,
+                                write_checkpoints=distributed.is_main())
     ctx.objective.reset_stats()
     start = time.perf_counter()
     ctx.result = engine.run(ctx.initial)
     ctx.timings["search_seconds"] = time.perf_counter() - start
-    ctx.report["search_work"] = ctx.objective.stats()
+    parts = distributed.all_gather_objects(ctx.objective.stats())  # every process's share of the work
+    work = {k: sum(p[k] for p in parts) for k in ("window_scores", "parent_cache_hits", "decoder_layer_forwards",
+                                                  "decoder_layer_forwards_without_reuse")}
+    naive = work["decoder_layer_forwards_without_reuse"]
+    ctx.report["search_work"] = {**work, "compute_saved": round(1 - work["decoder_layer_forwards"] / naive, 4)
+                                 if naive else 0.0, "processes": len(parts)}
     ctx.space.restore(ctx.search_model)
     ctx.objective = None  # frees the prefix cache
     if not ctx.args.lora_correction:

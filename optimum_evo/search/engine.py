@@ -117,6 +117,8 @@ class EvolutionarySearch:
         identity: what else decides the result (e.g. the model's weight digest, the calibration
             tokens' digest, the fitness mode, its K, the dtype), as ``{setting: value}``; a resume
             whose identity differs is refused with a message naming each differing setting.
+        write_checkpoints: write the checkpoint (in a multi-process run only process 0 does; every
+            process reads it to resume).
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class EvolutionarySearch:
         progress: bool = True,
         callback: Callable | None = None,
         identity: dict | None = None,
+        write_checkpoints: bool = True,
     ):
         if config.generations is None:
             raise ValueError("config.generations is None: call config.resolve_generations(...) first.")
@@ -138,6 +141,7 @@ class EvolutionarySearch:
         self.progress = progress
         self.callback = callback
         self.identity = dict(identity or {})
+        self.write_checkpoints = write_checkpoints
 
     # ------------------------------------------------------------------ helpers
     def _num_samples(self, tokens: int) -> int:
@@ -200,7 +204,7 @@ class EvolutionarySearch:
         return SearchState.from_json(data)
 
     def _checkpoint(self, state: "SearchState") -> None:
-        if self.checkpoint_path is None:
+        if self.checkpoint_path is None or not self.write_checkpoints:
             return
         fingerprints = {"version": CHECKPOINT_VERSION, "space": self.space.fingerprint(),
                         "config": self.config.fingerprint(), "initial": self._initial_key, "identity": self.identity}
