@@ -132,6 +132,10 @@ def run_search_command(ns: argparse.Namespace) -> int:
         raise ValueError("--output is required: the folder for the compressed model, result.json and the plots.")
     args = arguments_from_namespace(ns)  # validates everything, the export formats included
     ctx = run(args)
+    from .distributed import is_main
+
+    if not is_main():  # another process of a multi-process run: process 0 reports
+        return 0
     print(format_table(ctx.report))
     print(f"\nWrote {args.output_dir}/result.json, profile.png, fitness.png"
           + (f" and the compressed model in {args.output_dir}/model" if args.save_model else ""))
