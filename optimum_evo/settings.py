@@ -118,11 +118,20 @@ class SearchArguments:
         None, "output folder: compressed model, result.json, plots, search checkpoint and teacher cache")
 
     # -- what to compress
-    compression: Annotated[str, Option("compression")] = _setting(
-        "depth", "compression method: depth, sparsity or quantization (see optimum_evo.methods)")
+    compression: Annotated[str, Option("compression", metavar="KIND[,KIND]")] = _setting(
+        "depth", "compression method: depth, sparsity or quantization (see optimum_evo.methods); several, "
+                 "comma-separated (a list in Python), are searched together under target_size or target_speedup")
     target: Annotated[float, Option("compression")] = _setting(
         0.25, "depth: fraction of sub-blocks to drop; sparsity: fraction of weights to prune; quantization: "
               "average bits over the searched linears")
+    target_size: Annotated[Optional[str], Option("compression", metavar="SIZE")] = _setting(
+        None, "joint search budget: bytes the compressed model's weights take as stored, e.g. 60MB, 57MiB, "
+              "a number of bytes, or a fraction of the dense size such as 0.25")
+    target_speedup: Annotated[Optional[float], Option("compression", metavar="X")] = _setting(
+        None, "joint search budget: decode this many times faster than the dense model on this machine (a "
+              "latency table is measured once)")
+    latency_dir: Annotated[Optional[str], Option("compression", record=False)] = _setting(
+        None, "latency table folder of target_speedup (default: a shared cache keyed by model and dtype)")
     mode: Annotated[Literal["separate", "block"], Option("compression", choices=("separate", "block"))] = _setting(
         "separate", "depth units: attention and MLP sub-blocks separately, or whole blocks")
     levels: Annotated[Optional[list[int]], Option("compression", parse=_int_list, metavar="BITS")] = _setting(
@@ -232,7 +241,9 @@ class SearchArguments:
         self._validate_common()
         from .methods import available_methods, get_method
 
-        method = get_method(self.compression)
+        from .methods.registry import run_method
+
+        method = run_method(self)
         method.validate(self)
         if self.export is not None:  # the formats themselves are checked by the pipeline, before any model loads
             if isinstance(self.export, str) or not all(isinstance(f, str) for f in self.export):
@@ -245,10 +256,9 @@ class SearchArguments:
 
     # ------------------------------------------------------------------ validation
     def _validate_common(self) -> None:
-        from .methods import available_methods
+        from .methods.registry import canonical_compression
 
-        if self.compression not in available_methods():
-            raise ValueError(f"Unknown compression {self.compression!r}; choose one of {available_methods()}.")
+        self.compression = canonical_compression(self.compression)
         if isinstance(self.target, bool) or not isinstance(self.target, (int, float)):
             raise ValueError(f"target must be a number, got {self.target!r}.")
         if self.preset not in ("fast", "paper", "superfast"):
@@ -326,9 +336,9 @@ class SearchArguments:
     def search_config(self, space=None):
         """The `SearchConfig` of this run (the method's preset with the
         overrides above; ``space`` resolves presets that depend on the space size)."""
-        from .methods import get_method
+        from .methods.registry import run_method
 
-        return get_method(self.compression).search_config(self, space)
+        return run_method(self).search_config(self, space)
 
     def to_dict(self) -> dict:
         """JSON-serializable settings (a calibration text given as an object is named by its type)."""

@@ -116,7 +116,8 @@ def test_a_cycle_is_detected():
 
 
 CORE = ("search", "methods", "compressors", "fitness", "data", "pipeline", "settings", "checkpoint", "record", "card",
-        "decoder", "exporters", "correction", "loading", "embedded_models", "plotting", "utils", "version", "faults")
+        "decoder", "exporters", "correction", "loading", "embedded_models", "plotting", "utils", "version", "faults",
+        "distributed", "latency")
 
 
 def test_the_core_never_imports_the_integrations():

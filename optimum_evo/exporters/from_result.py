@@ -20,13 +20,13 @@ def compressed_model_from_result(result, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)``: the base model of ``result`` (a ``result.json`` dict or path) compressed as
     the run found, by the run's compression method."""
     from ..loading import load_model, load_tokenizer
-    from ..methods import get_method
+    from ..methods.registry import run_method
 
     if not isinstance(result, dict):
         result = json.loads(Path(result).read_text())
     model = load_model(result["model"], dtype)
     tokenizer = load_tokenizer(result["model"])
-    method = get_method(result["compression"])
+    method = run_method({**result.get("arguments", {}), "compression": result["compression"]})
     method.materialize(model, method.space_from_report(model, result), tuple(result["candidate"]))
     return model, tokenizer
 

@@ -2,7 +2,8 @@
 
 A method (see `CompressionMethod`) owns everything specific to
 one kind of compression; it is found by its name everywhere else. The built-in methods are
-``depth``, ``sparsity`` and ``quantization``; a new one is registered with
+``depth``, ``sparsity`` and ``quantization``, and any two or three of them searched together
+(``compression=["depth", "quantization"]``, `optimum_evo.methods.joint`); a new one is registered with
 `register_method` and is then accepted by ``SearchArguments(compression=...)``,
 ``EvoPressConfig``, the command line and checkpoint reloading.
 
@@ -29,6 +30,7 @@ def _register_builtins() -> None:
 
     for name in ("depth", "sparsity", "quantization"):  # each module registers its method, in this order
         importlib.import_module(f"{__name__}.{name}")
+    importlib.import_module(f"{__name__}.joint")  # several kinds searched together
 
 
 _register_builtins()

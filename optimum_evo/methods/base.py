@@ -173,6 +173,11 @@ class CompressionMethod(ABC):
     def plot_profile(self, report: dict, path) -> None:
         """Write ``path`` (PNG): the found profile, layer by layer."""
 
+    def plot_level(self, level) -> tuple:
+        """``(value, text)`` of one unit's level in a joint profile plot: the colour scale's value
+        (``None``: dropped, negative: kept sub-block) and the cell's label."""
+        return float(level), str(level)
+
     def report_extras(self, run: "RunContext", candidate) -> dict:
         """Extra entries of the run report for the found candidate (e.g. per-linear levels)."""
         return {}

@@ -289,6 +289,22 @@ class DepthMethod(CompressionMethod):
         "fast": dict(generations=50, offspring=16, stages=_stages((2, 512), (1, 4096)), init_tokens=8192),
     }
 
+    #: in a joint search (`optimum_evo.methods.joint`) depth owns the sub-blocks
+    joint_role = "blocks"
+
+    def joint_block_space(self, model) -> DepthSpace:
+        """A `DepthSpace` of ``model`` whose candidates may drop any sub-blocks (used by a joint search
+        for `DepthSpace.apply`, `DepthSpace.drops` and `materialize`)."""
+        n = len(find_decoder_layout(model))
+        return DepthSpace(model, 1.0 / n if n > 1 else 0.5, "separate")
+
+    def joint_drop_order(self, run, space: DepthSpace) -> list:
+        """The sub-block units of ``space`` from least to most important by ShortGPT's block
+        influence ``1 - cos(in, out)`` on calibration windows of the search model."""
+        states = residual_states(run.search_model, run.calibration[: min(8, len(run.calibration))], space)
+        influence = [1 - _cosine(states[u], states[u + 1]) for u in range(2 * space.num_layers)]
+        return sorted(range(2 * space.num_layers), key=lambda u: influence[u])
+
     def validate(self, args) -> None:
         if args.lora_correction:
             from .registry import available_methods, get_method
@@ -359,6 +375,9 @@ class DepthMethod(CompressionMethod):
 
     def summary_lines(self, description: dict) -> list:
         return [("dropped attention:", description["dropped_attention"]), ("dropped MLP:", description["dropped_mlp"])]
+
+    def plot_level(self, level) -> tuple:
+        return (None, "") if level == "dropped" else (-1.0, "")
 
     def plot_profile(self, report: dict, path) -> None:
         from ..plotting import plot_depth_profile

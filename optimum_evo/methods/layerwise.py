@@ -34,7 +34,8 @@ def _levels_identity(db, unit_levels) -> str:
     """Hash of the level values and of the database's identity (model, calibration, settings)."""
     manifest = getattr(db, "manifest", None) or {}
     identity = {k: v for k, v in manifest.items() if k not in ("modules", "bytes_per_weight", "build_seconds")}
-    payload = json.dumps([[[float(x) for x in lv] for lv in unit_levels], identity], sort_keys=True, default=str)
+    payload = json.dumps([[[x if isinstance(x, str) else float(x) for x in lv] for lv in unit_levels], identity],
+                         sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -130,14 +131,18 @@ def dp_candidate(space: DatabaseSpace) -> tuple:
     """SPDY-style baseline: minimise the sum of per-layer normalized reconstruction errors (from
     the database) under the exact budget of ``space.uniform()``, by dynamic programming (one
     knapsack per switch group)."""
-    errors = [[space.db.error(n, lv) for lv in space.unit_levels[i]] for i, n in enumerate(space.names)]
+    levels = space.level_space.num_levels
+    if hasattr(space, "unit_errors"):  # spaces with units beyond the database's (e.g. budget reserves)
+        errors = [space.unit_errors(i) for i in range(space.level_space.num_units)]
+    else:
+        errors = [[space.db.error(n, lv) for lv in space.unit_levels[i]] for i, n in enumerate(space.names)]
     start = space.uniform()
     out = list(start)
     # One knapsack per switch group, so the result has the search space's exact budget (for
     # quantization: the same average bits inside every group of equal-size layers).
     for g in sorted(set(space.level_space.groups), key=str):
         members = [i for i, gi in enumerate(space.level_space.groups) if gi == g]
-        costs = [[space.level_space.cost(i, j) for j in range(len(space.unit_levels[i]))] for i in members]
+        costs = [[space.level_space.cost(i, j) for j in range(levels[i])] for i in members]
         budget = sum(space.level_space.cost(i, start[i]) for i in members)
         for i, j in zip(members, knapsack(costs, [errors[i] for i in members], budget)):
             out[i] = j
@@ -190,6 +195,25 @@ class DatabaseMethod(CompressionMethod):
         "superfast": dict(generations=400, offspring=16, stages=_stages((1, 512), (1, 8192)), init_tokens=8192),
         "fast": dict(generations=60, offspring=16, stages=_stages((2, 512), (1, 4096)), init_tokens=8192),
     }
+
+    #: in a joint search (`optimum_evo.methods.joint`) these methods own the linears' levels
+    joint_role = "linears"
+
+    def joint_target(self, args):
+        """The ``target`` this method's database is built for inside a joint search."""
+        raise NotImplementedError
+
+    def level_bytes(self, db, name: str, level, module, dtype) -> int:
+        """Bytes the checkpoint stores for linear ``name`` (``module``, dense) at ``level``, in ``dtype``."""
+        raise NotImplementedError
+
+    def joint_materialize(self, model, levels: dict, db) -> dict:
+        """Write ``{module name: level}`` permanently into ``model``; the profile part of this method."""
+        raise NotImplementedError
+
+    def timing_module(self, db, module, level, dtype):
+        """A layer computing like ``module`` at ``level`` of ``db`` (random values), for latency tables."""
+        raise NotImplementedError
 
     def database_request(self, args, model) -> tuple:
         """``(levels, settings, identity)`` of the database this run needs: ``levels`` a list or a

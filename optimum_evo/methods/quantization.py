@@ -24,6 +24,7 @@ from ..compressors.codecs import quant_level, quant_level_name, stored_bits
 from ..compressors.packed_linear import EvoPressQuantLinear
 from .registry import register_method
 from .base import MERGE_REFUSED, CompressedModelError
+from ..search import LevelSpace
 from .layerwise import DatabaseMethod, DatabaseSpace, _stages
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
@@ -39,11 +40,22 @@ class QuantizationSpace(DatabaseSpace):
     **Group size as a level dimension.** When the database holds levels at several group sizes
     (``"3g64"``, see `quant_level`), a unit's levels are its ``(bits, group size)`` options
     ordered by the bits they store (codes, float16 scales and ``bits``-bit zero-points,
-    `stored_bits`), and the budget is those *stored* bits: exactly the stored bits of the
-    uniform ``target``-bit model at the database's ``group_size`` (the reference), inside every
-    switch group of units with identical costs (same shape). The search then trades bit widths
-    against scale granularity under one effective-bit budget.
+    `stored_bits`), and the budget is those *stored* bits: at most the stored bits of the
+    uniform ``target``-bit model at the database's ``group_size`` (the reference). Costs count in
+    quanta of 1/`RESOLUTION` of the reference group size's one-bit step of the unit's shape: exact
+    for the reference levels, rounded up for the others (a level never costs less than it
+    stores). Units of identical costs form a switch group, and every group has one *reserve*
+    unit (no weights; level ``k`` holds ``k`` unspent quanta, starting at 0): a switch that frees
+    quanta can always park the remainder there and a later one spend it, so bit widths and group
+    sizes trade freely although their costs are not multiples of each other. Every candidate
+    stores at most the uniform model's bits (the reserve and the rounding are what it leaves
+    unspent); `describe` reports the exact stored bits.
     """
+
+    #: with several group sizes, costs count in 1/RESOLUTION of a one-bit step at the reference group size
+    RESOLUTION = 64
+    #: capacity of a switch group's reserve, in one-bit steps of one of its units
+    RESERVE_BITS = 4
 
     def __init__(self, model, db, target_bits: float, cache: bool = True):
         settings = db.manifest.get("settings", {})
@@ -58,6 +70,7 @@ class QuantizationSpace(DatabaseSpace):
         self.pairs = pairs
         self.mixed_groups = any(g != self.reference_group for _, g in pairs.values())
         names = list(db.modules)
+        self.num_modules = len(names)
         shapes = [tuple(db.modules[n]["shape"]) for n in names]
         if not self.mixed_groups:
             # one group size: levels are bit widths, a step costs its bits per weight (exact average bits)
@@ -69,19 +82,49 @@ class QuantizationSpace(DatabaseSpace):
                              (costs,) * len(names), cache)
             return
         unit_levels, step_costs, keys = [], [], []
+        b0 = bits[0]
         for shape in shapes:
-            by_cost = {}
-            for lv, (b, g) in sorted(pairs.items(), key=lambda kv: (kv[1][0], -(kv[1][1] or 10**9))):
-                by_cost.setdefault(stored_bits(b, g, shape), lv)  # equal cost: the first (wider groups)
+            anchor = stored_bits(b0, self.reference_group, shape)
+            unit = stored_bits(b0 + 1, self.reference_group, shape) - anchor
+            by_cost: dict = {}
+            for lv, (b, g) in pairs.items():
+                true = stored_bits(b, g, shape)
+                c = -((anchor - true) * self.RESOLUTION // unit)  # ceil: never cheaper than stored
+                if c not in by_cost or stored_bits(*pairs[by_cost[c]], shape) < true:
+                    by_cost[c] = lv  # equal cost: the level that stores more
             ordered = sorted(by_cost.items())
-            cost = [c // shape[0] for c, _ in ordered]  # every cost is a multiple of the rows
-            steps = [b - a for a, b in zip(cost, cost[1:])]
-            gcd = math.gcd(*steps) if steps else 1
             unit_levels.append([lv for _, lv in ordered])
-            step_costs.append(tuple(s // gcd for s in steps))
-            keys.append((tuple(unit_levels[-1]), step_costs[-1]))
+            step_costs.append(tuple(b[0] - a[0] for a, b in zip(ordered, ordered[1:])))
+            keys.append(unit)  # units whose quantum holds the same number of stored bits
         key_ids = {k: g for g, k in enumerate(dict.fromkeys(keys))}
-        super().__init__(model, db, unit_levels, [key_ids[k] for k in keys], tuple(step_costs), cache)
+        groups = [key_ids[k] for k in keys]
+        super().__init__(model, db, unit_levels, groups, tuple(step_costs), cache)
+        # one reserve unit per switch group, after the linears
+        reserve = self.RESOLUTION * self.RESERVE_BITS
+        self.quantum = {key_ids[k]: k / self.RESOLUTION for k in key_ids}  # stored bits per quantum
+        ls = self.level_space
+        self.level_space = LevelSpace(
+            ls.unit_names + tuple(f"reserve/{g}" for g in key_ids.values()),
+            ls.num_levels + (reserve + 1,) * len(key_ids), ls.groups + tuple(key_ids.values()),
+            ls.step_costs + ((1,) * reserve,) * len(key_ids), meaning=ls.meaning)
+        last = max(self.layer_of_unit)
+        self.layer_of_unit = list(self.layer_of_unit) + [last] * len(key_ids)
+
+    # ------------------------------------------------------------------ reserve units
+    def _modules_part(self, cand) -> tuple:
+        return tuple(cand)[: self.num_modules]
+
+    def apply(self, model, cand) -> None:
+        super().apply(model, self._modules_part(cand))
+
+    def profile(self, cand) -> dict:
+        return super().profile(self._modules_part(cand))
+
+    def unit_errors(self, unit: int) -> list:
+        """Per-level normalized errors of a unit (the reserve's levels cost nothing in error)."""
+        if unit >= self.num_modules:
+            return [0.0] * self.level_space.num_levels[unit]
+        return [self.db.error(self.names[unit], lv) for lv in self.unit_levels[unit]]
 
     def _reference_index(self, unit: int, bits: int) -> int:
         for j, lv in enumerate(self.unit_levels[unit]):
@@ -90,24 +133,26 @@ class QuantizationSpace(DatabaseSpace):
         # a level of equal cost stood in for it (e.g. group size >= the columns)
         shape = tuple(self.db.modules[self.names[unit]]["shape"])
         want = stored_bits(bits, self.reference_group, shape)
-        return next(j for j, lv in enumerate(self.unit_levels[unit]) if stored_bits(*self.pairs[lv], shape) == want)
+        return next(j for j, lv in enumerate(self.unit_levels[unit]) if stored_bits(*self.pairs[lv], shape) >= want)
 
     def uniform(self) -> tuple:
         """A candidate whose average is the target at the reference group size: inside each
         switch group, ``round(target * n)`` bits spread over the two bit widths bracketing the target
-        (exact when achievable)."""
+        (exact when achievable); reserves empty."""
         lo = max(b for b in self.bits if b <= self.target)
         hi = min(b for b in self.bits if b >= self.target)
-        cand = [self._reference_index(i, lo) for i in range(self.level_space.num_units)]
+        n = self.num_modules
+        cand = [self._reference_index(i, lo) for i in range(n)]
         if hi != lo:
-            for g in sorted(set(self.level_space.groups), key=str):
-                members = [i for i, gi in enumerate(self.level_space.groups) if gi == g]
+            groups = self.level_space.groups[:n]
+            for g in sorted(set(groups), key=str):
+                members = [i for i, gi in enumerate(groups) if gi == g]
                 extra = round((self.target - lo) * len(members) / (hi - lo))
                 for k, i in enumerate(members):
                     # spread the higher bit width evenly over depth
                     if math.floor((k + 1) * extra / len(members)) > math.floor(k * extra / len(members)):
                         cand[i] = self._reference_index(i, hi)
-        return tuple(cand)
+        return tuple(cand) + (0,) * (self.level_space.num_units - n)
 
     def level_pair(self, unit: int, index: int) -> tuple:
         """``(bits, group size)`` of level ``index`` of ``unit``."""
@@ -116,24 +161,29 @@ class QuantizationSpace(DatabaseSpace):
     def average_bits(self, cand) -> float:
         """Average code bits per weight (scales and zeros not counted)."""
         total = sum(self.numel)
-        return sum(n * self.level_pair(i, idx)[0] for i, (n, idx) in enumerate(zip(self.numel, cand))) / total
+        return sum(n * self.level_pair(i, idx)[0]
+                   for i, (n, idx) in enumerate(zip(self.numel, self._modules_part(cand)))) / total
 
     def effective_bits(self, cand) -> float:
         """Stored bits per weight: codes, float16 scales and zero-points (`stored_bits`)."""
         total = sum(self.numel)
         return sum(stored_bits(*self.level_pair(i, idx), self.db.modules[self.names[i]]["shape"])
-                   for i, idx in enumerate(cand)) / total
+                   for i, idx in enumerate(self._modules_part(cand))) / total
 
     def describe(self, cand) -> dict:
-        counts: dict = {}
-        for i, idx in enumerate(cand):
-            label = profile_level(*self.level_pair(i, idx), self.reference_group)
-            counts[label] = counts.get(label, 0) + 1
+        modules = self._modules_part(cand)
         out = {"average_bits": self.average_bits(cand), "effective_bits": self.effective_bits(cand),
-               "bits": {b: sum(1 for i, idx in enumerate(cand) if self.level_pair(i, idx)[0] == b) for b in
+               "bits": {b: sum(1 for i, idx in enumerate(modules) if self.level_pair(i, idx)[0] == b) for b in
                         sorted({b for b, _ in self.pairs.values()})}}
         if self.mixed_groups:
+            counts: dict = {}
+            for i, idx in enumerate(modules):
+                label = profile_level(*self.level_pair(i, idx), self.reference_group)
+                counts[label] = counts.get(label, 0) + 1
             out["levels"] = dict(sorted(counts.items(), key=lambda kv: quant_level(kv[0], self.reference_group)))
+            reserve = sum(self.quantum[self.level_space.groups[u]] * cand[u]
+                          for u in range(self.num_modules, self.level_space.num_units))
+            out["unspent_bits_per_weight"] = reserve / sum(self.numel)
         return out
 
 
@@ -242,7 +292,7 @@ class QuantizationMethod(DatabaseMethod):
             dtype = linear.weight.dtype if linear.weight is not None else None
             _set_submodule(model, name, EvoPressQuantLinear(
                 linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None,
-                act_order=act_order, device="meta", dtype=dtype))
+                act_order=act_order, device="meta", dtype=dtype, layout=profile.get("qweight_layout", "planes")))
 
     def verify(self, model, profile: dict) -> None:
         for name, level in profile.get("modules", {}).items():
@@ -282,6 +332,35 @@ class QuantizationMethod(DatabaseMethod):
     def budget_text(self, row: dict) -> str:
         return f"{row['average_bits']:.2f} bit" if "average_bits" in row else "16 bit"
 
+    def plot_level(self, level) -> tuple:
+        return float(str(level).split("g")[0]), str(level)
+
+    # ------------------------------------------------------------------ joint search
+    def joint_target(self, args):
+        return min(args.levels) if args.levels else min(DEFAULT_BITS)
+
+    def _joint_layer(self, db, level, module, dtype, device):
+        settings = db.manifest["settings"]
+        bits, group_size = quant_level(level, settings.get("group_size") or 0)
+        return EvoPressQuantLinear(module.in_features, module.out_features, bits, group_size,
+                                   bias=module.bias is not None, act_order=bool(settings.get("act_order", False)),
+                                   device=device, dtype=dtype, layout="planes")
+
+    def level_bytes(self, db, name, level, module, dtype) -> int:
+        layer = self._joint_layer(db, level, module, dtype, "meta")
+        return sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+
+    def joint_materialize(self, model, levels: dict, db) -> dict:
+        return apply_levels(model, levels, db)
+
+    def timing_module(self, db, module, level, dtype):
+        layer = self._joint_layer(db, level, module, dtype, "cpu")
+        with torch.no_grad():
+            layer.qweight.random_(0, 256)
+            layer.qzeros.random_(0, 256)
+            layer.scales.uniform_(0.001, 0.01)
+        return layer
+
 
 @torch.no_grad()
 def apply_levels(model, levels: dict, db) -> dict:
@@ -301,7 +380,9 @@ def apply_levels(model, levels: dict, db) -> dict:
             db.tensors(name, level), linear.in_features, linear.out_features, bits, group_size,
             bias=bias, act_order=act_order, device=linear.weight.device, dtype=linear.weight.dtype))
         modules[name] = profile_level(bits, group_size, reference)
-    return {"modules": modules, "group_size": reference, "act_order": act_order}
+    # qweight_layout: layers whose shape allows it hold bit planes (the CPU kernels' layout); checkpoints
+    # of format 1 held streams everywhere (record.upgrade_record says so)
+    return {"modules": modules, "group_size": reference, "act_order": act_order, "qweight_layout": "planes"}
 
 
 register_method(QuantizationMethod())

@@ -219,5 +219,35 @@ class SparsityMethod(DatabaseMethod):
     def budget_text(self, row: dict) -> str:
         return f"{row['sparsity']:.1%}" if "sparsity" in row else "0%"
 
+    def plot_level(self, level) -> tuple:
+        return 16 * (1 - float(level)), f"{1 - float(level):.0%}"  # kept weights, on the scale of bits
+
+    # ------------------------------------------------------------------ joint search
+    def joint_target(self, args):
+        return 0.5  # levels around half of every linear's weights pruned
+
+    def level_bytes(self, db, name, level, module, dtype) -> int:
+        from ..compressors.packing import packed_bytes
+
+        numel = module.out_features * module.in_features
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        bias = module.out_features * itemsize if module.bias is not None else 0
+        return packed_bytes(numel, 1) + (numel - round(float(level) * numel)) * itemsize + bias
+
+    @torch.no_grad()
+    def joint_materialize(self, model, levels: dict, db) -> dict:
+        for name, level in levels.items():
+            linear = model.get_submodule(name)
+            linear.weight.copy_(db.weight(name, level, dtype=linear.weight.dtype).to(linear.weight.device))
+        kept = {n: int(model.get_submodule(n).weight.count_nonzero()) for n in levels}
+        numel = sum(model.get_submodule(n).weight.numel() for n in levels)
+        return {"modules": {n: float(v) for n, v in levels.items()}, "kept": kept,
+                "sparsity": 1 - sum(kept.values()) / numel if numel else 0.0}
+
+    def timing_module(self, db, module, level, dtype):
+        # in memory a sparse linear is dense (compressors.sparse_linear): it computes at the dense speed
+        return nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                         dtype=dtype).requires_grad_(False)
+
 
 register_method(SparsityMethod())

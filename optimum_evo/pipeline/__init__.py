@@ -23,7 +23,7 @@ import time
 
 from .. import distributed
 from ..fitness import TeacherCache
-from ..methods import get_method
+from ..methods.registry import run_method
 from ..settings import SearchArguments
 from . import stages
 from .context import RunContext
@@ -50,7 +50,7 @@ def run(args: SearchArguments, model=None, tokenizer=None) -> RunContext:
     search (`optimum_evo.distributed`) and process 0 does the rest."""
     start = time.perf_counter()
     distributed.init_from_env()
-    ctx = RunContext(args=args, method=get_method(args.compression), path=args.model, model=model,
+    ctx = RunContext(args=args, method=run_method(args), path=args.model, model=model,
                      tokenizer=tokenizer)
     stages.check_exports(ctx)
     stages.load(ctx)
@@ -84,7 +84,7 @@ def search_loaded(args: SearchArguments, model, tokenizer, path=None) -> RunCont
         >>> ctx = search_loaded(SearchArguments(compression="depth", target=0.25), model, tok)  # doctest: +SKIP
         >>> ctx.method.materialize(model, ctx.eval_space, ctx.best)                           # doctest: +SKIP
     """
-    ctx = RunContext(args=args, method=get_method(args.compression), path=str(path if path is not None else args.model),
+    ctx = RunContext(args=args, method=run_method(args), path=str(path if path is not None else args.model),
                      model=model, tokenizer=tokenizer)
     return _search(ctx)
 
@@ -108,7 +108,7 @@ def compress(args: SearchArguments, model, tokenizer, path, search_model=None) -
 
 def format_table(report: dict) -> str:
     """Before/after table of a report: perplexity, KL, parameters / budget and time."""
-    method = get_method(report["compression"])
+    method = run_method({**report.get("arguments", {}), "compression": report["compression"]})
     rows = report["results"]
     times = report["timings"]
     lines = [f"{'model':<24} {'ppl':>10} {'KL':>8} {'params (M)':>11} {'budget':>12}", "-" * 69]
@@ -125,6 +125,8 @@ def format_table(report: dict) -> str:
         + (f", database {times['database_seconds']:.0f} s" if "database_seconds" in times else "")
         + f", total {times.get('total_seconds', 0):.0f} s"
     )
-    for key, value in method.summary_lines(report["profile"]):
-        lines.append(f"{key:<19}{value}")
+    extra = method.summary_lines(report["profile"])
+    width = max([19] + [len(key) + 1 for key, _ in extra])
+    for key, value in extra:
+        lines.append(f"{key:<{width}}{value}")
     return "\n".join(lines)

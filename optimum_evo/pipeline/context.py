@@ -25,7 +25,7 @@ class RunContext:
         tokenizer: its tokenizer.
         search_model: the model the search scores (``model`` itself, or a copy in ``search_dtype``).
         calibration, evaluation: ``[N, T]`` token windows (``evaluation`` is ``None`` without evaluation).
-        database: the level database (methods that use one).
+        database: the level database (methods that use one; a joint search: ``{kind: database}``).
         space, eval_space: the method's search space bound to ``search_model`` / ``model``.
         search_config: the engine settings.
         teacher, eval_teacher: dense teacher caches of the calibration / evaluation windows.
@@ -42,6 +42,8 @@ class RunContext:
         identity: what decides the result besides the settings the engine fingerprints itself
             (model weights, calibration tokens, fitness, dtype), checked when a search resumes.
         timings: seconds per stage.
+        costs, latency_root: a joint search's cost model (bytes and latency of every unit's levels) and
+            the folder of its latency table.
     """
 
     args: SearchArguments
@@ -72,6 +74,8 @@ class RunContext:
     peft_model: Any = None
     identity: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    costs: Any = None
+    latency_root: Optional[Path] = None
 
     @property
     def output_dir(self) -> Optional[Path]:

@@ -27,7 +27,7 @@ import torch
 
 from ..data import calibration_windows, evaluation_windows
 from ..fitness import KLObjective, TeacherCache, best_by_kl, evaluate as evaluate_model
-from ..search import EvolutionarySearch, random_candidate
+from ..search import EvolutionarySearch
 from ..search.checkpoint import atomic_write_json
 from .context import RunContext
 
@@ -160,7 +160,7 @@ def fitness(ctx: RunContext) -> None:
 def random_candidates(space, reference, n: int, seed: int) -> list:
     """``n`` random candidates with the budget of ``reference`` (seeded)."""
     rng = random.Random(seed)
-    return [random_candidate(space.level_space, reference, rng) for _ in range(n)]
+    return [space.level_space.random_candidate(reference, rng) for _ in range(n)]
 
 
 def initialize(ctx: RunContext) -> None:

@@ -1,6 +1,8 @@
 """The (1 + lambda) evolutionary engine with multi-step selection (EvoPress).
 
-Model-agnostic: it sees a `LevelSpace` and an *objective*, any
+Model-agnostic: it sees a space (a `LevelSpace` of exact budgets or a `BudgetSpace` of
+costs under a budget: anything with ``validate``, ``check_initial``, ``mutate`` and
+``fingerprint``) and an *objective*, any
 object with
 
 * ``num_samples`` (int): size of the calibration pool, in samples (sequences);
@@ -36,7 +38,7 @@ from tqdm.auto import tqdm
 from ..faults import fault_point
 from .checkpoint import atomic_write_json, read_json, rng_state_from_json, rng_state_to_json
 from .config import SearchConfig
-from .mutation import mutate
+from .budget import BudgetSpace
 from .space import Candidate, LevelSpace
 
 logger = logging.getLogger(__name__)
@@ -106,7 +108,8 @@ class EvolutionarySearch:
     """Run EvoPress's evolutionary search.
 
     Args:
-        space: the units, levels and switch groups.
+        space: the units and levels, and how a mutation keeps the budget (`LevelSpace`,
+            `BudgetSpace`).
         objective: scores candidates (see module docstring).
         config: generations, offspring, selection stages, seed.
         checkpoint_dir: when given, the state is written atomically after every generation to
@@ -123,7 +126,7 @@ class EvolutionarySearch:
 
     def __init__(
         self,
-        space: LevelSpace,
+        space: "LevelSpace | BudgetSpace",
         objective,
         config: SearchConfig,
         checkpoint_dir=None,
@@ -170,7 +173,7 @@ class EvolutionarySearch:
         max_attempts = 200 * self.config.offspring
         while len(children) < self.config.offspring and attempts < max_attempts:
             attempts += 1
-            child = mutate(parent, self.space, rng, self.config.max_switches)
+            child = self.space.mutate(parent, rng, self.config.max_switches)
             if child in seen:  # duplicates (and the parent itself) are rejected
                 continue
             seen.add(child)
@@ -217,10 +220,7 @@ class EvolutionarySearch:
         if not initial:
             raise ValueError("run() needs at least one initial candidate.")
         initial = [self.space.validate(c) for c in initial]
-        sums = self.space.group_sums(initial[0])
-        for c in initial[1:]:
-            if self.space.group_sums(c) != sums:
-                raise ValueError("All initial candidates must have the same budget (per-group level sums).")
+        self.space.check_initial(initial)
         self._initial_key = [list(c) for c in initial]
         cfg = self.config
 

@@ -9,9 +9,10 @@ budget, are unchanged.
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from .space import Candidate, LevelSpace
+if TYPE_CHECKING:  # annotations only (space.py calls into this module)
+    from .space import Candidate, LevelSpace
 
 
 def num_switches(rng: random.Random, max_switches: int = 3) -> int:

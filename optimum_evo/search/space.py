@@ -91,6 +91,25 @@ class LevelSpace:
             sums[g] = sums.get(g, 0) + self.cost(i, int(level))
         return sums
 
+    def check_initial(self, candidates: Sequence[Candidate]) -> None:
+        """Refuse initial candidates of different budgets (per-group level sums)."""
+        sums = self.group_sums(candidates[0]) if candidates else None
+        for c in candidates[1:]:
+            if self.group_sums(c) != sums:
+                raise ValueError("All initial candidates must have the same budget (per-group level sums).")
+
+    def mutate(self, levels: Sequence[int], rng, max_switches: int = 3) -> Candidate:
+        """``min(U{1..3}, U{1..3})`` budget-preserving level switches (`mutation.mutate`)."""
+        from .mutation import mutate
+
+        return mutate(levels, self, rng, max_switches)
+
+    def random_candidate(self, reference: Sequence[int], rng, switches: int | None = None) -> Candidate:
+        """A random candidate with the budget of ``reference`` (`mutation.random_candidate`)."""
+        from .mutation import random_candidate
+
+        return random_candidate(self, reference, rng, switches)
+
     def fingerprint(self) -> str:
         """A short hash identifying the space (stored in checkpoints)."""
         costs = None if self.step_costs is None else [list(c) for c in self.step_costs]

@@ -1,0 +1,234 @@
+"""Joint search benchmark: depth + bit widths under one size or speed budget vs the single kinds.
+
+For each budget, in one run of this script:
+
+* ``Bbits`` (a size budget): the stored size of the EvoPress quantization model at ``B`` average bits
+  (its checkpoint's tensor bytes). Runs quantization-only EvoPress at ``B`` bits (with its uniform,
+  DP and random baselines), then joint depth + quantization EvoPress at that size (with uniform
+  levels, DP, ShortGPT drops + uniform levels and random joint candidates as baselines). Depth-only
+  and sparsity-only cannot reach such sizes; the page says what they would need.
+* ``Xx`` (a speed budget): decode ``X`` times faster than dense on this machine (latency table).
+  Runs joint depth + quantization EvoPress, quantization-only EvoPress under the same speed budget,
+  and depth-only EvoPress at the fewest sub-blocks that the latency table says reach ``X``; then
+  times one decode step of every saved model and of the dense one side by side.
+
+Every search uses the same calibration, fitness, preset and generations. Writes
+``docs/benchmarks/joint.md`` (a section per model; finished runs are reused when the script runs
+again with the same output folder).
+
+Usage::
+
+    python benchmarks/joint.py --model smollm2 --budgets 2.5bits 3bits 1.5x --generations 40 \\
+        --num-samples 64 --threads 2 --output outputs/bench-joint
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import datetime
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).parent))
+from depth_smollm2 import machine  # noqa: E402
+
+from optimum_evo.pipeline import SearchArguments, run_search  # noqa: E402
+
+MARK_START, MARK_END = "<!-- tables:start -->", "<!-- tables:end -->"
+
+
+def tensor_bytes(path: Path) -> int:
+    """Bytes of the tensors of a safetensors file (without its header)."""
+    total = 0
+    with safe_open(str(path), "pt") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def size_notes(model: str, size: int, label: str) -> str:
+    """What depth-only and sparsity-only models of ``size`` bytes would need."""
+    from optimum_evo.decoder import find_decoder_layout
+    from optimum_evo.loading import load_model
+    from optimum_evo.methods.joint import stored_bytes
+
+    m = load_model(model, torch.float32)
+    layout = find_decoder_layout(m)
+    dense = stored_bytes(list(m.state_dict().values()))
+    blocks = sum(stored_bytes(list(layer.state_dict().values())) for layer in layout.layers)
+    linears = [mod for layer in layout.layers for mod in layer.modules() if isinstance(mod, torch.nn.Linear)]
+    numel = sum(x.weight.numel() for x in linears)
+    linear_bytes = sum(x.weight.numel() * 4 for x in linears)
+    room = size - (dense - blocks)  # what the decoder blocks may take
+    depth = 1 - room / blocks
+    per_weight = (room - (blocks - linear_bytes)) / numel  # bytes per linear weight: a 1/8 mask + 4-byte values
+    sparsity = 1 - (per_weight - 1 / 8) / 4
+    return (f"At {label}, a depth-only model would drop {depth:.0%} of the decoder blocks' bytes and a "
+            f"sparsity-only one would prune {sparsity:.0%} of every linear (a stored 1-bit mask plus the kept "
+            "float32 values): neither is a useful model, so neither is searched.")
+
+
+def search(ns, name: str, **settings) -> dict:
+    """One search (reused when its result.json exists) in ``OUTPUT/<model>/<name>``."""
+    out = Path(ns.output) / Path(ns.model).name / name
+    if (out / "result.json").exists():
+        return json.loads((out / "result.json").read_text())
+    args = SearchArguments(model=ns.model, preset=ns.preset, generations=ns.generations, num_samples=ns.num_samples,
+                           seq_len=ns.seq_len, eval_windows=ns.eval_windows, output_dir=str(out),
+                           compare_baselines=True, random_candidates=ns.random_candidates, **settings)
+    print(f"== {name}", flush=True)
+    return run_search(args)
+
+
+def try_search(ns, name: str, **settings):
+    """`search`, or the reason the budget cannot be met (``str``)."""
+    try:
+        return search(ns, name, **settings)
+    except ValueError as e:
+        print(f"== {name}: {e}", flush=True)
+        return str(e)
+
+
+def depth_fraction_for(report: dict, speedup: float) -> float:
+    """The fewest dropped sub-blocks (as many attention as MLP) that the joint run's latency table
+    predicts reach ``speedup``: dropping the pair of a layer saves its overheads and dense linears."""
+    table = json.loads(Path(report["latency_table"]).read_text())
+    n = report["num_layers"]
+    dense = report["latency"]["predicted_dense_ms"] * 1e6
+    pair = (dense - table["fixed_ns"] - n * table["layer_ns"]) / n
+    k = math.ceil((dense - dense / speedup) / pair)
+    return min(0.99, k / n)
+
+
+def decode_speeds(folders: dict, model: str, threads: int | None) -> dict:
+    """Median decode-step time of every saved model and of the dense one, measured in one process."""
+    importlib.import_module("optimum_evo")  # registers the EvoPress quantizer with transformers
+    from transformers import AutoModelForCausalLM
+
+    from optimum_evo.loading import load_model
+    from optimum_evo.methods.joint import _decode_ns
+
+    times = {"dense": _decode_ns(load_model(model, torch.float32), 128, repeats=7)}
+    for name, folder in folders.items():
+        m = AutoModelForCausalLM.from_pretrained(folder)
+        times[name] = _decode_ns(m, 128, repeats=7)
+        del m
+    return {k: {"ms": v / 1e6, "speedup": times["dense"] / v} for k, v in times.items()}
+
+
+def rows(report: dict, label: str, size: bool) -> list:
+    out = []
+    for name, r in report["results"].items():
+        if name == "dense":
+            continue
+        budget = f"{r['size_bytes'] / 1e6:.2f} MB" if "size_bytes" in r else (
+            f"{r['average_bits']:.2f} bits" if "average_bits" in r else f"{r.get('dropped_sub_blocks', 0)} dropped")
+        if not size and "predicted_speedup" in r:
+            budget = f"{r['predicted_speedup']:.2f}x predicted"
+        out.append((label, name, r["perplexity"], r.get("kl", 0.0), budget))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--budgets", nargs="*", default=["2.5bits", "3bits", "1.5x"])
+    p.add_argument("--levels", default="2,3,4,5,6,8")
+    p.add_argument("--preset", default="fast")
+    p.add_argument("--generations", type=int, default=40)
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--random-candidates", type=int, default=8)
+    p.add_argument("--output", default="outputs/bench-joint")
+    p.add_argument("--doc", default="docs/benchmarks/joint.md")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 when other jobs share the cores)")
+    ns = p.parse_args(argv)
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    levels = [int(x) for x in ns.levels.split(",")]
+    table, notes, speed_folders = [], [], {}
+    dense_ppl = None
+    for budget in ns.budgets:
+        if budget.endswith("bits"):
+            bits = float(budget[:-4])
+            quant = search(ns, f"quantization-{bits}", compression="quantization", target=bits, levels=levels)
+            size = tensor_bytes(Path(quant["saved_model"]["path"]) / "model.safetensors")
+            joint = search(ns, f"joint-{bits}bits", compression=["depth", "quantization"], target_size=size,
+                           levels=levels)
+            dense_ppl = quant["results"]["dense"]["perplexity"]
+            label = f"{bits:g} bits = {size / 1e6:.2f} MB"
+            table += rows(joint, label, True)
+            table += [(label, f"quantization-only {n}", ppl, kl, b) for _, n, ppl, kl, b in rows(quant, label, True)]
+            notes.append(size_notes(ns.model, size, label))
+        elif budget.endswith("x"):
+            speedup = float(budget[:-1])
+            joint = search(ns, f"joint-{speedup}x", compression=["depth", "quantization"], target_speedup=speedup,
+                           levels=levels)
+            quant = try_search(ns, f"quantization-{speedup}x", compression="quantization", target_speedup=speedup,
+                               levels=levels)
+            fraction = depth_fraction_for(joint, speedup)
+            depth = search(ns, f"depth-{speedup}x", compression="depth", target=fraction)
+            dense_ppl = joint["results"]["dense"]["perplexity"]
+            label = f"{speedup:g}x decode"
+            table += rows(joint, label, False)
+            table += [(label, f"depth-only {n}", ppl, kl, b) for _, n, ppl, kl, b in rows(depth, label, False)]
+            speed_folders.update({f"{label}: joint": joint["saved_model"]["path"],
+                                  f"{label}: depth-only ({fraction:.0%} of sub-blocks)": depth["saved_model"]["path"]})
+            if isinstance(quant, str):
+                notes.append(f"At {label}, quantization alone cannot meet the budget: {quant}")
+            else:
+                table += [(label, f"quantization-only {n}", ppl, kl, b) for _, n, ppl, kl, b in
+                          rows(quant, label, False)]
+                speed_folders[f"{label}: quantization-only"] = quant["saved_model"]["path"]
+    speeds = decode_speeds(speed_folders, ns.model, ns.threads) if speed_folders else {}
+    write_doc(Path(ns.doc), ns, command, table, speeds, dense_ppl, notes)
+    return 0
+
+
+def write_doc(doc: Path, ns, command: str, table: list, speeds: dict, dense_ppl, notes: list) -> None:
+    name = Path(ns.model).name
+    lines = [f"## {name}", "",
+             f"- Command: `{command}`; {datetime.date.today().isoformat()}; {machine()}; torch threads "
+             f"{ns.threads or 'default'}.",
+             f"- Calibration {ns.num_samples} x {ns.seq_len} tokens of `brown`; preset `{ns.preset}` with "
+             f"{ns.generations} generations for every search; WikiText-2 test, {ns.eval_windows} windows of 512 "
+             f"tokens (dense perplexity {dense_ppl:.2f}).", "",
+             "| budget | model | WikiText-2 ppl | KL | size / speed |", "|---|---|---|---|---|"]
+    best = {}
+    for label, model, ppl, kl, b in table:
+        best[label] = min(best.get(label, math.inf), ppl)
+    for label, model, ppl, kl, b in table:
+        text = f"**{ppl:.2f}**" if ppl == best[label] else f"{ppl:.2f}"
+        lines.append(f"| {label} | {model} | {text} | {kl:.4f} | {b} |")
+    if speeds:
+        lines += ["", "Measured decode step (one token after 128, median of 7 x 8 steps, float32, in one process):",
+                  "", "| model | ms per token | vs dense |", "|---|---|---|"]
+        lines += [f"| {k} | {v['ms']:.1f} | {v['speedup']:.2f}x |" for k, v in speeds.items()]
+    lines += [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
+    text = doc.read_text() if doc.exists() else f"# Joint search benchmark\n\n{MARK_START}\n{MARK_END}\n"
+    head, _, rest = text.partition(MARK_START)
+    tables, _, tail = rest.partition(MARK_END)
+    sections = {}
+    current = None
+    for line in tables.strip("\n").splitlines():
+        if line.startswith("## "):
+            current = line
+            sections[current] = []
+        if current is not None:
+            sections[current].append(line)
+    sections[f"## {name}"] = lines
+    body = "\n".join("\n".join(v).rstrip() + "\n" for _, v in sorted(sections.items()))
+    doc.write_text(f"{head}{MARK_START}\n\n{body}\n{MARK_END}{tail}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

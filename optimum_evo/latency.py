@@ -1,0 +1,175 @@
+"""Decode latency measured on this machine: the cost model of speed budgets.
+
+A speed budget ("decode 1.5x faster than the dense model") needs the latency of every candidate,
+and timing thousands of whole models is out of the question. A `LatencyTable` times each piece
+once, with the runtime the model is deployed with (transformers with optimum-evo's packed layers
+and kernels, in the model's dtype, at this process's thread count), and a candidate's latency is
+the sum of its pieces:
+
+| entry | what is timed |
+|---|---|
+| ``linears[key]`` | one decode-step call (one token) of a linear of that shape at that level (a packed `EvoPressQuantLinear`, or the dense layer) |
+| ``fixed_ns`` | a decode step of the model with no decoder block (embeddings, final norm, head) |
+| ``layer_ns`` | per decoder layer whose sub-blocks are all stand-ins: its norms, residual adds and call overhead |
+| ``attention_ns`` / ``mlp_ns`` | per kept sub-block, beyond its linears (attention over the cache, activations) |
+
+A decode step is one token after a context of ``context`` tokens, the median of many. The table is
+stored as ``latency.json`` with a manifest (machine, torch, kernels, dtype, threads, model config,
+context); a table whose manifest differs from this process's is stale and rebuilt (`open_or_build`
+says why), like the level database.
+
+Examples:
+    >>> table = LatencyTable.open_or_build("latency", manifest, measure)   # doctest: +SKIP
+    >>> table.linears["576x1536/3"]                                         # doctest: +SKIP
+    41250
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .search.checkpoint import atomic_write_json, read_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LATENCY_FORMAT", "LatencyTable", "machine_identity", "time_call"]
+
+#: version of ``latency.json``; other versions are stale
+LATENCY_FORMAT = 1
+TABLE_NAME = "latency.json"
+
+
+def machine_identity() -> dict:
+    """What decides timings besides the model: CPU model and flags, torch, kernels, threads."""
+    cpu = platform.processor() or platform.machine()
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine()):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from .compressors import kernels
+
+    source = kernels.SOURCE.read_bytes() if kernels.SOURCE.exists() else b""
+    return {"cpu": cpu, "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:12], "torch": torch.__version__,
+            "kernels": hashlib.sha256(source).hexdigest()[:12] if kernels.available() else "off",
+            "threads": torch.get_num_threads()}
+
+
+def time_call(fn: Callable[[], object], min_seconds: float = 0.05, repeats: int = 7) -> int:
+    """Median wall time of ``fn()`` in nanoseconds (warmed up; each of ``repeats`` samples averages
+    enough calls to last ``min_seconds``)."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-7)
+    calls = max(1, int(min_seconds / once))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter_ns()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter_ns() - start) / calls)
+    return int(statistics.median(samples))
+
+
+@dataclass
+class LatencyTable:
+    """Measured decode latencies (see the module docstring); times in nanoseconds."""
+
+    manifest: dict
+    linears: dict = field(default_factory=dict)
+    fixed_ns: int = 0
+    layer_ns: int = 0
+    attention_ns: int = 0
+    mlp_ns: int = 0
+    dense_ns: int = 0  # a measured decode step of the dense model (to check the sum of the pieces)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"format": LATENCY_FORMAT, "manifest": self.manifest, "linears": self.linears,
+                "fixed_ns": self.fixed_ns, "layer_ns": self.layer_ns, "attention_ns": self.attention_ns,
+                "mlp_ns": self.mlp_ns, "dense_ns": self.dense_ns, "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LatencyTable":
+        return cls(manifest=data["manifest"], linears={k: int(v) for k, v in data["linears"].items()},
+                   fixed_ns=int(data["fixed_ns"]), layer_ns=int(data["layer_ns"]),
+                   attention_ns=int(data["attention_ns"]), mlp_ns=int(data["mlp_ns"]),
+                   dense_ns=int(data["dense_ns"]), seconds=float(data.get("seconds", 0.0)))
+
+    def save(self, root) -> Path:
+        path = Path(root) / TABLE_NAME
+        atomic_write_json(path, self.to_json())
+        return path
+
+    @classmethod
+    def open(cls, root, manifest: dict) -> "tuple[LatencyTable | None, str | None]":
+        """The table in ``root`` when it matches ``manifest``, else ``(None, why it is not used)``."""
+        path = Path(root) / TABLE_NAME
+        if not path.exists():
+            return None, None
+        try:
+            data = read_json(path)
+            if data is None or data.get("format") != LATENCY_FORMAT:
+                return None, "it was written by another version"
+            saved = data.get("manifest") or {}
+            differ = sorted(k for k in set(saved) | set(manifest) if saved.get(k) != manifest.get(k))
+            if differ:
+                return None, "it was measured with another " + ", ".join(
+                    f"{k} ({saved.get(k)!r} there, {manifest.get(k)!r} now)" for k in differ)
+            table = cls.from_json(data)
+            missing = [k for k in manifest.get("linears", []) if k not in table.linears]
+            if missing:
+                return None, f"it lacks {len(missing)} entries (e.g. {missing[0]})"
+            return table, None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return None, f"it cannot be read ({type(e).__name__}: {e})"
+
+    @classmethod
+    def open_or_build(cls, root, manifest: dict, measure: Callable[[], dict], progress: bool = True) -> "LatencyTable":
+        """Open the table of ``manifest`` in ``root``, or measure it (``measure()`` returns the
+        entries) and store it there. A stale or unreadable table is rebuilt, with a warning saying
+        why. Several processes may share ``root``: one measures while the others wait."""
+        from filelock import FileLock
+
+        root = Path(root)
+        table, why = cls.open(root, manifest)
+        if table is not None:
+            return table
+        root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root / ".lock")):
+            table, why = cls.open(root, manifest)
+            if table is not None:
+                return table
+            if why:
+                logger.warning("Rebuilding the latency table in %s: %s.", root, why)
+            start = time.perf_counter()
+            entries = measure()
+            table = cls(manifest=manifest, **entries, seconds=round(time.perf_counter() - start, 1))
+            table.save(root)
+        return table
+
+
+def default_latency_root(identity: dict) -> Path:
+    """The shared cache folder of a latency table (keyed by the model and dtype; the machine,
+    torch and kernels are in the manifest, so a stale table is rebuilt in place)."""
+    from .embedded_models import default_cache_root
+
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(os.environ.get("OPTIMUM_EVO_LATENCY_DIR", default_cache_root().parent / "latency")) / key

@@ -1,0 +1,219 @@
+"""Joint search under a size or speed budget: the budget space's mutation, size parsing, the stored
+size equal to the accounted one, reload and plugin-free exports, latency tables (reuse, rebuild when
+stale), single kinds under a budget, and bad budgets refused early."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from optimum_evo import SearchArguments
+from optimum_evo.embedded_models import embedded_model_path
+from optimum_evo.methods.joint import parse_size
+from optimum_evo.search import BudgetSpace, EvolutionarySearch, SearchConfig, Stage
+
+CALIB = ("The committee met on Tuesday to discuss the new budget for the school district. " * 40 + "\n") * 20
+
+
+# --------------------------------------------------------------------------- the engine's space
+def toy_space(budget=60):
+    # units 0, 1: parents (off / on, costing 0 / 2); 2-5 children of 0; 6-9 children of 1; 10-11 free
+    costs = [(0, 2), (0, 2)] + [(1, 2, 4, 8)] * 10
+    parents = (-1, -1) + (0,) * 4 + (1,) * 4 + (-1, -1)
+    return BudgetSpace(tuple(f"u{i}" for i in range(12)), tuple(costs), budget, parents, shared=(((0, 1), 3),),
+                       fixed_cost=5)
+
+
+def test_budget_space_mutations_stay_feasible_full_and_canonical():
+    space = toy_space()
+    rng = random.Random(0)
+    cand = space.fill(space.validate([1, 1] + [0] * 10), rng)
+    seen_off = False
+    for _ in range(400):
+        cand = space.mutate(cand, rng)
+        space.validate(cand)  # inactive units sit at level 0
+        assert space.cost(cand) <= space.budget
+        assert space.is_full(cand)
+        seen_off |= cand[0] == 0 or cand[1] == 0
+    assert seen_off, "parents must be switched off by some mutations"
+
+
+def test_budget_space_costs_parents_shared_and_fixed():
+    space = toy_space()
+    all_off = (0,) * 12
+    assert space.cost(all_off) == 5 + 1 + 1  # fixed + the two free units at level 0
+    one_on = (1, 0) + (0,) * 10
+    assert space.cost(one_on) == 5 + 2 + 3 + 4 * 1 + 2  # parent, shared, its 4 children, free units
+    with pytest.raises(ValueError, match="must be at level 0"):
+        space.validate((0, 1, 2) + (0,) * 9)
+    with pytest.raises(ValueError, match="over the budget"):
+        space.check_initial([(1, 1) + (3,) * 10])
+    assert toy_space(61).fingerprint() != space.fingerprint()
+    with pytest.raises(ValueError, match="must not decrease"):
+        BudgetSpace(("a",), ((2, 1),), 5)
+
+
+def test_engine_finds_the_best_allocation_under_a_budget():
+    # two units at 4 levels costing 1, 2, 4, 8; loss favours unit 0's levels 4x as much as unit 1's
+    space = BudgetSpace(("a", "b"), ((1, 2, 4, 8), (1, 2, 4, 8)), 10)
+
+    class Objective:
+        num_samples, tokens_per_sample = 4, 1
+
+        def score(self, cands, ids):
+            return [4.0 * (3 - c[0]) + (3 - c[1]) for c in cands]
+
+    cfg = SearchConfig(generations=30, offspring=6, stages=(Stage(1, 2),), init_tokens=2)
+    result = EvolutionarySearch(space, Objective(), cfg, progress=False).run([(1, 3)])
+    assert result.best == (3, 1) and space.cost(result.best) == 10
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("60MB", ("bytes", 60_000_000)), ("57 MiB", ("bytes", 57 * 2 ** 20)), ("1.2GB", ("bytes", 1_200_000_000)),
+    ("25%", ("fraction", 0.25)), (0.3, ("fraction", 0.3)), ("0.3", ("fraction", 0.3)), (123456, ("bytes", 123456)),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(compression="depth,quantization"), "needs one budget"),
+    (dict(compression="depth,quantization", target_size="60MB", target_speedup=2.0), "needs one budget"),
+    (dict(compression="depth,quantization", target_size="sixty"), "target_size must be a size"),
+    (dict(compression="depth,quantization", target_size="150%"), "percentage"),
+    (dict(compression="depth,quantization", target_speedup=0.8), "target_speedup must be a number > 1"),
+    (dict(compression="depth,quantization", target_size="1MB", lora_correction=4), "not to a joint search"),
+    (dict(compression="depth,quantization", target_size="1MB", mode="block"), "mode='separate'"),
+    (dict(compression="depth", target_size="1MB"), "depth has no size or speed budget"),
+    (dict(compression="depth,pruning", target_size="1MB"), "Unknown compression 'pruning'"),
+    (dict(compression="depth,depth", target_size="1MB"), "names a kind twice"),
+    (dict(compression="depth,quantization", target_size="1MB", levels=[3, 9]), "bit widths in 1..8"),
+])
+def test_bad_budgets_fail_early(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SearchArguments(**settings)
+
+
+def test_compression_lists_and_config():
+    from optimum_evo import EvoPressConfig
+
+    assert SearchArguments(compression=["quantization", "depth"], target_size="60MB").compression == \
+        "depth+quantization"
+    config = EvoPressConfig(compression=["depth", "quantization"], target_size="60MB")
+    assert config.compression == "depth+quantization" and config.method.kinds == ("depth", "quantization")
+
+
+# --------------------------------------------------------------------------- whole runs
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-joint")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            p.mul_(6.0)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(embedded_model_path("smollm2")).save_pretrained(path)
+    (path.parent / "calib.txt").write_text(CALIB)
+    return path
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "optimum_evo", *map(str, args)], capture_output=True, text=True)
+
+
+def common(tiny_dir, out, *extra):
+    return ["search", "--model", tiny_dir, "--levels", "2,3,4", "--group-size", "32", "--sym", "--generations", 4,
+            "--offspring", 4, "--num-samples", 6, "--seq-len", 32, "--eval-windows", 2, "--eval-seq-len", 32,
+            "--dataset", tiny_dir.parent / "calib.txt", "--search-dtype", "float32", "--quiet", "--top-k", 64,
+            "--output", out, "--database-dir", tiny_dir.parent / "db", *extra]
+
+
+def tensor_bytes(path) -> int:
+    with safe_open(str(path), "pt") as f:
+        return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+
+
+def test_joint_size_budget_saves_what_it_accounted_reloads_and_exports(tiny_dir, tmp_path):
+    import optimum_evo
+    from optimum_evo.exporters.from_result import compressed_model_from_result
+
+    out = tmp_path / "out"
+    proc = run_cli(*common(tiny_dir, out, "--compression", "depth,quantization", "--target-size", 0.97,
+                           "--compare-baselines", "--random-candidates", 3, "--export", "dense",
+                           "--export", "compressed-tensors"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "result.json").read_text())
+    assert report["compression"] == "depth+quantization"
+    budget = report["baseline_settings"]["budget"]["value"]
+    dense_bytes = tensor_bytes(tiny_dir / "model.safetensors")
+    assert budget == int(0.97 * dense_bytes)
+    assert {"uniform", "dp", "random_best_of_3", "evopress"} <= set(report["results"])
+    assert any(k.startswith("depth") and k.endswith("+uniform") for k in report["results"])
+    for name, row in report["results"].items():
+        if name != "dense":
+            assert row["size_bytes"] <= budget, name
+    # the checkpoint stores exactly the bytes the search accounted for
+    stored = tensor_bytes(out / "model" / "model.safetensors")
+    assert stored == report["profile"]["size_bytes"] <= budget
+    # and uses the budget: no linear could go one level up
+    assert budget - stored < 32 * 64 * 4 // 8
+    kinds = {u["kind"] for u in report["levels"].values()}
+    assert {"depth", "quantization"} <= kinds
+    # reload == the model rebuilt from result.json; exports compute the same outputs without the plugin
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    qc = optimum_evo.check_evopress_model(reloaded)
+    assert qc.compression == "depth+quantization" and qc.profile["kinds"] == ["depth", "quantization"]
+    rebuilt, _ = compressed_model_from_result(report)
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = reloaded(ids).logits
+        assert torch.equal(expected, rebuilt(ids).logits)
+        for fmt, tolerance in (("dense", 1e-4), ("compressed-tensors", 3e-2)):  # the latter stores float16
+            plain = AutoModelForCausalLM.from_pretrained(out / f"export-{fmt}", dtype=torch.float32)
+            assert (plain(ids).logits - expected).abs().max() < tolerance * expected.abs().max(), fmt
+    assert (out / "profile.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_joint_speed_budget_builds_reuses_and_rebuilds_the_latency_table(tiny_dir, tmp_path):
+    latency = tmp_path / "latency"
+    args = ["--compression", "depth,quantization", "--target-speedup", 1.3, "--latency-dir", latency,
+            "--eval-windows", 0, "--no-save-model"]
+    first = run_cli(*common(tiny_dir, tmp_path / "a", *args))
+    assert first.returncode == 0, first.stderr
+    report = json.loads((tmp_path / "a" / "result.json").read_text())
+    table = json.loads((latency / "latency.json").read_text())
+    assert table["manifest"]["threads"] >= 1 and table["dense_ns"] > 0 and table["linears"]
+    assert report["profile"]["predicted_speedup"] >= 1.3 - 1e-9
+    assert report["latency"]["budget_ms"] == pytest.approx(report["latency"]["predicted_dense_ms"] / 1.3, rel=1e-6)
+    mtime = (latency / "latency.json").stat().st_mtime_ns
+    second = run_cli(*common(tiny_dir, tmp_path / "b", *args))
+    assert second.returncode == 0, second.stderr
+    assert (latency / "latency.json").stat().st_mtime_ns == mtime, "a matching table is reused"
+    table["manifest"]["torch"] = "0.0-elsewhere"  # measured with another runtime: stale
+    (latency / "latency.json").write_text(json.dumps(table))
+    third = run_cli(*common(tiny_dir, tmp_path / "c", *args))
+    assert third.returncode == 0, third.stderr
+    assert "Rebuilding the latency table" in third.stderr and "torch" in third.stderr
+    assert json.loads((latency / "latency.json").read_text())["manifest"]["torch"] == torch.__version__
+
+
+def test_single_kind_under_a_size_budget_saves_that_kinds_checkpoint(tiny_dir, tmp_path):
+    import optimum_evo
+
+    out = tmp_path / "out"
+    proc = run_cli(*common(tiny_dir, out, "--compression", "quantization", "--target-size", 0.97))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "result.json").read_text())
+    stored = tensor_bytes(out / "model" / "model.safetensors")
+    assert stored == report["profile"]["size_bytes"] <= int(0.97 * tensor_bytes(tiny_dir / "model.safetensors"))
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    qc = optimum_evo.check_evopress_model(reloaded)
+    assert qc.compression == "quantization" and qc.profile["modules"]
