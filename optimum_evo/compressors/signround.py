@@ -19,9 +19,9 @@ The block's inputs may be the outputs of the already-quantized previous blocks (
 propagation) while the target stays the dense block's output on dense inputs: the tuning then also
 corrects the error that arrives from below.
 
-``init="gptq"`` starts the rounding from a GPTQ solution instead of round-to-nearest (``v`` is set
-so that rounding reproduces GPTQ's codes where they are one step from ``w / scale``; the range of
-``v`` is widened to ``[-1, 1]`` there).
+``init`` may start the rounding from another solution (e.g. GPTQ's) instead of round-to-nearest:
+``v`` is set so that the rounding reproduces that solution's weights on the tuned grid, within one
+step either way (the range of ``v`` is widened to ``[-1, 1]``).
 
 Examples:
     >>> tuned = signround_block(block, inputs, targets, kwargs, {"q_proj": lin}, bits=3,
@@ -106,11 +106,11 @@ class SignRoundLinear(nn.Module):
 
     @torch.no_grad()
     def _init_from(self, q: QuantizedWeight) -> None:
-        """Start from the codes of ``q`` (same bits and group size, no act-order)."""
-        scale, zero = self._grid()
-        codes = F.pad(q.codes.float(), (0, self.groups * self.group_size - self.cols)).view_as(self.w)
-        target = codes - zero  # the integer the rounding should produce
-        v = (target - self.w / scale).clamp(-1, 1)
+        """Start from the rounding that reproduces ``q``'s dequantized weight on this grid as closely
+        as one step either way allows (``v`` in ``[-1, 1]``)."""
+        scale, _ = self._grid()
+        wq = F.pad(q.dequantize().float(), (0, self.groups * self.group_size - self.cols)).view_as(self.w)
+        v = (torch.round(wq / scale) - self.w / scale).clamp(-1, 1)
         self.v.copy_(torch.where(self.valid, v, torch.zeros(())))
         self.v_range = 1.0
 
@@ -162,7 +162,7 @@ def _call(block, x, kwargs):
 def signround_block(block: nn.Module, inputs: list, targets: list, kwargs: dict, linears: dict, bits: int,
                     group_size: int, iters: int = 200, lr: float | None = None, batch_size: int = 8,
                     sym: bool = False, seed: int = 0, init: dict | None = None, autocast: bool = True,
-                    bits_of: dict | None = None) -> dict:
+                    bits_of: dict | None = None, loss: str = "mse") -> dict:
     """Tune the rounding and clipping of ``linears`` (``{relative name: nn.Linear}`` of ``block``)
     so that ``block(inputs[i])`` matches ``targets[i]`` (see the module docstring).
 
@@ -173,6 +173,9 @@ def signround_block(block: nn.Module, inputs: list, targets: list, kwargs: dict,
         iters, lr, batch_size: signed gradient descent (``lr`` defaults to ``1 / iters``).
         init: optional ``{name: QuantizedWeight}`` starting codes (e.g. GPTQ's) per linear.
         autocast: run the block's matmuls in bfloat16 (the parameters and grids stay float32).
+        loss: ``"mse"`` (AutoRound's: mean squared error of the block output) or ``"relative"``
+            (each token's squared error divided by the squared norm of its dense output, so tokens
+            with massive activations, e.g. the attention sink, do not dominate).
 
     Returns ``{name: QuantizedWeight}``; ``block`` itself is left unchanged.
     """
@@ -203,14 +206,19 @@ def signround_block(block: nn.Module, inputs: list, targets: list, kwargs: dict,
                 y = torch.cat([targets[i] for i in idx])
                 with cast:
                     out = _call(block, x, kwargs)
-                loss = F.mse_loss(out.float(), y.float())
-                value = float(loss)
+                if loss == "relative":
+                    y = y.float()
+                    err = ((out.float() - y) ** 2).sum(-1) / (y**2).sum(-1).clamp(min=1e-12)
+                    objective = err.mean()
+                else:
+                    objective = F.mse_loss(out.float(), y.float())
+                value = float(objective.detach())
                 if value < best_loss:  # the parameters that produced this loss
                     best_loss = value
                     best = {n_: w.state() for n_, w in wrapped.items()}
                 for p in params:
                     p.grad = None
-                loss.backward()
+                objective.backward()
                 step = lr * (1 - it / iters)
                 with torch.no_grad():
                     for p in params:
