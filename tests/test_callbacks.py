@@ -1,12 +1,13 @@
 """Trainer callbacks: sparsity masks survive training, eval_kl/eval_ppl are logged, compress after training."""
 
 import copy
+import json
 
 import pytest
 import torch
 from conftest import tiny_model
 from torch import nn
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from optimum_evo.compressors.obs import magnitude_prune
 from optimum_evo.fitness import TeacherCache, evaluate
@@ -141,6 +142,106 @@ def test_compress_after_training_saves_and_pushes(tmp_path, hub):
     assert commit["repo_id"] == "me/tiny-evopress"
     assert commit["commit_message"] == "EvoPress-compressed model (optimum-evo)"
     saved_files = {p.name: p.read_bytes() for p in (tmp_path / "evo" / "model").iterdir() if p.is_file()}
-    assert commit["files"] == saved_files and "model.safetensors" in saved_files
+    assert set(commit["files"]) == set(saved_files) and "model.safetensors" in saved_files
+    for name, data in commit["files"].items():  # the card and config name the repo, not local folders
+        if name in ("README.md", "config.json"):
+            assert b"/tmp" not in data and str(tmp_path).encode() not in data, name
+        else:
+            assert data == saved_files[name], name
+    pushed = json.loads(commit["files"]["config.json"])["quantization_config"]
+    assert pushed["metrics"]["model"] == "model-fine-tuned"
+    assert pushed["profile"] == saved.config.quantization_config.profile
     with pytest.raises(ValueError, match="target"):
         CompressAfterTrainingCallback({"compression": "depth", "target": 2.0})
+
+
+class Recorder(TrainerCallback):
+    """Stands for a report_to integration (W&B, TensorBoard, ...): those only see `on_log`."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append({**(logs or {}), "step": state.global_step})
+
+
+@pytest.mark.parametrize("order", ["recorder first", "callback first"])
+def test_evaluation_values_reach_the_report_to_integrations(tmp_path, order):
+    dense = tiny_model("llama")
+    model = copy.deepcopy(dense)
+    eval_ids = _ids(n=2, seed=5)
+    cb = EvaluationCallback(eval_ids, teacher=TeacherCache.build(dense, eval_ids, "topk", top_k=32, progress=False))
+    recorder = Recorder()
+    trainer = Trainer(model=model, args=_args(tmp_path, steps=4, eval_strategy="steps", eval_steps=2),
+                      train_dataset=LMData(_ids()), eval_dataset=LMData(_ids(n=2, seed=3)),
+                      callbacks=[recorder, cb] if order == "recorder first" else [cb, recorder])
+    trainer.train()
+    seen = [e for e in recorder.logs if "eval_kl" in e]
+    assert [e["step"] for e in seen] == [2, 4]
+    for entry, computed in zip(seen, cb.history):
+        assert entry["eval_kl"] == computed["eval_kl"] and entry["eval_ppl"] == computed["eval_ppl"]
+    assert seen[-1]["eval_kl"] > 1e-3
+    # one merged evaluation entry per evaluation in the Trainer's own history, not a second one
+    assert [e["step"] for e in trainer.state.log_history if "eval_kl" in e] == [2, 4]
+
+
+def test_evaluation_callback_logs_through_a_given_trainer(tmp_path):
+    model = tiny_model("llama")
+    eval_ids = _ids(n=2, seed=5)
+    recorder = Recorder()
+    trainer = Trainer(model=model, args=_args(tmp_path, steps=2), train_dataset=LMData(_ids()),
+                      eval_dataset=LMData(_ids(n=2, seed=3)), callbacks=[recorder])
+    cb = EvaluationCallback(eval_ids, trainer=trainer)
+    trainer.add_callback(cb)
+    metrics = trainer.evaluate()
+    assert "eval_kl" not in metrics  # no teacher: perplexity only
+    (entry,) = [e for e in recorder.logs if "eval_ppl" in e]
+    assert entry["eval_ppl"] == metrics["eval_ppl"] == cb.history[-1]["eval_ppl"]
+
+
+def _direct_kl(dense, model, ids):
+    with torch.no_grad():
+        t = torch.log_softmax(dense(ids).logits.double(), -1)
+        s = torch.log_softmax(model(ids).logits.double(), -1)
+    return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+def test_kl_divergence_evaluate_module_matches_the_definition():
+    import evaluate
+    import numpy as np
+
+    from optimum_evo.integrations.metrics import KL_DIVERGENCE
+
+    rng = np.random.default_rng(0)
+    student, teacher = rng.normal(size=(3, 5, 11)), rng.normal(size=(3, 5, 11))
+    kl = evaluate.load(KL_DIVERGENCE)
+    result = kl.compute(predictions=student, references=teacher)
+    t = torch.log_softmax(torch.tensor(teacher), -1)
+    s = torch.log_softmax(torch.tensor(student), -1)
+    per_token = (t.exp() * (t - s)).sum(-1)
+    assert result["tokens"] == 15 and result["kl_divergence"] == pytest.approx(float(per_token.mean()), rel=1e-4)
+    mask = np.zeros((3, 5), dtype=bool)
+    mask[0, :2] = True
+    masked = kl.compute(predictions=student, references=teacher, mask=mask)
+    assert masked["tokens"] == 2 and masked["kl_divergence"] == pytest.approx(float(per_token[0, :2].mean()), rel=1e-4)
+    assert kl.compute(predictions=teacher, references=teacher)["kl_divergence"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_kl_divergence_metric_as_trainer_compute_metrics(tmp_path):
+    from optimum_evo.integrations.metrics import KLDivergenceMetric
+
+    dense = tiny_model("llama")
+    model = copy.deepcopy(dense)
+    eval_ids = _ids(n=3, seed=5)
+    recorder = Recorder()
+    trainer = Trainer(model=model, args=_args(tmp_path, steps=4), train_dataset=LMData(_ids()),
+                      eval_dataset=LMData(eval_ids), compute_metrics=KLDivergenceMetric(teacher=dense),
+                      callbacks=[recorder])
+    assert trainer.evaluate()["eval_kl_divergence"] == pytest.approx(0.0, abs=1e-6)  # identical to its teacher
+    trainer.train()
+    metrics = trainer.evaluate()
+    expected = _direct_kl(dense, model.eval(), eval_ids)
+    assert expected > 1e-3 and metrics["eval_kl_divergence"] == pytest.approx(expected, rel=1e-3)
+    assert recorder.logs[-1]["eval_kl_divergence"] == metrics["eval_kl_divergence"]  # logged like eval_loss
+    with pytest.raises(TypeError, match="teacher"):
+        KLDivergenceMetric(teacher="dense")

@@ -104,3 +104,33 @@ def test_pushing_a_model_loaded_without_the_plugin_is_refused(hub, tmp_path):
     with pytest.raises(EvoPressLoadError):
         save_pretrained(plain, tmp_path)
     assert hub.commits == [] and hub.repos == []
+
+
+def test_the_profile_picture_travels_with_a_reloaded_checkpoint(hub, tmp_path):
+    """A checkpoint folder holding the search's profile.png: its card shows it, and saving or
+    pushing the reloaded model carries it along; a folder of another profile lends it nothing."""
+    model = quantized_tiny()
+    model.save_pretrained(tmp_path / "saved")
+    assert "](profile.png)" not in (tmp_path / "saved" / "README.md").read_text()
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(32))
+    (tmp_path / "saved" / "profile.png").write_bytes(png)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    reloaded.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "profile.png").read_bytes() == png
+    assert "![Per-layer profile found by EvoPress](profile.png)" in (tmp_path / "again" / "README.md").read_text()
+    reloaded.push_to_hub("me/tiny-evopress")
+    (commit,) = hub.commits
+    assert commit["files"]["profile.png"] == png and b"](profile.png)" in commit["files"]["README.md"]
+    other = quantized_tiny(bits_of=lambda i: 4)  # another profile: the folder's picture is not its picture
+    other.name_or_path = str(tmp_path / "saved")
+    other.save_pretrained(tmp_path / "other")
+    assert not (tmp_path / "other" / "profile.png").exists()
+
+
+def test_card_metadata_names_the_base_model_and_its_relation(tmp_path):
+    model = quantized_tiny()
+    model.save_pretrained(tmp_path)
+    meta = read_card_metadata(tmp_path)
+    assert meta["base_model"] == "org/tiny-llama" and meta["base_model_relation"] == "quantized"
+    results = meta["model-index"][0]["results"][0]
+    assert {m["type"]: m["value"] for m in results["metrics"]} == {"perplexity": 11.5, "kl_divergence": 0.05}

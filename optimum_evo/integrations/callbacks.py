@@ -3,7 +3,8 @@
 * `SparsityPreservingCallback`: re-applies each layer's sparsity mask after every optimizer
   step, so fine-tuning a pruned model keeps exactly its zeros.
 * `EvaluationCallback`: at every evaluation, adds ``eval_kl`` (KL to the dense teacher) and
-  ``eval_ppl`` (perplexity) on fixed token windows to the metrics.
+  ``eval_ppl`` (perplexity) on fixed token windows to the metrics, and logs them to every
+  ``report_to`` integration (W&B, TensorBoard, ...).
 * `CompressAfterTrainingCallback`: at the end of training, runs an EvoPress search on the
   trained model and saves (optionally pushes) the compressed result.
 
@@ -11,12 +12,16 @@ Examples:
     >>> trainer = Trainer(model=model, args=args, train_dataset=ds,                 # doctest: +SKIP
     ...                   callbacks=[SparsityPreservingCallback(model),
     ...                              EvaluationCallback(eval_ids, teacher=TeacherCache.build(dense, eval_ids))])
+
+For a KL metric computed by the Trainer itself (``compute_metrics``), see
+`optimum_evo.integrations.metrics.KLDivergenceMetric`.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import sys
 import tempfile
 from pathlib import Path
 
@@ -111,34 +116,46 @@ class SparsityPreservingCallback(TrainerCallback):
 
 
 class EvaluationCallback(TrainerCallback):
-    """Log ``eval_kl`` and ``eval_ppl`` at every evaluation.
+    """Log ``eval_kl`` and ``eval_ppl`` at every evaluation, to every ``report_to`` integration.
 
     Runs `optimum_evo.fitness.evaluate` on fixed ``[N, T]`` token windows (e.g. WikiText-2,
     `optimum_evo.data.evaluation_windows`): perplexity, and the mean per-token
-    KL(teacher || model) when a teacher cache of the same windows is given. The values are added
-    to the metrics dict returned by ``trainer.evaluate()`` and to the evaluation entry of
-    ``trainer.state.log_history`` (hence ``trainer_state.json``), under ``{prefix}_kl`` and
-    ``{prefix}_ppl``.
+    KL(teacher || model) when a teacher cache of the same windows is given. The values, under
+    ``{prefix}_kl`` and ``{prefix}_ppl``, are:
+
+    * logged through the Trainer's callbacks (``on_log``), so W&B, TensorBoard, MLflow and any other
+      ``report_to`` integration record them at the evaluation's step (transformers logs the
+      evaluation metrics *before* the ``on_evaluate`` event, so adding them to ``metrics`` alone
+      would not reach those integrations);
+    * added to the metrics dict returned by ``trainer.evaluate()``;
+    * merged into the evaluation entry of ``trainer.state.log_history`` (hence
+      ``trainer_state.json``).
+
+    The callback logs through the Trainer that runs it (its ``callback_handler``): the one given
+    as ``trainer``, else the one whose event it is handling.
 
     Args:
         windows: ``[N, T]`` token ids.
         teacher: a `TeacherCache` built on ``windows`` by the dense
             model (``None``: perplexity only).
         prefix: metric prefix (``"eval"``).
+        trainer: the ``Trainer`` to log through (optional).
 
     Examples:
         >>> ids = evaluation_windows("wikitext2", tok, 512, max_windows=8)                # doctest: +SKIP
         >>> cb = EvaluationCallback(ids, teacher=TeacherCache.build(dense, ids))           # doctest: +SKIP
-        >>> Trainer(..., eval_dataset=ds, callbacks=[cb]).evaluate()["eval_ppl"]           # doctest: +SKIP
+        >>> trainer = Trainer(..., eval_dataset=ds, callbacks=[cb])                         # doctest: +SKIP
+        >>> trainer.evaluate()["eval_ppl"]       # also logged to TensorBoard, W&B, ...   # doctest: +SKIP
     """
 
-    def __init__(self, windows: torch.Tensor, teacher=None, prefix: str = "eval"):
+    def __init__(self, windows: torch.Tensor, teacher=None, prefix: str = "eval", trainer=None):
         if windows.dim() != 2:
             raise ValueError(f"windows must be [N, T] token ids, got shape {tuple(windows.shape)}.")
         if teacher is not None and teacher.num_windows != windows.shape[0]:
             raise ValueError("The teacher cache must be built on the same windows.")
-        self.windows, self.teacher, self.prefix = windows, teacher, prefix
+        self.windows, self.teacher, self.prefix, self.trainer = windows, teacher, prefix, trainer
         self.history: list = []
+        self._warned = False
 
     def compute(self, model) -> dict:
         from ..fitness import evaluate
@@ -156,6 +173,22 @@ class EvaluationCallback(TrainerCallback):
             out[f"{self.prefix}_kl"] = r["kl"]
         return out
 
+    def _handler(self):
+        """The Trainer's ``CallbackHandler``: the given trainer's, else the one calling this event."""
+        if self.trainer is not None:
+            return self.trainer.callback_handler
+        from transformers.trainer_callback import CallbackHandler
+
+        frame = sys._getframe(1)
+        for _ in range(16):
+            if frame is None:
+                break
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, CallbackHandler):
+                return owner
+            frame = frame.f_back
+        return None
+
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
         if model is None:
             return
@@ -163,7 +196,7 @@ class EvaluationCallback(TrainerCallback):
         self.history.append({"step": state.global_step, **values})
         if metrics is not None:
             metrics.update(values)
-        # the Trainer logged the metrics just before this event: complete its log entry
+        # the Trainer logged the metrics just before this event: complete its log entry ...
         for entry in reversed(state.log_history):
             if entry.get("step") == state.global_step and any(k.startswith(f"{self.prefix}_") for k in entry):
                 entry.update(values)
@@ -171,6 +204,18 @@ class EvaluationCallback(TrainerCallback):
         else:
             state.log_history.append({**values, "step": state.global_step})
         logger.info("step %d: %s", state.global_step, values)
+        # ... and send the values to the integrations (report_to), which only see `on_log`
+        handler = self._handler()
+        if handler is None:
+            if not self._warned:
+                self._warned = True
+                logger.warning("EvaluationCallback is not run by a Trainer; pass trainer= to log %s to the "
+                               "report_to integrations.", sorted(values))
+            return control
+        logs = dict(values)
+        if state.epoch is not None:
+            logs["epoch"] = state.epoch
+        return handler.on_log(args, state, control, logs)
 
 
 class CompressAfterTrainingCallback(TrainerCallback):
@@ -227,10 +272,15 @@ class CompressAfterTrainingCallback(TrainerCallback):
         trained = model
         if callable(getattr(model, "merge_and_unload", None)):
             trained = copy.deepcopy(model).merge_and_unload()
+        from ..card import public_model_name
+
+        # the folder's name is what the saved checkpoint records as its base model
+        name = (public_model_name(getattr(model, "name_or_path", None)) or "model").split("/")[-1] + "-fine-tuned"
         with tempfile.TemporaryDirectory(prefix="evopress-trained-") as tmp:
-            trained.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            fields = {**self.search_arguments, "model": tmp, "output_dir": str(out), "save_model": True}
+            folder = Path(tmp) / name
+            trained.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            fields = {**self.search_arguments, "model": str(folder), "output_dir": str(out), "save_model": True}
             self.report = run_search(SearchArguments(**fields))
         # the saved config records where the model came from; point it at the result, not the temp folder
         self.report["model"] = "trained model (CompressAfterTrainingCallback)"

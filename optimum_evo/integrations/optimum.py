@@ -96,7 +96,11 @@ class EvoPressQuantizer(OptimumQuantizer):
 
             save_checkpoint(model, save_dir, read_record(model), tokenizer=tokenizer)
         else:
+            from ..card import write_export_card
+            from ..record import read_record
+
             export(model, save_dir, export_format, tokenizer=tokenizer)
+            write_export_card(save_dir, read_record(model), export_format)
         self.model = model
         return model
 
