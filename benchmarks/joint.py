@@ -12,7 +12,8 @@ For each budget, in one run of this script:
   and depth-only EvoPress at the fewest sub-blocks that the latency table says reach ``X``; then
   times one decode step of every saved model and of the dense one side by side.
 
-Every search uses the same calibration, fitness, preset and generations. Writes
+Every search uses the same calibration, fitness, preset and generations; the quantization-only
+searches give every linear its own width (``fused_groups=False``), as the joint search does. Writes
 ``docs/benchmarks/joint.md`` (a section per model; finished runs are reused when the script runs
 again with the same output folder).
 
@@ -160,7 +161,9 @@ def main(argv=None) -> int:
     for budget in ns.budgets:
         if budget.endswith("bits"):
             bits = float(budget[:-4])
-            quant = search(ns, f"quantization-{bits}", compression="quantization", target=bits, levels=levels)
+            # per-linear widths, as in the joint search (whose linears are units of their own)
+            quant = search(ns, f"quantization-{bits}", compression="quantization", target=bits, levels=levels,
+                           fused_groups=False)
             size = tensor_bytes(Path(quant["saved_model"]["path"]) / "model.safetensors")
             joint = search(ns, f"joint-{bits}bits", compression=["depth", "quantization"], target_size=size,
                            levels=levels)

@@ -158,3 +158,45 @@ def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+@torch.no_grad()
+def shared_input_groups(model: nn.Module, names) -> list:
+    """Group the linears ``names`` of ``model`` by the input tensor they read in one forward pass:
+    the projections a runtime fuses into one matmul (q/k/v, gate/up), found from what the
+    architecture computes rather than from a list of module names.
+
+    Returns a list of index lists into ``names`` (every index once, singletons for linears that
+    share their input with none of the others), ordered by their first index. A model whose
+    forward fails (or a linear never called) gives singletons.
+
+    Examples:
+        >>> shared_input_groups(model, ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+        ...                             "model.layers.0.self_attn.o_proj"])              # doctest: +SKIP
+        [[0, 1], [2]]
+    """
+    names = list(names)
+    seen: dict = {}
+    keep = []  # the inputs stay alive for the whole pass, so no two of them share an address
+
+    def hook_for(i):
+        def hook(module, args):
+            if i not in seen and args and isinstance(args[0], torch.Tensor):
+                keep.append(args[0])
+                seen[i] = (args[0].data_ptr(), tuple(args[0].shape), args[0].stride())
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(i)) for i, n in enumerate(names)]
+    try:
+        param = next(p for p in model.parameters() if p.device.type != "meta")
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=param.device), use_cache=False)
+    except Exception:  # an unusual forward: no fusion rather than no search
+        seen.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        keep.clear()
+    groups: dict = {}
+    for i in range(len(names)):
+        groups.setdefault(seen.get(i, ("alone", i)), []).append(i)
+    return sorted(groups.values(), key=lambda g: g[0])

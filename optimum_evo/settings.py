@@ -159,6 +159,9 @@ class SearchArguments:
         None, "quantization: also build levels at these group sizes (comma-separated, e.g. 64,128); the search then "
               "picks bits and group size per linear under the stored bits (codes, scales, zeros) of the uniform "
               "target-bit model at group_size")
+    fused_groups: Annotated[bool, Option("compression", negate="--no-fused-groups")] = _setting(
+        True, "quantization: linears that read the same input (q/k/v, gate/up: found by tracing one forward) share "
+              "one bit width, the groups vLLM and llama.cpp run as one fused matmul; the average bits stay exact")
     sparsity_step: Annotated[float, Option("compression")] = _setting(
         0.05, "sparsity levels are spaced by this fraction of the median linear's weights")
     max_offset: Annotated[int, Option("compression")] = _setting(

@@ -149,6 +149,13 @@ def test_layerwise_search_builds_then_reuses_database(tmp_path, tiny_dir, calib_
     for name in expected - {"dense"}:
         assert check(report["results"][name]), name
     assert all(v < 2 for v in report["database"]["bytes_per_weight"].values())
+    if kind == "quantization":  # fused groups by default: one width for q/k/v and for gate/up of every layer
+        levels = report["levels"]
+        for layer in {n.split(".layers.")[1].split(".")[0] for n in levels}:
+            prefix = f"model.layers.{layer}."
+            assert len({levels[prefix + f"self_attn.{p}_proj"] for p in "qkv"}) == 1
+            assert len({levels[prefix + f"mlp.{p}_proj"] for p in ("gate", "up")}) == 1
+        assert report["arguments"]["fused_groups"] is True
     assert_saved_model_reloads_as_found(tmp_path / "a")
     manifest = (db / "manifest.json").stat().st_mtime_ns
     second = run_cli(*common, "--output", tmp_path / "b")

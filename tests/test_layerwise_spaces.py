@@ -134,3 +134,49 @@ def test_dp_and_owl_baselines_keep_budgets(quant, tmp_path):
     for cand in (dp_candidate(sspace), owl_candidate(sspace, 0.08, 5), owl_candidate(sspace, 0.2, 3)):
         assert sspace.pruned_weights(cand) == base
     assert owl_candidate(sspace, 0.2, 3) != sspace.uniform()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_shared_input_groups_are_the_fused_projections(arch):
+    from optimum_evo.decoder import shared_input_groups
+
+    model = tiny_model(arch, num_hidden_layers=3)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    groups = [[names[i].split(".layers.")[1] for i in g] for g in shared_input_groups(model, names)]
+    expected = []
+    for layer in range(3):
+        expected += [[f"{layer}.self_attn.{p}_proj" for p in "qkv"], [f"{layer}.self_attn.o_proj"],
+                     [f"{layer}.mlp.gate_proj", f"{layer}.mlp.up_proj"], [f"{layer}.mlp.down_proj"]]
+    assert groups == expected
+    # only the linears asked about are grouped; a model whose forward fails gives singletons
+    assert shared_input_groups(model, names[1:3]) == [[0, 1]]
+    broken = tiny_model(arch, num_hidden_layers=3)
+    broken.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no"))
+    assert shared_input_groups(broken, names[:3]) == [[0], [1], [2]]
+
+
+@pytest.mark.parametrize("target", [2.5, 3.0, 3.5])
+def test_fused_groups_share_one_width_and_keep_the_budget_exact(quant, target):
+    model, db = quant
+    space = QuantizationSpace(model, db, target, fused_groups=True)
+    assert space.level_space.num_units == 8  # 2 layers x (qkv, o, gate+up, down)
+    assert space.level_space.unit_names[0].endswith("q_proj+k_proj+v_proj")
+    rng = random.Random(0)
+    c = space.uniform()
+    widths = set()
+    for step in range(500):
+        profile = space.profile(c)
+        for layer in range(2):
+            attn = {profile[f"model.layers.{layer}.self_attn.{p}_proj"] for p in "qkv"}
+            mlp = {profile[f"model.layers.{layer}.mlp.{p}_proj"] for p in ("gate", "up")}
+            assert len(attn) == 1 and len(mlp) == 1
+            widths |= attn
+        assert space.average_bits(c) == pytest.approx(target)
+        c = mutate(c, space.level_space, rng)
+    assert len(widths) > 1  # the fused units do change width
+    # the DP baseline works on fused units and keeps the budget
+    from optimum_evo.methods.layerwise import dp_candidate
+
+    assert space.average_bits(dp_candidate(space)) == pytest.approx(target)
+    # the search fingerprint differs from the per-linear space's (no resume across the two)
+    assert space.level_space.fingerprint() != QuantizationSpace(model, db, target).level_space.fingerprint()

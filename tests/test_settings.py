@@ -52,11 +52,11 @@ def test_the_command_line_is_generated_from_the_settings():
     args = parse_cli("-m", "smollm2", "--compression", "quantization", "--target", "3", "--levels", "2,3,4", "--sym",
                      "--desc-act", "--damp-percent", "0.05", "--mse", "2.4", "--modules-to-not-convert",
                      "down_proj,o_proj", "--eval-windows", "all", "--quiet", "--no-prefix-reuse", "--export", "gptq",
-                     "--export", "dense")
+                     "--export", "dense", "--no-fused-groups")
     assert args == SearchArguments(model="smollm2", compression="quantization", target=3.0, levels=[2, 3, 4], sym=True,
                                    desc_act=True, damp_percent=0.05, mse=2.4,
                                    modules_to_not_convert=["down_proj", "o_proj"], eval_windows=None, progress=False,
-                                   reuse_prefix=False, export=["gptq", "dense"])
+                                   reuse_prefix=False, export=["gptq", "dense"], fused_groups=False)
 
 
 def test_the_config_takes_the_same_fields_with_the_same_defaults():
@@ -70,9 +70,10 @@ def test_the_config_takes_the_same_fields_with_the_same_defaults():
     # the run's local folders are settings of the config but not recorded in a checkpoint
     assert set(record) == set(config_fields()) - {"output_dir", "database_dir", "latency_dir"} | {
         "quant_method", "format_version", "profile", "metrics"}
-    cfg = EvoPressConfig("quantization", 3.0, sym=True, desc_act=True, damp_percent=0.02, mse=2.4)
+    cfg = EvoPressConfig("quantization", 3.0, sym=True, desc_act=True, damp_percent=0.02, mse=2.4, fused_groups=False)
     args = cfg.search_arguments(model="m")
-    assert (args.sym, args.desc_act, args.damp_percent, args.mse, args.model) == (True, True, 0.02, 2.4, "m")
+    assert (args.sym, args.desc_act, args.damp_percent, args.mse, args.model, args.fused_groups) == (
+        True, True, 0.02, 2.4, "m", False)
     assert EvoPressConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).to_dict() == cfg.to_dict()
 
 

@@ -15,6 +15,7 @@ Examples:
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from torch import nn
 from ..compressors.builders import available_builders
 from ..compressors.codecs import quant_level, quant_level_name, stored_bits
 from ..compressors.packed_linear import EvoPressQuantLinear
+from ..decoder import shared_input_groups
 from .registry import register_method
 from .base import MERGE_REFUSED, CompressedModelError
 from ..search import LevelSpace
@@ -36,6 +38,11 @@ class QuantizationSpace(DatabaseSpace):
     Units are grouped by size (number of weights) and switches stay inside a group, so the average
     is exact for every candidate. Non-integer targets (2.25, 2.5, 3.5) mix the two bracketing bit
     widths inside each group.
+
+    **Fused groups** (``fused_groups=True``, the default of a search): linears that read the same
+    input tensor (`shared_input_groups`: q/k/v, gate/up) form one unit with one bit width, the
+    matmul vLLM and llama.cpp run fused; such units trade bits with units of the same number of
+    weights, so the average stays exact.
 
     **Group size as a level dimension.** When the database holds levels at several group sizes
     (``"3g64"``, see `quant_level`), a unit's levels are its ``(bits, group size)`` options
@@ -57,7 +64,8 @@ class QuantizationSpace(DatabaseSpace):
     #: capacity of a switch group's reserve, in one-bit steps of one of its units
     RESERVE_BITS = 4
 
-    def __init__(self, model, db, target_bits: float, cache: bool = True):
+    def __init__(self, model, db, target_bits: float, cache: bool = True, fused_groups: bool = False):
+        self.fused = None  # with fused_groups: the linears (indices) of every search unit
         settings = db.manifest.get("settings", {})
         self.reference_group = int(settings.get("group_size") or 0)
         pairs = {lv: quant_level(lv, self.reference_group) for lv in db.levels}
@@ -80,7 +88,13 @@ class QuantizationSpace(DatabaseSpace):
             costs = tuple(pairs[b][0] - pairs[a][0] for a, b in zip(levels, levels[1:]))
             super().__init__(model, db, [list(levels)] * len(names), [size_ids[s] for s in sizes],
                              (costs,) * len(names), cache)
+            if fused_groups:
+                self._fuse(shared_input_groups(model, names), costs)
             return
+        if fused_groups:
+            warnings.warn("fused_groups applies to one group size: with group_sizes every linear has its own "
+                          "level (an export for vLLM then needs equal levels inside q/k/v and gate/up).",
+                          stacklevel=2)
         unit_levels, step_costs, keys = [], [], []
         b0 = bits[0]
         for shape in shapes:
@@ -110,9 +124,41 @@ class QuantizationSpace(DatabaseSpace):
         last = max(self.layer_of_unit)
         self.layer_of_unit = list(self.layer_of_unit) + [last] * len(key_ids)
 
+    # ------------------------------------------------------------------ fused groups
+    def _fuse(self, groups: list, costs: tuple) -> None:
+        """Search units = ``groups`` of linears (one level for all of them); switch groups = fused
+        units of equal size, so a switch keeps the stored code bits exactly."""
+        ls = self.level_space
+        self.fused = [tuple(g) for g in groups]
+        sizes = [sum(self.numel[i] for i in g) for g in self.fused]
+        size_ids = {n: k for k, n in enumerate(sorted(set(sizes)))}
+
+        def name(g):
+            first = self.names[g[0]]
+            return "+".join([first] + [self.names[i].rpartition(".")[2] for i in g[1:]])
+
+        self.level_space = LevelSpace(tuple(name(g) for g in self.fused), tuple(ls.num_levels[g[0]] for g in self.fused),
+                                      tuple(size_ids[n] for n in sizes), (costs,) * len(self.fused),
+                                      meaning=f"{ls.meaning}/fused")
+        self.layer_of_unit = [self.layer_of_unit[g[0]] for g in self.fused]
+
+    def _search_units(self) -> int:
+        """Search units that hold linears (the reserves of mixed group sizes come after them)."""
+        return len(self.fused) if self.fused is not None else self.num_modules
+
+    def _first_module(self, unit: int) -> int:
+        return self.fused[unit][0] if self.fused is not None else unit
+
     # ------------------------------------------------------------------ reserve units
     def _modules_part(self, cand) -> tuple:
-        return tuple(cand)[: self.num_modules]
+        """The level index of every linear (database module) of a search candidate."""
+        if self.fused is None:
+            return tuple(cand)[: self.num_modules]
+        out = [0] * self.num_modules
+        for unit, members in enumerate(self.fused):
+            for i in members:
+                out[i] = cand[unit]
+        return tuple(out)
 
     def apply(self, model, cand) -> None:
         super().apply(model, self._modules_part(cand))
@@ -122,9 +168,10 @@ class QuantizationSpace(DatabaseSpace):
 
     def unit_errors(self, unit: int) -> list:
         """Per-level normalized errors of a unit (the reserve's levels cost nothing in error)."""
-        if unit >= self.num_modules:
+        if unit >= self._search_units():
             return [0.0] * self.level_space.num_levels[unit]
-        return [self.db.error(self.names[unit], lv) for lv in self.unit_levels[unit]]
+        members = self.fused[unit] if self.fused is not None else (unit,)
+        return [sum(self.db.error(self.names[i], lv) for i in members) for lv in self.unit_levels[members[0]]]
 
     def _reference_index(self, unit: int, bits: int) -> int:
         for j, lv in enumerate(self.unit_levels[unit]):
@@ -141,8 +188,8 @@ class QuantizationSpace(DatabaseSpace):
         (exact when achievable); reserves empty."""
         lo = max(b for b in self.bits if b <= self.target)
         hi = min(b for b in self.bits if b >= self.target)
-        n = self.num_modules
-        cand = [self._reference_index(i, lo) for i in range(n)]
+        n = self._search_units()
+        cand = [self._reference_index(self._first_module(i), lo) for i in range(n)]
         if hi != lo:
             groups = self.level_space.groups[:n]
             for g in sorted(set(groups), key=str):
@@ -151,7 +198,7 @@ class QuantizationSpace(DatabaseSpace):
                 for k, i in enumerate(members):
                     # spread the higher bit width evenly over depth
                     if math.floor((k + 1) * extra / len(members)) > math.floor(k * extra / len(members)):
-                        cand[i] = self._reference_index(i, hi)
+                        cand[i] = self._reference_index(self._first_module(i), hi)
         return tuple(cand) + (0,) * (self.level_space.num_units - n)
 
     def level_pair(self, unit: int, index: int) -> tuple:
@@ -268,7 +315,9 @@ class QuantizationMethod(DatabaseMethod):
         return levels, settings, {}
 
     def make_space(self, run, model) -> QuantizationSpace:
-        return QuantizationSpace(model, run.database, run.args.target)
+        # reports written before fused groups existed searched every linear on its own
+        return QuantizationSpace(model, run.database, run.args.target,
+                                 fused_groups=bool(getattr(run.args, "fused_groups", False)))
 
     @torch.no_grad()
     def materialize(self, model, space: QuantizationSpace, candidate) -> dict:
