@@ -38,6 +38,8 @@ CLI_CASES = [
     ("no sparsity offsets", ["--compression", "sparsity", "--target", "0.5", "--max-offset", "0"], "max_offset >= 1"),
     ("bad module regex", ["--compression", "sparsity", "--target", "0.5", "--modules", "(mlp"],
      "modules must be a regular expression"),
+    ("more memory than the machine has", ["--model", "{llama}", "--num-samples", "100000000"],
+     "would allocate about"),
     ("module selection for depth", ["--modules", "mlp"], "depth pruning drops whole sub-blocks"),
     ("calibration on the test text", ["--dataset", "wikitext2"], "is the evaluation text"),
     ("missing calibration file", ["--dataset", "/nonexistent/calib.txt"], "does not exist"),

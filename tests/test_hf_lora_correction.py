@@ -70,7 +70,7 @@ def test_from_pretrained_attaches_an_active_correction_that_lowers_kl(corrected)
     model, _ = corrected
     assert type(model).__name__ == "LlamaForCausalLM"  # a transformers model, not a PeftModel
     assert model._hf_peft_config_loaded and list(model.peft_config) == ["default"]
-    q = model.model.layers[0].self_attn.q_proj
+    q = next(m for m in model.modules() if hasattr(m, "lora_A"))  # the budget decides which linears get one
     assert isinstance(q.get_base_layer(), EvoPressQuantLinear) and q.lora_A["default"].weight.shape[0] <= 4
     metrics = model.config.quantization_config.metrics
     ev = metrics["evaluation"]

@@ -31,6 +31,7 @@ Examples:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence, runtime_checkable
 
@@ -72,6 +73,17 @@ class SearchSpace(Protocol):
 
     def describe(self, candidate) -> dict:
         """The candidate's budget figures (dropped sub-blocks, average bits, sparsity, ...)."""
+
+
+@dataclass(frozen=True)
+class Need:
+    """One item of a run's resource estimate (`optimum_evo.pipeline.memory`): ``bytes`` of
+    ``where`` ("memory" or "disk"), and the settings that lower it."""
+
+    what: str
+    bytes: int
+    where: str = "memory"
+    fix: str = ""
 
 
 class CompressionMethod(ABC):
@@ -177,6 +189,12 @@ class CompressionMethod(ABC):
         """``(value, text)`` of one unit's level in a joint profile plot: the colour scale's value
         (``None``: dropped, negative: kept sub-block) and the cell's label."""
         return float(level), str(level)
+
+    def resource_needs(self, args, model, itemsize: int) -> list:
+        """What this method will hold beyond the pipeline's own caches, as
+        `Need` items (``itemsize``: bytes per element of the search
+        dtype); printed and checked before a run starts."""
+        return []
 
     def report_extras(self, run: "RunContext", candidate) -> dict:
         """Extra entries of the run report for the found candidate (e.g. per-linear levels)."""

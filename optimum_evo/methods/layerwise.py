@@ -215,6 +215,22 @@ class DatabaseMethod(CompressionMethod):
         """A layer computing like ``module`` at ``level`` of ``db`` (random values), for latency tables."""
         raise NotImplementedError
 
+    def database_level_bytes(self, args) -> list:
+        """Bytes per weight each level of the database of ``args`` stores (an estimate)."""
+        return []
+
+    def resource_needs(self, args, model, itemsize: int) -> list:
+        from ..decoder import find_decoder_layout
+        from .base import Need
+
+        numel = sum(m.weight.numel() for layer in find_decoder_layout(model).layers for m in layer.modules()
+                    if isinstance(m, torch.nn.Linear))
+        per_level = self.database_level_bytes(args)
+        return [Need("dense copies of the searched linears", numel * itemsize),
+                Need(f"level weights (worst case: all {len(per_level)} levels of every linear)",
+                     numel * itemsize * len(per_level), fix="fewer levels"),
+                Need("level database", int(numel * sum(per_level)), where="disk", fix="database_dir")]
+
     def database_request(self, args, model) -> tuple:
         """``(levels, settings, identity)`` of the database this run needs: ``levels`` a list or a
         function ``(module name, shape) -> levels``, ``settings`` the codec's settings, ``identity``

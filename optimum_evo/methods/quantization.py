@@ -306,6 +306,13 @@ class QuantizationMethod(DatabaseMethod):
         if args.desc_act and builder in ("signround",):
             raise ValueError("desc_act (act-order) is a GPTQ option; the signround builder keeps columns in order.")
 
+    def database_level_bytes(self, args) -> list:
+        out = []
+        for g in (getattr(args, "group_sizes", None) or [args.group_size]):
+            for b in args.levels or DEFAULT_BITS:
+                out.append(b / 8 + ((2 + b / 8) / g if g else 0.0))  # codes, float16 scale and zero per group
+        return out
+
     def database_request(self, args, model) -> tuple:
         settings = {"group_size": args.group_size, "sym": args.sym, "mse": float(args.mse),
                     "act_order": args.desc_act, "damp": float(args.damp_percent),

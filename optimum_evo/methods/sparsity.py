@@ -141,6 +141,10 @@ class SparsityMethod(DatabaseMethod):
             raise ValueError(f"damp_percent must be in (0, 1) (SparseGPT's damping, a fraction of the mean Hessian "
                              f"diagonal; 0.01 by default), got {args.damp_percent!r}.")
 
+    def database_level_bytes(self, args) -> list:
+        # a bitmask and the kept float16 values per level, levels around the target
+        return [1 / 8 + 2 * (1 - args.target)] * (2 * args.max_offset + 1)
+
     def database_request(self, args, model) -> tuple:
         layout = find_decoder_layout(model)
         sizes = [m.weight.numel() for layer in layout.layers for m in linear_modules(layer).values()]

@@ -34,7 +34,7 @@ __all__ = ["RunContext", "SearchArguments", "compress", "fastest_dtype", "format
 
 
 def _search(ctx: RunContext) -> RunContext:
-    for stage in (stages.calibrate, stages.prepare, stages.fitness, stages.initialize, stages.search):
+    for stage in (stages.check_memory, stages.calibrate, stages.prepare, stages.fitness, stages.initialize, stages.search):
         stage(ctx)
     if distributed.is_main():  # the other processes of a multi-process run only help the search
         for stage in (stages.evaluate, stages.summarize):

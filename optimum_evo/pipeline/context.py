@@ -42,6 +42,8 @@ class RunContext:
         identity: what decides the result besides the settings the engine fingerprints itself
             (model weights, calibration tokens, fitness, dtype), checked when a search resumes.
         timings: seconds per stage.
+        memory_needs: the estimate of what the run allocates and writes (`optimum_evo.pipeline.memory`),
+            made before it starts and kept in the report as ``resources_estimate``.
         costs, latency_root: a joint search's cost model (bytes and latency of every unit's levels) and
             the folder of its latency table.
     """
@@ -75,6 +77,7 @@ class RunContext:
     identity: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     costs: Any = None
+    memory_needs: Any = None  # the estimate of `optimum_evo.pipeline.memory`, made before the run
     latency_root: Optional[Path] = None
 
     @property

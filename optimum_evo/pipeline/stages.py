@@ -103,6 +103,20 @@ def load(ctx: RunContext) -> None:
         ctx.model = load_model(ctx.path, DTYPES[ctx.args.eval_dtype])
 
 
+def check_memory(ctx: RunContext) -> None:
+    """Print what the run will allocate and stop early when the model's device cannot hold it
+    (`optimum_evo.pipeline.memory`)."""
+    from .. import distributed
+    from ..embedded_models import default_cache_root
+    from .memory import check
+
+    args = ctx.args
+    root = args.database_dir or (default_cache_root().parent / "databases")
+    dtype = fastest_dtype() if args.search_dtype == "auto" else DTYPES[args.search_dtype]
+    ctx.memory_needs = check(args, ctx.model, ctx.method, dtype, database_root=root,
+                             show=args.progress and distributed.is_main())
+
+
 def calibrate(ctx: RunContext) -> None:
     args = ctx.args
     ctx.calibration = calibration_windows(args.dataset, ctx.tokenizer, args.num_samples, args.seq_len, args.seed)
@@ -250,6 +264,7 @@ def summarize(ctx: RunContext) -> None:
         if ctx.evaluation is not None else None,
         "results": ctx.rows,
         "timings": {k: round(v, 1) for k, v in ctx.timings.items()},
+        "resources_estimate": [{"what": x.what, "bytes": x.bytes, "where": x.where} for x in ctx.memory_needs or []],
         **ctx.method.report_extras(ctx, ctx.best),
     }
 

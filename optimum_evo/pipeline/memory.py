@@ -1,0 +1,147 @@
+"""What a run will hold in memory and write to disk, estimated before anything is computed.
+
+The `check_memory` stage runs right after the model is loaded. It prints the estimate (when the
+run shows progress) and stops the run early, with the settings that lower the need, when the
+model's device does not have the memory the run is about to allocate: the search model's copy in
+the search dtype, the teacher cache, the prefix cache of the KL objective (worst case: every
+calibration window's input to every decoder layer) and what the compression method holds (e.g.
+the level weights a layer-wise search keeps, worst case every level of every linear). The level
+database's size on disk is estimated too; a database may be reused, so a disk shortfall is only
+warned about.
+
+Examples:
+    >>> needs = estimate(args, model, method)                       # doctest: +SKIP
+    >>> print(format_needs(needs))                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from ..methods.base import Need
+
+__all__ = ["HEADROOM", "InsufficientMemoryError", "Need", "available_memory", "check", "estimate",
+           "format_needs", "free_disk", "model_bytes"]
+
+logger = logging.getLogger(__name__)
+
+#: share of the available memory a run may plan to use (the rest is for activations and the runtime)
+HEADROOM = 0.9
+
+
+def model_bytes(model) -> int:
+    """Bytes of the parameters and buffers of ``model`` (shared tensors once)."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta"}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def estimate(args, model, method, search_dtype: torch.dtype | None = None) -> list:
+    """The `Need` items of a run of ``args`` on the loaded ``model`` with ``method``;
+    ``search_dtype``: the dtype the search runs in (default: ``args.search_dtype``, float32 for
+    ``"auto"``)."""
+    from ..decoder import find_decoder_layout
+
+    layout = find_decoder_layout(model)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = int(config.hidden_size)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    if search_dtype is None:
+        search_dtype = torch.float32 if args.search_dtype == "auto" else getattr(torch, args.search_dtype)
+    item = torch.empty((), dtype=search_dtype).element_size()
+    eval_item = next(p for p in model.parameters()).element_size()
+    n, t = args.num_samples, args.seq_len
+    needs = []
+    if item != eval_item:
+        needs.append(Need("search model (a copy in the search dtype)", model_bytes(model) * item // eval_item,
+                          fix="search_dtype equal to the model's dtype"))
+    if args.fitness == "topk":
+        k = min(args.top_k, vocab)
+        needs.append(Need(f"teacher cache (top-{k})", n * t * (k * 8 + 4), fix="num_samples, seq_len or top_k"))
+    else:
+        needs.append(Need("teacher cache (full vocabulary)", n * t * vocab * 2, fix="fitness='topk', num_samples"))
+    if args.reuse_prefix:
+        needs.append(Need("prefix cache (worst case: every window's input to every layer)",
+                          n * t * hidden * item * len(layout.layers), fix="num_samples, seq_len or reuse_prefix=False"))
+    needs += list(method.resource_needs(args, model, item))
+    return needs
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device``: ``torch.cuda.mem_get_info`` for CUDA, the kernel's
+    ``MemAvailable`` for the CPU; ``None`` where it cannot be known."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def free_disk(path) -> int | None:
+    """Free bytes on the file system of ``path`` (its nearest existing parent)."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def _gb(b: int) -> str:
+    return f"{b / 2**30:.2f} GB"
+
+
+def format_needs(needs: list, available: int | None = None) -> str:
+    """The estimate as a small table."""
+    width = max(len(x.what) for x in needs) if needs else 10
+    lines = [f"{'estimated need':<{width}}  {'size':>10}  where"]
+    lines += [f"{x.what:<{width}}  {_gb(x.bytes):>10}  {x.where}" for x in needs]
+    total = sum(x.bytes for x in needs if x.where == "memory")
+    lines.append(f"{'memory to allocate':<{width}}  {_gb(total):>10}" +
+                 (f"  (available {_gb(available)})" if available is not None else ""))
+    return "\n".join(lines)
+
+
+class InsufficientMemoryError(MemoryError, ValueError):
+    """The run would allocate more memory than its device has free; the message names the settings."""
+
+
+def check(args, model, method, search_dtype: torch.dtype | None = None, database_root=None,
+          show: bool = False) -> list:
+    """Estimate, print when ``show``, and raise `InsufficientMemoryError` when the memory needed
+    exceeds ``HEADROOM`` of what the model's device has free. Returns the `Need` items."""
+    needs = estimate(args, model, method, search_dtype)
+    device = next(p for p in model.parameters()).device
+    available = available_memory(device)
+    if show:
+        print(format_needs(needs, available), file=sys.stderr, flush=True)
+    memory = [x for x in needs if x.where == "memory"]
+    total = sum(x.bytes for x in memory)
+    if available is not None and total > HEADROOM * available:
+        big = sorted(memory, key=lambda x: -x.bytes)
+        parts = "; ".join(f"{x.what} {_gb(x.bytes)} (lower: {x.fix})" for x in big if x.fix)
+        raise InsufficientMemoryError(
+            f"This run would allocate about {_gb(total)} on {device.type} but only {_gb(available)} is free: {parts}. "
+            "Lower those settings, or run on a device with more memory.")
+    disk = sum(x.bytes for x in needs if x.where == "disk")
+    if disk and database_root is not None:
+        free = free_disk(database_root)
+        if free is not None and disk > free:
+            logger.warning("Building the level database may need about %s in %s but %s is free (a database already "
+                           "there is reused); set database_dir to a larger disk.", _gb(disk), database_root, _gb(free))
+    return needs

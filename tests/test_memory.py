@@ -1,0 +1,73 @@
+"""The resource estimate made before a run: its numbers match what the run allocates, it is
+printed and recorded, and a run that cannot fit stops before any work."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from optimum_evo import SearchArguments
+from optimum_evo.fitness import TeacherCache
+from optimum_evo.methods import get_method
+from optimum_evo.pipeline import memory
+
+ARGS = dict(num_samples=8, seq_len=32, top_k=16, search_dtype="float32")
+
+
+def needs_by_name(needs):
+    return {x.what.split(" (")[0]: x for x in needs}
+
+
+def test_the_estimate_matches_the_allocations():
+    model = tiny_model("llama", num_hidden_layers=2)
+    args = SearchArguments(compression="quantization", target=3.0, levels=[2, 3, 4], group_size=32, **ARGS)
+    needs = needs_by_name(memory.estimate(args, model, get_method("quantization")))
+    windows = torch.randint(0, 128, (8, 32))
+    teacher = TeacherCache.build(model, windows, "topk", 16, progress=False)
+    built = sum(t.numel() * t.element_size() for t in (teacher.values, teacher.indices, teacher.rest))
+    assert needs["teacher cache"].bytes == built
+    assert needs["prefix cache"].bytes == 8 * 32 * 64 * 4 * 2  # windows x tokens x hidden x float32 x layers
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
+    numel = sum(m.weight.numel() for m in linears)
+    assert needs["level weights"].bytes == numel * 4 * 3 and needs["dense copies of the searched linears"].bytes == numel * 4
+    # the database: codes plus a float16 scale and a packed zero per group of 32, per level
+    assert needs["level database"].where == "disk"
+    assert needs["level database"].bytes == int(numel * sum(b / 8 + (2 + b / 8) / 32 for b in (2, 3, 4)))
+    # bfloat16 search of a float32 model: a copy of the model; no prefix reuse: no prefix cache
+    args = SearchArguments(compression="depth", target=0.25, reuse_prefix=False, **{**ARGS, "search_dtype": "bfloat16"})
+    needs = needs_by_name(memory.estimate(args, model, get_method("depth")))
+    assert "prefix cache" not in needs and "level weights" not in needs
+    assert needs["search model"].bytes == memory.model_bytes(model) // 2
+    assert memory.available_memory(torch.device("cpu")) > 0
+
+
+def test_a_run_that_cannot_fit_stops_before_any_work(monkeypatch, tmp_path, capsys):
+    from test_hf_quantizer import save_tiny
+
+    from optimum_evo.pipeline import run_search
+
+    path = save_tiny(tmp_path / "tiny")
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2**10)  # 1 KiB free
+    args = SearchArguments(model=str(path), compression="depth", target=0.25, output_dir=str(tmp_path / "out"),
+                           dataset="sotu", **ARGS)
+    with pytest.raises(memory.InsufficientMemoryError) as err:
+        run_search(args)
+    message = str(err.value)
+    assert "\n" not in message and "only 0.00 GB is free" in message
+    assert "num_samples, seq_len or top_k" in message and "reuse_prefix=False" in message
+    assert isinstance(err.value, ValueError)  # the command line reports it as a one-line error
+    assert "estimated need" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "result.json").exists()
+
+
+def test_the_report_records_the_estimate(tmp_path):
+    from test_hf_quantizer import CALIB, save_tiny
+
+    from optimum_evo.pipeline import run_search
+
+    path = save_tiny(tmp_path / "tiny")
+    report = run_search(SearchArguments(model=str(path), compression="depth", target=0.25, dataset=[CALIB[0]],
+                                        generations=1, offspring=2, num_samples=2, seq_len=16, eval_windows=0, top_k=8,
+                                        search_dtype="float32", progress=False, save_model=False,
+                                        output_dir=str(tmp_path / "out")))
+    estimate = {x["what"].split(" (")[0]: x["bytes"] for x in report["resources_estimate"]}
+    assert estimate["teacher cache"] == 2 * 16 * (8 * 8 + 4)
