@@ -115,6 +115,15 @@ def test_knapsack_is_exact_and_optimal():
     assert tuple(knapsack(costs, errors, budget)) == best
     with pytest.raises(ValueError, match="budget"):
         knapsack(costs, errors, 100)
+    # at_most: the best assignment whose cost does not exceed the budget
+    for budget in (sum(min(c) for c in costs) + 1, 9):
+        best = min((c for c in itertools.product(range(3), repeat=5)
+                    if sum(costs[i][j] for i, j in enumerate(c)) <= budget),
+                   key=lambda c: sum(errors[i][j] for i, j in enumerate(c)))
+        picked = knapsack(costs, errors, budget, at_most=True)
+        assert sum(costs[i][j] for i, j in enumerate(picked)) <= budget
+        assert sum(errors[i][j] for i, j in enumerate(picked)) == pytest.approx(
+            sum(errors[i][j] for i, j in enumerate(best)))
 
 
 def test_dp_and_owl_baselines_keep_budgets(quant, tmp_path):

@@ -547,35 +547,6 @@ def _index_at_most(space: JointSpace, j: int, value) -> int:
     return best
 
 
-def _knapsack_at_most(costs: list, errors: list, budget: int) -> list:
-    """One option per unit minimising the summed error with summed cost at most ``budget``."""
-    import numpy as np
-
-    dp = np.zeros(budget + 1)
-    choice = []
-    for unit_costs, unit_errors in zip(costs, errors):
-        new = np.full(budget + 1, np.inf)
-        arg = np.full(budget + 1, -1, dtype=np.int16)
-        for j, (c, e) in enumerate(zip(unit_costs, unit_errors)):
-            if c > budget:
-                continue
-            cand = np.full(budget + 1, np.inf)
-            cand[c:] = dp[: budget + 1 - c] + e
-            better = cand < new
-            new[better] = cand[better]
-            arg[better] = j
-        dp = new
-        choice.append(arg)
-    if not np.isfinite(dp[budget]):
-        raise ValueError("No assignment fits the budget.")
-    out, b = [], budget
-    for unit_costs, arg in zip(reversed(costs), reversed(choice)):
-        j = int(arg[b])
-        out.append(j)
-        b -= unit_costs[j]
-    return out[::-1]
-
-
 def _dp(space: JointSpace, cand: list, rng: random.Random, resolution: int = 4096):
     """``cand`` (depth part set) with the active linears' levels minimising the summed database
     errors within the budget (costs in 1/``resolution`` of the linears' share, rounded up)."""
@@ -593,7 +564,9 @@ def _dp(space: JointSpace, cand: list, rng: random.Random, resolution: int = 409
     quantum = max(1, math.ceil(room / resolution))
     q_costs = [[math.ceil(c / quantum) for c in unit] for unit in costs]
     errors = [space.costs.option_errors[j] for j in active]
-    picks = _knapsack_at_most(q_costs, errors, room // quantum)
+    from .layerwise import knapsack
+
+    picks = knapsack(q_costs, errors, room // quantum, at_most=True)
     for j, i in zip(active, picks):
         trial[space.linear_unit(j)] = i
     return tuple(ls.fill(trial, rng))

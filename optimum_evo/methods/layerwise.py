@@ -94,14 +94,16 @@ class DatabaseSpace:
 
 
 # --------------------------------------------------------------------------- baselines
-def knapsack(costs: list, errors: list, budget: int) -> list:
+def knapsack(costs: list, errors: list, budget: int, at_most: bool = False) -> list:
     """Exact-budget dynamic programming: choose one option per unit (``costs[i][j]`` >= 0 integer,
-    ``errors[i][j]``) so that the costs sum to exactly ``budget`` with the least total error.
-    Returns the chosen option index per unit; ``ValueError`` if the budget cannot be met."""
+    ``errors[i][j]``) so that the costs sum to exactly ``budget`` (with ``at_most``: to at most
+    ``budget``) with the least total error. Returns the chosen option index per unit;
+    ``ValueError`` if the budget cannot be met."""
     import numpy as np
 
     inf = np.inf
-    dp = np.full(budget + 1, inf)
+    # dp[b]: least error of the units so far at cost exactly b (at_most: at most b, so any b starts at 0)
+    dp = np.zeros(budget + 1) if at_most else np.full(budget + 1, inf)
     dp[0] = 0.0
     choice = []
     for unit_costs, unit_errors in zip(costs, errors):
@@ -118,7 +120,7 @@ def knapsack(costs: list, errors: list, budget: int) -> list:
         dp = new
         choice.append(arg)
     if not np.isfinite(dp[budget]):
-        raise ValueError("No assignment meets the budget exactly.")
+        raise ValueError("No assignment fits the budget." if at_most else "No assignment meets the budget exactly.")
     out, b = [], budget
     for unit_costs, arg in zip(reversed(costs), reversed(choice)):
         j = int(arg[b])
