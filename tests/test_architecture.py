@@ -169,7 +169,7 @@ def test_every_builtin_kind_and_format_is_found_through_its_registry():
 
     assert available_methods() == list(KIND_NAMES)
     assert all(isinstance(get_method(k), CompressionMethod) for k in KIND_NAMES)
-    assert available_exporters() == ["dense", "gptq", "compressed-tensors"]
+    assert available_exporters() == ["dense", "gptq", "compressed-tensors", "gguf"]
     assert get_exporter("compressed_tensors").name == "compressed-tensors"
     assert get_exporter("gptq").refusal(get_method("depth")).startswith("--export gptq needs --compression quantization")
     assert get_exporter("dense").refusal(get_method("depth")) is None

@@ -32,10 +32,10 @@ def logits(model):
         return model(IDS).logits.float()
 
 
-def quantized_tiny(arch="llama", bits=(2, 3, 4, 5, 6, 8), group_size=32, sym=False, seed=0):
-    """A tiny model whose decoder linears are packed EvoPressQuantLinear at mixed bit widths (one
-    left dense), as an EvoPress quantization search leaves it."""
-    model = tiny_model(arch, seed=seed)
+def quantized_tiny(arch="llama", bits=(2, 3, 4, 5, 6, 8), group_size=32, sym=False, seed=0, model=None):
+    """A tiny model (or ``model``) whose decoder linears are packed EvoPressQuantLinear at mixed bit
+    widths (one left dense), as an EvoPress quantization search leaves it."""
+    model = tiny_model(arch, seed=seed) if model is None else model
     rng = random.Random(seed)
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     for n in names:
@@ -286,3 +286,112 @@ def test_dense_export_of_depth_sparsity_and_quantization(tmp_path):
     export_dense(model, tmp_path / "dequantized")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dequantized", dtype=torch.float32)
     assert max_diff(logits(plain), logits(model)) < 1e-5
+
+
+# ------------------------------------------------------------------------------------ GGUF
+def _gguf_tensors(path):
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return {t.name: (t.tensor_type.name, gguf.quants.dequantize(t.data, t.tensor_type)) for t in reader.tensors}, reader
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_gguf_export_holds_symmetric_group32_codes_exactly(arch, tmp_path):
+    """Symmetric layers of every width land in Q4_0 / Q5_0 / Q8_0 blocks whose values (read by the
+    gguf package) equal ours exactly, q/k rows in llama.cpp's order; transformers' GGUF loader gives
+    our logits."""
+    pytest.importorskip("gguf")
+    from optimum_evo.exporters.gguf import llama_permute
+
+    if arch == "qwen3":  # transformers' GGUF loader reads no head_dim for qwen3: it must be its default, 128
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        torch.manual_seed(0)
+        base = Qwen3ForCausalLM(Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=128)).eval()
+    else:
+        base = tiny_model(arch)
+    model = quantized_tiny(arch, bits=(2, 3, 4, 5, 6, 8), group_size=32, sym=True, model=base)
+    summary = export(model, tmp_path, "gguf", dense_type="F32")
+    assert summary["fallback"] == [] and summary["near_exact"] == [] and summary["tokenizer"] is False
+    tensors, reader = _gguf_tensors(tmp_path / summary["file"])
+    assert reader.fields["general.architecture"].contents() == {"llama": "llama", "qwen3": "qwen3"}[arch]
+    assert reader.fields[f"{summary['architecture']}.block_count"].contents() == 6
+    expected_type = {2: "Q4_0", 3: "Q4_0", 4: "Q4_0", 5: "Q5_0", 6: "Q8_0", 8: "Q8_0"}
+    checked = set()
+    for i, layer in enumerate(model.model.layers):
+        for hf, name in (("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("mlp.up_proj", "ffn_up")):
+            q = layer.get_submodule(hf)
+            kind, values = tensors[f"blk.{i}.{name}.weight"]
+            assert kind == expected_type[q.bits]
+            ours = q.dequantize_weight(torch.float32)
+            if arch == "llama" and name in ("attn_q", "attn_k"):
+                ours = ours[llama_permute(ours.shape[0], 4 if name == "attn_q" else 2)]
+            assert torch.equal(torch.from_numpy(values.copy()), ours)
+            checked.add(kind)
+    assert checked == {"Q4_0", "Q5_0", "Q8_0"}
+    assert tensors["blk.1.ffn_down.weight"][0] == "F32"  # the linear left dense
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=summary["file"], dtype=torch.float32)
+    assert max_diff(logits(reloaded), logits(model)) < 1e-4
+
+
+def test_gguf_export_asymmetric_minimums_and_fallback(tmp_path):
+    """Asymmetric 2..5-bit layers: Q4_1 / Q5_1 with the minimum in float16 (error bounded by the summary);
+    asymmetric 6/8-bit and group-48 layers have no GGUF block type and fall back to the dense type."""
+    pytest.importorskip("gguf")
+    model = quantized_tiny("llama", bits=(2, 4, 5, 8), group_size=32, sym=False, seed=1)
+    model.model.layers[0].mlp.gate_proj = EvoPressQuantLinear.from_linear(
+        tiny_model("llama").model.layers[0].mlp.gate_proj, bits=4, group_size=16)
+    summary = export(model, tmp_path, "gguf", fallback="F32", dense_type="F32")
+    tensors, _ = _gguf_tensors(tmp_path / summary["file"])
+    assert "model.layers.0.mlp.gate_proj" in summary["fallback"]
+    assert 0 < summary["max_min_error"] < 1e-2
+    for i, layer in enumerate(model.model.layers):
+        q = layer.mlp.up_proj
+        kind, values = tensors[f"blk.{i}.ffn_up.weight"]
+        assert kind == {2: "Q4_1", 4: "Q4_1", 5: "Q5_1", 8: "F32"}[q.bits]
+        err = float((torch.from_numpy(values.copy()) - q.dequantize_weight(torch.float32)).abs().max())
+        assert err == 0 if kind == "F32" else err <= summary["max_min_error"] + 1e-6
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=summary["file"], dtype=torch.float32)
+    assert max_diff(logits(reloaded), logits(model)) < 0.05
+
+
+def test_gguf_export_of_a_depth_result_with_its_tokenizer(tmp_path):
+    """Removed blocks are absent (block_count is what is kept); the byte-level BPE tokenizer round-trips
+    through transformers' GGUF tokenizer; attention-/MLP-only drops and unmapped architectures are
+    refused by name."""
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from optimum_evo.embedded_models import embedded_model_path
+    from optimum_evo.methods.depth import DepthSpace
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    space = DepthSpace(model, 0.25, "block")
+    space.compress(model, space.candidate(blocks=[1]))
+    assert len(model.model.layers) == 3
+    tok = embedded_model_path("smollm2")
+    summary = export(model, tmp_path / "depth", "gguf", tokenizer=tok, dense_type="F32")
+    assert summary["blocks"] == 3 and summary["tokenizer"] is True
+    text = "Hello world! The quick brown fox, 1234\n  <|im_start|>user caf\u00e9"
+    ours = AutoTokenizer.from_pretrained(tok)
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "depth", gguf_file=summary["file"])
+    assert theirs(text).input_ids == ours(text).input_ids
+    ids = torch.tensor([ours(text).input_ids])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "depth", gguf_file=summary["file"], dtype=torch.float32)
+    assert reloaded.config.num_hidden_layers == 3
+    with torch.no_grad():
+        assert max_diff(reloaded(ids).logits, model(ids).logits) < 1e-4
+
+    partial = tiny_model("llama", num_hidden_layers=4)
+    space = DepthSpace(partial, 0.25, "separate")
+    space.compress(partial, space.candidate(attention=[0], mlp=[2]))
+    with pytest.raises(ExportError, match="attention-/MLP-only drops"):
+        export(partial, tmp_path / "partial", "gguf")
+    with pytest.raises(ExportError, match="supports the model types"):
+        export(tiny_model("gemma3"), tmp_path / "gemma", "gguf")
+    with pytest.raises(ValueError, match="dense_type must be one of"):
+        export(tiny_model("llama"), tmp_path / "bad", "gguf", dense_type="Q2_K")

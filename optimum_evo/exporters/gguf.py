@@ -1,0 +1,368 @@
+"""Export an EvoPress model as **GGUF** for llama.cpp (and transformers' ``gguf_file=`` loader), one
+tensor type per tensor, taken from the profile.
+
+A packed linear keeps its own codes where a GGUF type can hold them. GGUF's legacy types are blocks of
+32 input columns with one float16 scale (``Q4_0``, ``Q5_0``, ``Q8_0``: symmetric, ``w = d * (q - 2**(b-1))``)
+or a scale and a minimum (``Q4_1``, ``Q5_1``: ``w = d * q + m``). Any group size that is a multiple of 32
+splits into such blocks with the same scale, so:
+
+| our layer | GGUF type | values |
+|---|---|---|
+| symmetric, 2..4 bits | ``Q4_0`` | exact (the codes shifted to the middle of the 4-bit range) |
+| symmetric, 5 bits | ``Q5_0`` | exact |
+| symmetric, 6..8 bits | ``Q8_0`` | exact |
+| asymmetric, 2..4 / 5 bits | ``Q4_1`` / ``Q5_1`` | ``m = -scale * zero`` rounded to float16 (max error reported) |
+| anything else (asymmetric 6..8 bits, act-order, groups not a multiple of 32) | ``fallback`` | the dequantized weight in ``fallback`` (``F16`` by default; ``Q8_0`` re-quantizes) |
+
+Linears that are not packed (dense or sparse) and the token embedding are written in ``dense_type``
+(``F16`` by default), norms in ``F32``. Removed decoder blocks are simply absent (``block_count`` is the
+number kept); attention-only / MLP-only drops cannot be expressed in llama.cpp's ``llama`` architecture
+and are refused (export them with the ``dense`` format, or search with ``mode="block"``).
+
+GGUF's 2- and 3-bit types are K-quants (256-weight super-blocks with quantized sub-block scales): a
+2- or 3-bit layer lands in ``Q4_0`` / ``Q4_1`` here, exact but at 4.5 / 5 bits per weight. For the
+smallest files, quantize with ``sym=True, group_size=32`` and levels 4, 5, 8 (the exact ``Q4_0`` /
+``Q5_0`` / ``Q8_0`` grids), so what the search scored is what llama.cpp runs.
+
+Architectures: llama (and mistral), qwen2, qwen3 (llama.cpp's names; q/k rows are permuted for
+llama as llama.cpp's converter does). The tokenizer is written for byte-level BPE tokenizers
+(``tokenizer.ggml.model = "gpt2"``, merges and special tokens from ``tokenizer.json``).
+
+Examples:
+    >>> from optimum_evo.exporters import export
+    >>> summary = export(model, "out/gguf", "gguf", tokenizer=tok)          # doctest: +SKIP
+    >>> summary["types"]                                                    # doctest: +SKIP
+    {'Q4_0': 150, 'Q8_0': 60, 'F16': 1, 'F32': 61}
+    >>> from transformers import AutoModelForCausalLM
+    >>> AutoModelForCausalLM.from_pretrained("out/gguf", gguf_file="model.gguf")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..decoder import find_decoder_layout
+from ..version import __version__
+from .base import Exporter, register_exporter
+from .common import ExportError, build_plain_model, model_contents, source_tokenizer
+
+logger = logging.getLogger(__name__)
+
+#: transformers ``model_type`` -> (llama.cpp architecture, q/k rows permuted as llama.cpp's converter does)
+ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
+                 "qwen3": ("qwen3", False)}
+DENSE_TYPES = ("F16", "BF16", "F32", "Q8_0")
+FILE_NAME = "model.gguf"
+
+
+# ============================================================================ block packing
+def _blocks(values: torch.Tensor) -> torch.Tensor:
+    """``[rows, in]`` -> ``[rows, in / 32, 32]``."""
+    rows, cols = values.shape
+    return values.reshape(rows, cols // 32, 32)
+
+
+def _half_bytes(x: torch.Tensor) -> np.ndarray:
+    """float16 values as their little-endian bytes, ``[..., 2]``."""
+    return x.to(torch.float16).contiguous().numpy().view(np.uint8).reshape(*x.shape, 2)
+
+
+def _nibbles(q: torch.Tensor) -> np.ndarray:
+    """ggml's 4-bit layout: byte ``j`` of a block holds element ``j`` (low) and ``j + 16`` (high)."""
+    q = q.to(torch.uint8)
+    return (q[..., :16] | (q[..., 16:] << 4)).numpy()
+
+
+def _high_bits(q: torch.Tensor) -> np.ndarray:
+    """ggml's 5-bit high-bit word: bit ``j`` of a little-endian uint32 is bit 4 of element ``j``."""
+    bits = ((q.to(torch.int64) >> 4) & 1) << torch.arange(32)
+    return bits.sum(-1).to(torch.int64).numpy().astype("<u4").view(np.uint8).reshape(*q.shape[:-1], 4)
+
+
+def pack_blocks(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, qtype: str) -> np.ndarray:
+    """Pack per-block ``codes`` (``[rows, in]``, already in the type's unsigned range), block scales
+    ``d`` and block minimums ``m`` (``[rows, in / 32]``) into GGUF bytes ``[rows, bytes per row]``."""
+    q = _blocks(codes)
+    parts = [_half_bytes(d)[..., :]]
+    if qtype in ("Q4_1", "Q5_1"):
+        parts.append(_half_bytes(m))
+    if qtype in ("Q5_0", "Q5_1"):
+        parts.append(_high_bits(q))
+    if qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        parts.append(_nibbles(q & 0x0F))
+    elif qtype == "Q8_0":
+        parts.append((q.to(torch.int16) - 128).to(torch.int8).numpy().view(np.uint8))
+    else:
+        raise ValueError(f"pack_blocks does not write {qtype}.")
+    out = np.concatenate([p.reshape(*q.shape[:2], -1) for p in parts], axis=-1)
+    return np.ascontiguousarray(out.reshape(q.shape[0], -1))
+
+
+def _exact_type(data, in_features: int) -> tuple | None:
+    """``(type, codes, d, m)`` holding the quantized layer ``data`` in GGUF blocks, or ``None``."""
+    gs = data.group_size if data.group_size and data.group_size > 0 else in_features
+    trivial = torch.equal(data.g_idx.long(), torch.arange(in_features) // gs)
+    if in_features % 32 or gs % 32 or not trivial:
+        return None
+    per_block = gs // 32
+    scales = data.scales.float().repeat_interleave(per_block, dim=1)  # [rows, in / 32]
+    zeros = data.zeros.float().round().repeat_interleave(per_block, dim=1)
+    codes = data.codes.to(torch.int64)
+    sym = bool((data.zeros == (1 << (data.bits - 1))).all())
+    if sym:
+        qtype, width = ("Q4_0", 4) if data.bits <= 4 else ("Q5_0", 5) if data.bits == 5 else ("Q8_0", 8)
+        shift = (1 << (width - 1)) - (1 << (data.bits - 1))
+        return qtype, codes + shift, scales, None
+    if data.bits > 5:
+        return None
+    qtype = "Q4_1" if data.bits <= 4 else "Q5_1"
+    return qtype, codes, scales, -scales * zeros
+
+
+def _torch_dtype_array(t: torch.Tensor, qtype: str) -> tuple:
+    """A dense tensor as ``(array, raw type or None)`` in ``qtype`` (F32 / F16 / BF16 / Q8_0)."""
+    import gguf
+
+    t = t.detach().float().cpu()
+    if qtype == "F32":
+        return t.numpy(), None
+    if qtype == "F16":
+        return t.to(torch.float16).numpy(), None
+    if qtype == "BF16":
+        return gguf.quants.quantize(t.numpy(), gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
+    if qtype == "Q8_0":
+        if t.dim() != 2 or t.shape[-1] % 32:
+            return t.to(torch.float16).numpy(), None
+        return gguf.quants.quantize(t.numpy(), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    raise ValueError(qtype)
+
+
+# ============================================================================ llama.cpp conventions
+def llama_permute(rows: int, heads: int) -> torch.Tensor:
+    """Row order llama.cpp's converter gives ``q_proj`` / ``k_proj`` of llama models (rotary halves
+    interleaved): output row ``r`` of the GGUF tensor is row ``perm[r]`` of ours."""
+    idx = torch.arange(rows)
+    return idx.reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
+
+
+def _metadata(writer, config, arch: str, blocks: int) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(int(blocks))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_head_count(int(config.num_attention_heads))
+    writer.add_head_count_kv(int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)) if isinstance(rope, dict) else 10000.0
+    writer.add_rope_freq_base(float(theta))
+    writer.add_rope_dimension_count(int(head_dim))
+    if head_dim != config.hidden_size // config.num_attention_heads or arch == "qwen3":
+        writer.add_key_length(int(head_dim))
+        writer.add_value_length(int(head_dim))
+    writer.add_vocab_size(int(config.vocab_size))
+
+
+def _tokenizer(writer, tokenizer, vocab_size: int) -> bool:
+    """Byte-level BPE vocabulary, merges and special tokens (llama.cpp's ``gpt2`` tokenizer model).
+    Returns whether a tokenizer was written."""
+    import gguf
+
+    from ..loading import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        logger.warning("The tokenizer is not a byte-level BPE tokenizer: the GGUF holds no tokenizer (llama.cpp "
+                       "needs one; transformers can load the tokenizer from the original folder).")
+        return False
+    vocab = tok.get_vocab()
+    reverse = {i: t for t, i in vocab.items()}
+    added = tok.get_added_vocab()
+    special = {t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = reverse.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif token in added:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if token in special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    merges = model.get("merges", [])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    for role in ("bos", "eos", "unk", "pad"):
+        token = getattr(tok, f"{role}_token", None)
+        if token is not None and token in vocab:
+            getattr(writer, f"add_{role}_token_id")(int(vocab[token]))
+    writer.add_add_bos_token(bool(getattr(tok, "add_bos_token", False)))
+    template = getattr(tok, "chat_template", None)
+    if isinstance(template, str):
+        writer.add_chat_template(template)
+    return True
+
+
+# ============================================================================ export
+@torch.no_grad()
+def export_gguf(model, save_dir, tokenizer=None, dense_type: str = "F16", fallback: str = "F16",
+                file_name: str = FILE_NAME) -> dict:
+    """Write ``model`` (any EvoPress result: quantization, sparsity, whole-block depth) as one GGUF file.
+
+    Args:
+        model: an EvoPress model (packed linears keep their codes where a GGUF type holds them).
+        save_dir: output folder; the file is ``save_dir / file_name``.
+        tokenizer: tokenizer object or path (default: the model's own folder, if any).
+        dense_type: type of the linears that are not packed and of the token embedding / untied head
+            (``F16``, ``BF16``, ``F32`` or ``Q8_0``).
+        fallback: type of packed linears no GGUF type holds exactly (see the module docstring).
+
+    Returns:
+        A summary dict (``format``, ``path``, ``file``, ``architecture``, ``types`` (count per GGUF
+        type), ``exact`` / ``near_exact`` / ``fallback`` module lists, ``max_min_error`` (the largest
+        weight change from storing ``Q4_1`` / ``Q5_1`` minimums in float16), ``bytes``).
+
+    Raises:
+        ExportError: an architecture llama.cpp's converters do not cover here, attention-/MLP-only
+            drops, or a bad type name.
+    """
+    import gguf
+
+    for name, value in (("dense_type", dense_type), ("fallback", fallback)):
+        if value not in DENSE_TYPES:
+            raise ValueError(f"{name} must be one of {DENSE_TYPES}, got {value!r}.")
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ExportError(f"GGUF export supports the model types {sorted(ARCHITECTURES)}; {model_type!r} has no "
+                          "tensor mapping here. Export with 'dense' and convert with llama.cpp's convert_hf_to_gguf.py.")
+    arch, permute = ARCHITECTURES[model_type]
+    contents = model_contents(model)
+    if contents.dropped:
+        raise ExportError(
+            f"{len(contents.dropped)} attention-/MLP-only drops ({', '.join(sorted(contents.dropped)[:3])}) cannot be "
+            f"written for llama.cpp's {arch!r} architecture (every block has both). Search with mode='block' (whole "
+            "blocks only), or export with 'dense' (zeroed sub-blocks, exact outputs).")
+    plain = build_plain_model(model, dtype=torch.float32, partial_drops="error", contents=contents,
+                              keep_quantized=True)
+    layout = find_decoder_layout(plain)
+    blocks = len(layout)
+    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    names = gguf.get_tensor_name_map(arch_enum, blocks)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    path = save_dir / file_name
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(Path(str(getattr(model, "name_or_path", "") or "model")).name)
+    writer.add_quantized_by(f"optimum-evo {__version__}")
+    _metadata(writer, config, arch, blocks)
+    tok = tokenizer if tokenizer is not None else source_tokenizer(model)
+    has_tokenizer = bool(tok is not None and _tokenizer(writer, tok, int(config.vocab_size)))
+
+    types, exact, near, fell, max_min_error = Counter(), [], [], [], 0.0
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+
+    def rows_order(hf_name: str, rows: int):
+        if not permute:
+            return None
+        if hf_name.endswith("q_proj"):
+            return llama_permute(rows, heads)
+        if hf_name.endswith("k_proj"):
+            return llama_permute(rows, kv_heads)
+        return None
+
+    def target(hf_key: str) -> str:
+        new = names.get_name(hf_key, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise ExportError(f"No GGUF name for {hf_key!r} in llama.cpp's {arch!r} tensor map.")
+        return new
+
+    state = plain.state_dict()
+    for key, value in state.items():
+        module = key.rsplit(".", 1)[0]
+        if module in contents.quantized or (tied and key == "lm_head.weight"):
+            continue
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        order = rows_order(module, value.shape[0]) if value.dim() >= 1 and key.endswith(".weight") else None
+        tensor = value[order] if order is not None else value
+        qtype = "F32" if tensor.dim() == 1 else dense_type
+        array, raw = _torch_dtype_array(tensor, qtype)
+        writer.add_tensor(target(key), array, raw_dtype=raw)
+        types[qtype] += 1
+    for module, layer in sorted(contents.quantized.items()):
+        data = layer.quantized_data()
+        order = rows_order(module, layer.out_features)
+        held = _exact_type(data, layer.in_features)
+        if held is None:
+            weight = layer.dequantize_weight(torch.float32)
+            array, raw = _torch_dtype_array(weight[order] if order is not None else weight, fallback)
+            qtype = fallback
+            fell.append(module)
+        else:
+            qtype, codes, d, m = held
+            if order is not None:
+                codes, d = codes[order], d[order]
+                m = m[order] if m is not None else None
+            if m is not None:
+                stored = m.to(torch.float16).float()
+                max_min_error = max(max_min_error, float((stored - m).abs().max()))
+                near.append(module)
+            else:
+                exact.append(module)
+            array, raw = pack_blocks(codes, d, m, qtype), getattr(gguf.GGMLQuantizationType, qtype)
+        writer.add_tensor(target(f"{module}.weight"), array, raw_dtype=raw)
+        types[qtype] += 1
+        if layer.bias is not None:
+            bias = layer.bias.detach()
+            writer.add_tensor(target(f"{module}.bias"), (bias[order] if order is not None else bias).float().numpy())
+            types["F32"] += 1
+    main = Counter({k: v for k, v in types.items() if k not in ("F32",)}).most_common(1)
+    file_type = {"F16": gguf.LlamaFileType.MOSTLY_F16, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                 "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+                 "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "BF16": gguf.LlamaFileType.MOSTLY_BF16}.get(main[0][0] if main else "F16", gguf.LlamaFileType.GUESSED)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    if fell:
+        logger.warning("%d packed linears have no exact GGUF type (asymmetric 6-8 bits, act-order or groups not a "
+                       "multiple of 32) and were written as %s.", len(fell), fallback)
+    return {"format": "gguf", "path": str(save_dir), "file": file_name, "architecture": arch,
+            "blocks": blocks, "types": dict(sorted(types.items())), "exact": exact, "near_exact": near,
+            "fallback": fell, "max_min_error": max_min_error, "tokenizer": has_tokenizer,
+            "bytes": path.stat().st_size}
+
+
+class GGUFExporter(Exporter):
+    name = "gguf"
+    description = "GGUF for llama.cpp, one type per tensor (Q4_0/Q5_0/Q8_0 exact for symmetric group-32 grids)"
+    loads_with = "llama.cpp, transformers (from_pretrained(dir, gguf_file='model.gguf'))"
+
+    def export(self, model, save_dir, tokenizer=None, **kwargs) -> dict:
+        return export_gguf(model, save_dir, tokenizer=tokenizer, **kwargs)
+
+
+register_exporter(GGUFExporter)
