@@ -395,3 +395,38 @@ def test_gguf_export_of_a_depth_result_with_its_tokenizer(tmp_path):
         export(tiny_model("gemma3"), tmp_path / "gemma", "gguf")
     with pytest.raises(ValueError, match="dense_type must be one of"):
         export(tiny_model("llama"), tmp_path / "bad", "gguf", dense_type="Q2_K")
+
+
+def test_gguf_export_runs_in_llama_cpp(tmp_path):
+    """llama.cpp itself (llama-cpp-python) loads the mixed Q4_0 / Q5_0 / Q8_0 file and its tokenizer and
+    predicts what our model predicts (llama.cpp multiplies Q4_0 / Q5_0 / Q8_0 weights with activations
+    rounded to 8 bits, so the logits agree closely, not bit for bit)."""
+    pytest.importorskip("gguf")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from optimum_evo.embedded_models import embedded_model_path
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    with torch.no_grad():
+        for p in base.model.layers.parameters():
+            p.mul_(4.0)
+    model = quantized_tiny(bits=(4, 5, 8), group_size=32, sym=True, model=base)
+    tok = embedded_model_path("smollm2")
+    summary = export(model, tmp_path, "gguf", tokenizer=tok, dense_type="F32")
+    assert {"Q4_0", "Q5_0", "Q8_0"} <= set(summary["types"])
+    text = "The quick brown fox jumps over the lazy dog. It was the best of times, it was the worst of times."
+    ids = AutoTokenizer.from_pretrained(tok)(text).input_ids
+    llm = llama_cpp.Llama(model_path=str(tmp_path / summary["file"]), n_ctx=64, logits_all=True, n_threads=1,
+                          verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    llm.eval(ids)
+    theirs = torch.log_softmax(torch.from_numpy(np.asarray(llm.scores[: len(ids)], dtype=np.float32)), -1)
+    with torch.no_grad():
+        ours = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    kl = float((ours.exp() * (ours - theirs)).sum(-1).mean())
+    assert kl < 2e-3
+    assert float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()) >= 0.9

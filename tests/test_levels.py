@@ -1,7 +1,6 @@
 """Quantization level builders (GPTQ, sequential GPTQ, QuantEase, SignRound), group size as a level
 dimension (levels "BITSgGROUP", stored-bits budgets) and the profiles of mixed group sizes (tiny models)."""
 
-import math
 import random
 
 import pytest
@@ -14,7 +13,7 @@ from optimum_evo.compressors.calibrate import walk_blocks
 from optimum_evo.compressors.codecs import quant_level, quant_level_name, stored_bits
 from optimum_evo.compressors.database import LevelDatabase
 from optimum_evo.compressors.grid import dequantize_codes, find_params, quantize_codes
-from optimum_evo.compressors.obs import QuantizedWeight, gptq, quantease
+from optimum_evo.compressors.obs import gptq, quantease
 from optimum_evo.compressors.signround import signround_block
 from optimum_evo.methods import get_method
 from optimum_evo.methods.layerwise import dp_candidate

@@ -1,0 +1,169 @@
+"""GGUF exports run by llama.cpp: perplexity of the same WikiText-2 windows in llama.cpp and in our
+evaluation, for a mixed-bit and a depth-pruned SmolLM2-135M.
+
+Models (made directly, without a search, so the script takes minutes):
+
+* ``mixed``: every decoder linear packed on a GGUF grid (symmetric, group 32) at 4, 5 or 8 bits,
+  drawn per fused group (q/k/v and gate/up share one width), so the file holds ``Q4_0``, ``Q5_0``
+  and ``Q8_0`` tensors whose values are exactly ours;
+* ``depth``: the dense model with 3 whole blocks removed (the ones ShortGPT's angular distance
+  rates least important on the calibration text), written in ``F16``.
+
+Each is exported with ``export(model, dir, "gguf", dense_type="F32")``, loaded by llama-cpp-python
+(``Llama(model_path, n_ctx=512, logits_all=True)``), and every window is evaluated token by token
+from its first token (no BOS added, as in our evaluation). Results: ``OUTPUT/gguf.jsonl`` and a table
+in ``--doc`` between markers.
+
+Usage::
+
+    pip install llama-cpp-python          # builds llama.cpp (several minutes on 2 cores)
+    python benchmarks/gguf_llamacpp.py --windows 10 --threads 2 --doc docs/benchmarks/gguf.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def llamacpp_perplexity(path: Path, windows: torch.Tensor, threads: int) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=windows.shape[1], logits_all=True, n_threads=threads,
+                n_batch=windows.shape[1], verbose=False)
+    nll, count = 0.0, 0
+    for ids in windows.tolist():
+        llm.reset()
+        llm.eval(ids)
+        logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= float(logp[np.arange(len(ids) - 1), ids[1:]].sum())
+        count += len(ids) - 1
+    return {"perplexity": math.exp(nll / count), "tokens": count}
+
+
+def mixed_model(model, seed: int = 0):
+    from optimum_evo.compressors.packed_linear import EvoPressQuantLinear
+    from optimum_evo.decoder import find_decoder_layout, shared_input_groups
+
+    layout = find_decoder_layout(model)
+    names = [f"{layout.path}.{i}.{n}" for i, layer in enumerate(layout.layers)
+             for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+    rng = random.Random(seed)
+    bits = {}
+    for group in shared_input_groups(model, names):  # index lists into names
+        b = rng.choice((4, 5, 8))
+        for i in group:
+            bits[names[i]] = b
+    for n in names:
+        parent, _, child = n.rpartition(".")
+        layer = EvoPressQuantLinear.from_linear(model.get_submodule(n), bits=bits[n], group_size=32, sym=True)
+        setattr(model.get_submodule(parent), child, layer)
+    return model
+
+
+def depth_model(model, calib: torch.Tensor, drop: int = 3):
+    from optimum_evo.compressors.calibrate import walk_blocks
+    from optimum_evo.methods.depth import DepthSpace
+
+    scores = []
+    with torch.no_grad():
+        for block in walk_blocks(model, calib, progress=False):
+            out = block.dense_outputs()
+            cos = [torch.nn.functional.cosine_similarity(x[0], y[0], dim=-1).clamp(-1, 1).mean()
+                   for x, y in zip(block.inputs, out)]
+            scores.append(float(torch.stack(cos).mean()))
+    least = sorted(range(len(scores)), key=lambda i: -scores[i])[:drop]  # most similar in and out
+    space = DepthSpace(model, drop / len(scores), "block")
+    space.compress(model, space.candidate(blocks=least))
+    return model, sorted(least)
+
+
+MARK_START, MARK_END = "<!-- gguf:start -->", "<!-- gguf:end -->"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--windows", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--output", default="outputs/bench-gguf")
+    p.add_argument("--doc", default=None)
+    p.add_argument("--rows", default="dense,mixed,depth", help="models, comma-separated (dense, mixed, depth)")
+    ns = p.parse_args(argv)
+    torch.set_num_threads(ns.threads)
+    from optimum_evo.data import calibration_windows, evaluation_windows
+    from optimum_evo.embedded_models import resolve_model
+    from optimum_evo.exporters import export
+    from optimum_evo.fitness import evaluate
+    from optimum_evo.loading import load_model, load_tokenizer
+
+    path = resolve_model(ns.model)
+    tok = load_tokenizer(path)
+    windows = evaluation_windows("wikitext2", tok, 512, ns.windows)
+    out = Path(ns.output)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    for name in ns.rows.split(","):
+        model = load_model(path, torch.float32)
+        note = ""
+        if name == "mixed":
+            model = mixed_model(model)
+        elif name == "depth":
+            model, removed = depth_model(model, calibration_windows("brown", tok, 16, 512, 0))
+            note = f"blocks {removed} removed"
+        start = time.perf_counter()
+        summary = export(model, out / name, "gguf", tokenizer=path, dense_type="F32" if name != "depth" else "F16")
+        ours = evaluate(model, windows, progress=False)["perplexity"]
+        theirs = llamacpp_perplexity(out / name / summary["file"], windows, ns.threads)["perplexity"]
+        row = {"model": name, "note": note, "types": summary["types"], "gguf_mb": summary["bytes"] / 1e6,
+               "ours": ours, "llama_cpp": theirs, "ratio": theirs / ours, "seconds": time.perf_counter() - start, "command": command,
+               "date": datetime.date.today().isoformat()}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(out / "gguf.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    if ns.doc:
+        import llama_cpp
+
+        latest = {}  # the newest row of every model in OUTPUT/gguf.jsonl (a run may redo some rows)
+        for line in (out / "gguf.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            latest[r["model"]] = r
+        rows = list(latest.values())
+
+        commands = sorted({r.get("command", command) for r in rows})
+        lines = [MARK_START, "", "- Command" + ("s" if len(commands) > 1 else "") + ": "
+                 + "; ".join(f"`{c}`" for c in commands),
+                 f"- Machine: {os.cpu_count()} cores, torch {torch.__version__}, llama-cpp-python "
+                 f"{llama_cpp.__version__}; date {datetime.date.today().isoformat()}.",
+                 f"- WikiText-2 test, first {ns.windows} x 512-token windows, no BOS.", "",
+                 "| model | GGUF tensor types | file (MB) | ppl, ours | ppl, llama.cpp | llama.cpp / ours |",
+                 "|---|---|---|---|---|---|"]
+        for r in rows:
+            types = ", ".join(f"{k} {v}" for k, v in r["types"].items())
+            label = r["model"] + (f" ({r['note']})" if r["note"] else "")
+            lines.append(f"| {label} | {types} | {r['gguf_mb']:.1f} | {r['ours']:.3f} | {r['llama_cpp']:.3f} | "
+                         f"{r['ratio']:.4f} |")
+        lines += ["", MARK_END]
+        doc = Path(ns.doc)
+        text = doc.read_text() if doc.exists() else f"# GGUF in llama.cpp\n\n{MARK_START}\n{MARK_END}\n"
+        head, rest = text.split(MARK_START, 1)
+        doc.write_text(head + "\n".join(lines) + rest.split(MARK_END, 1)[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
