@@ -431,12 +431,8 @@ def export_card(record: dict, export_format: str, repo_id: str | None = None, ta
              "It loads **without** optimum-evo.", ""]
     if picture:
         lines += [f"![Per-layer profile found by EvoPress]({picture})", ""]
-    lines += ["## How to load", "", f"Loads with {exporter.loads_with or 'the runtimes of this format'}:", "",
-              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f'model = AutoModelForCausalLM.from_pretrained("{name}")',
-              f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", "",
-              "Evaluate it with lm-eval as any transformers model:", "", "```bash",
-              f"lm_eval --model hf --model_args pretrained={name} --tasks hellaswag", "```", ""]
+    lines += ["## How to load", "", f"Loads with {exporter.loads_with or 'the runtimes of this format'}:", ""]
+    lines += exporter.usage(name)
     lines += _compression_lines(record, method, base)
     lines += [""] + _metrics_lines(metrics)
     lines += ["", "The metrics are those of the EvoPress model this export was made from.", ""]

@@ -130,6 +130,9 @@ def test_export_card_says_it_loads_without_the_plugin():
     assert meta["base_model_relation"] == "quantized"
     assert "loads **without** optimum-evo" in text and "gptqmodel" in text
     assert "lm_eval --model hf --model_args pretrained=me/tiny-gptq" in text and "ICML 2025" in text
+    gguf = export_card(record("quantization"), "gguf", "me/tiny-gguf")
+    assert 'from_pretrained("me/tiny-gguf", gguf_file="model.gguf")' in gguf and "llama-cli -m model.gguf" in gguf
+    assert "gguf" in metadata(gguf)["tags"]
 
 
 def test_public_record_has_no_local_path(tmp_path):

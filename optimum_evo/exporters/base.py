@@ -35,6 +35,15 @@ class Exporter(ABC):
                     f"{method.name} results with --export dense.")
         return None
 
+    def usage(self, name: str) -> list:
+        """Markdown lines of the model card's "How to load" for an export at ``name`` (a Hub repo
+        or a folder): transformers' ``from_pretrained`` and lm-eval by default."""
+        return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", "",
+                "Evaluate it with lm-eval as any transformers model:", "", "```bash",
+                f"lm_eval --model hf --model_args pretrained={name} --tasks hellaswag", "```", ""]
+
     @abstractmethod
     def export(self, model, save_dir, tokenizer=None, **kwargs) -> dict:
         """Write ``model`` to ``save_dir``; return a summary dict (``format``, ``path``, ...)."""

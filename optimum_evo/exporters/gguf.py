@@ -361,6 +361,12 @@ class GGUFExporter(Exporter):
     description = "GGUF for llama.cpp, one type per tensor (Q4_0/Q5_0/Q8_0 exact for symmetric group-32 grids)"
     loads_with = "llama.cpp, transformers (from_pretrained(dir, gguf_file='model.gguf'))"
 
+    def usage(self, name: str) -> list:
+        return ["```bash", f"llama-cli -m {FILE_NAME} -p \"The capital of France is\"   # after downloading {name}",
+                "```", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                f'model = AutoModelForCausalLM.from_pretrained("{name}", gguf_file="{FILE_NAME}")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{name}", gguf_file="{FILE_NAME}")', "```", ""]
+
     def export(self, model, save_dir, tokenizer=None, **kwargs) -> dict:
         return export_gguf(model, save_dir, tokenizer=tokenizer, **kwargs)
 
