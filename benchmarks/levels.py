@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
     (args,) = HfArgumentParser(SearchArguments).parse_args_into_dataclasses(
         ["--model", ns.model, "--compression", "quantization", "--target", ns.levels.split(",")[0],
-         "--levels", ns.levels, "--builder", ns.builder, "--eval-windows", str(ns.eval_windows), "--quiet",
+         "--levels", *ns.levels.split(","), "--builder", ns.builder, "--eval-windows", str(ns.eval_windows), "--no_progress",
          "--search-dtype", "float32", *rest])
     ctx = RunContext(args=args, method=get_method("quantization"), path=args.model)
     start = time.perf_counter()
