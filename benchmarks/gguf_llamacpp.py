@@ -9,6 +9,12 @@ Models (made directly, without a search, so the script takes minutes):
 * ``depth``: the dense model with 3 whole blocks removed (the ones ShortGPT's angular distance
   rates least important on the calibration text), written in ``F16``.
 
+Rows named after a llama.cpp file type (``Q2_K``, ``Q3_K_M``, ``Q4_K_M``, ...) are llama.cpp's own
+quantization of the dense export (``llama_model_quantize``, no importance matrix, as
+``llama-quantize model.gguf out.gguf Q4_K_M`` makes it): the reference a llama.cpp user compares a
+mixed export with at the same file size. "Ours" is then our evaluation of the same file loaded by
+transformers (``gguf_file=``, which dequantizes every type).
+
 Each is exported with ``export(model, dir, "gguf", dense_type="F32")``, loaded by llama-cpp-python
 (``Llama(model_path, n_ctx=512, logits_all=True)``), and every window is evaluated token by token
 from its first token (no BOS added, as in our evaluation). Results: ``OUTPUT/gguf.jsonl`` and a table
@@ -51,6 +57,30 @@ def llamacpp_perplexity(path: Path, windows: torch.Tensor, threads: int) -> dict
         nll -= float(logp[np.arange(len(ids) - 1), ids[1:]].sum())
         count += len(ids) - 1
     return {"perplexity": math.exp(nll / count), "tokens": count}
+
+
+def llamacpp_quantize(source: Path, target: Path, ftype: str, threads: int) -> None:
+    """llama.cpp's own quantization of ``source`` into file type ``ftype`` (e.g. ``Q4_K_M``)."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = threads
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize({source} -> {ftype}) failed.")
+
+
+def gguf_types(path: Path) -> dict:
+    """Number of tensors of every GGUF type in a file."""
+    import gguf
+
+    counts: dict = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def mixed_model(model, seed: int = 0):
@@ -100,7 +130,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default="outputs/bench-gguf")
     p.add_argument("--doc", default=None)
-    p.add_argument("--rows", default="dense,mixed,depth", help="models, comma-separated (dense, mixed, depth)")
+    p.add_argument("--rows", default="dense,mixed,depth",
+                   help="models, comma-separated: dense, mixed, depth, or a llama.cpp file type such as Q4_K_M")
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
     from optimum_evo.data import calibration_windows, evaluation_windows
@@ -116,7 +147,29 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    for name in ns.rows.split(","):
+    for name in [n for n in ns.rows.split(",") if n]:  # --rows "": only the table, from OUTPUT/gguf.jsonl
+        if name.upper().startswith("Q") and "_K" in name.upper():  # llama.cpp's own quantization of the dense file
+            from transformers import AutoModelForCausalLM
+
+            ftype = name.upper()
+            start = time.perf_counter()
+            dense_file = out / "dense" / "model.gguf"
+            if not dense_file.exists():
+                export(load_model(path, torch.float32), out / "dense", "gguf", tokenizer=path, dense_type="F32")
+            target = out / ftype / "model.gguf"
+            llamacpp_quantize(dense_file, target, ftype, ns.threads)
+            model = AutoModelForCausalLM.from_pretrained(target.parent, gguf_file=target.name, dtype=torch.float32).eval()
+            ours = evaluate(model, windows, progress=False)["perplexity"]
+            theirs = llamacpp_perplexity(target, windows, ns.threads)["perplexity"]
+            row = {"model": f"llama.cpp {ftype}", "note": "llama_model_quantize of the dense file, no imatrix",
+                   "types": gguf_types(target), "gguf_mb": target.stat().st_size / 1e6, "ours": ours,
+                   "llama_cpp": theirs, "ratio": theirs / ours, "seconds": time.perf_counter() - start,
+                   "command": command, "date": datetime.date.today().isoformat()}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            with open(out / "gguf.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            continue
         model = load_model(path, torch.float32)
         note = ""
         if name == "mixed":
@@ -148,7 +201,7 @@ def main(argv=None) -> int:
         lines = [MARK_START, "", "- Command" + ("s" if len(commands) > 1 else "") + ": "
                  + "; ".join(f"`{c}`" for c in commands),
                  f"- Machine: {os.cpu_count()} cores, torch {torch.__version__}, llama-cpp-python "
-                 f"{llama_cpp.__version__}; date {datetime.date.today().isoformat()}.",
+                 f"{llama_cpp.__version__}; dates {', '.join(sorted({r.get('date') or '-' for r in rows}))}.",
                  f"- WikiText-2 test, first {ns.windows} x 512-token windows, no BOS.", "",
                  "| model | GGUF tensor types | file (MB) | ppl, ours | ppl, llama.cpp | llama.cpp / ours |",
                  "|---|---|---|---|---|---|"]

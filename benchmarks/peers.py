@@ -23,7 +23,13 @@ Usage::
 
 ``--full-eval`` adds the perplexity on the whole WikiText-2 test set (every row; about an hour per
 row for SmolLM2-135M on one core). ``--rows`` restricts the rows (comma-separated kinds: rtn,
-autoround, autoround-rtn, autoscheme, gptqmodel, uniform, evopress, lim, zd).
+autoround, autoround-rtn, autoscheme, gptqmodel, uniform, evopress, retune, lim, zd).
+
+``--builder-stream`` chooses the calibration stream our levels are tuned on (``level``: one per
+level; a bit width such as ``3``: one stream shared by every level; `optimum_evo.compressors.builders`);
+row keys name it. ``retune`` re-makes the EvoPress row's chosen levels in one sequential pass on the
+chosen model's own activations (`optimum_evo.compressors.retune`; ``--retune-source`` names
+another EvoPress row to start from).
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 AUTOROUND_DIR = REPO / ".venv" / "peers-autoround"
 GPTQMODEL_DIR = REPO / ".venv" / "gptqmodel-cpu"
 AUTOROUND_PINS = ("auto-round==0.16.1", "py-cpuinfo==9.0.0")
-ROW_KINDS = ("rtn", "autoround-rtn", "autoround", "autoscheme", "gptqmodel", "uniform", "lim", "zd", "evopress")
+ROW_KINDS = ("rtn", "autoround-rtn", "autoround", "autoscheme", "gptqmodel", "uniform", "lim", "zd", "evopress",
+             "retune")
 
 
 def setup() -> None:
@@ -320,12 +327,24 @@ class Bench:
             hi, 128, tuple(m.weight.shape)) for m in self.linears.values()) / numel
 
     # ------------------------------------------------------------------ our rows
+    @property
+    def levels_tag(self) -> str:
+        """Names our rows by what made their levels (builder, and the stream when it is not per level)."""
+        stream = self.ns.builder_stream
+        return self.ns.builder + ("" if stream in (None, "level") else f"-stream{stream}")
+
+    def levels_label(self) -> str:
+        stream = self.ns.builder_stream
+        return self.ns.builder + ("" if stream in (None, "level") else f", shared {stream}-bit stream"
+                                  if str(stream).isdigit() else f", {stream} stream")
+
     def search_args(self, target: float, **kw):
         from optimum_evo.settings import SearchArguments
 
         ns = self.ns
         return SearchArguments(model=ns.model, compression="quantization", target=float(target), levels=ns.levels,
-                               builder=ns.builder, builder_iters=ns.builder_iters, group_sizes=kw.pop("group_sizes", None),
+                               builder=ns.builder, builder_iters=ns.builder_iters,
+                               builder_stream=ns.builder_stream, group_sizes=kw.pop("group_sizes", None),
                                num_samples=ns.num_samples, seq_len=ns.seq_len, preset=ns.preset,
                                generations=ns.generations, eval_windows=0, progress=False, save_model=False,
                                search_dtype="float32", **kw)
@@ -356,19 +375,19 @@ class Bench:
     def uniform(self, target: float) -> None:
         from optimum_evo.methods.quantization import QuantizationSpace
 
-        key = f"uniform-{target}-{self.ns.builder}"
+        key = f"uniform-{target}-{self.levels_tag}"
         if self.done(key):
             return
         db, _ = self.database(self.search_args(target))
         space = QuantizationSpace(self.model, db, target, cache=False)
         self.evaluate_levels(key, db, space.profile(space.uniform()),
-                             {"method": f"optimum-evo uniform ({self.ns.builder} levels)", "config": f"{target} bits g128"})
+                             {"method": f"optimum-evo uniform ({self.levels_label()} levels)", "config": f"{target} bits g128"})
 
     def heuristic(self, target: float, kind: str) -> None:
         """LIM / ZD: whole decoder layers at the higher of two bit widths, most important first."""
         from optimum_evo.decoder import find_decoder_layout
 
-        key = f"{kind}-{target}-{self.ns.builder}"
+        key = f"{kind}-{target}-{self.levels_tag}"
         if self.done(key):
             return
         lo, hi = (math.floor(target), math.ceil(target)) if target % 1 else (int(target) - 1, int(target) + 1)
@@ -381,7 +400,7 @@ class Bench:
         levels = {name: (hi if int(name[len(layout.path) + 1:].split(".")[0]) in important else lo) for name in db.modules}
         label = {"lim": "LIM (1 - cos of a layer's input and output)", "zd": "ZD (share of weights with z > 1)"}[kind]
         self.evaluate_levels(key, db, levels, {"method": f"layer-wise {label}", "config":
-                             f"{k} layers W{hi}, {n - k} W{lo}, g128 ({self.ns.builder} levels)", "target": target,
+                             f"{k} layers W{hi}, {n - k} W{lo}, g128 ({self.levels_label()} levels)", "target": target,
                              "important_layers": sorted(important)})
 
     @torch.no_grad()
@@ -409,7 +428,7 @@ class Bench:
         from optimum_evo.pipeline import run_search
 
         tag = "" if not group_sizes else "-g" + "-".join(str(g) for g in group_sizes)
-        key = f"evopress-{target}-{self.ns.builder}{tag}"
+        key = f"evopress-{target}-{self.levels_tag}{tag}"
         if self.done(key):
             return
         args = self.search_args(target, group_sizes=group_sizes, output_dir=str(self.root / "work" / key))
@@ -419,10 +438,40 @@ class Bench:
         self.evaluate_levels(key, db, report["levels"], {
             "method": "optimum-evo EvoPress" + (" + group sizes" if group_sizes else ""),
             "config": f"target {target}, levels W{'/W'.join(str(b) for b in self.ns.levels)} g"
-                      f"{'/'.join(str(g) for g in (args.group_sizes or [128]))}, preset {self.ns.preset}"
+                      f"{'/'.join(str(g) for g in (args.group_sizes or [128]))} ({self.levels_label()}), preset {self.ns.preset}"
                       + (f", {self.ns.generations} generations" if self.ns.generations else ""),
             "target": target, "search_seconds": time.perf_counter() - start,
             "search_generations": report["search"]["generations"]})
+
+
+    def retune(self, target: float, source: str | None = None) -> None:
+        """The EvoPress row's profile, its levels made again on its own stream (`retune`)."""
+        from optimum_evo.compressors.retune import retune
+
+        source = source or f"evopress-{target}-{self.levels_tag}"
+        key = f"{source}-retuned"
+        result = self.root / "work" / source / "result.json"
+        if self.done(key):
+            return
+        if not result.exists():
+            raise RuntimeError(f"{key}: run the evopress row first ({result} is missing).")
+        report = json.loads(result.read_text())
+        manifest = Path(report["database"]["path"]) / "manifest.json"
+        settings = json.loads(manifest.read_text())["settings"]  # the builder that made the searched levels
+        start = time.perf_counter()
+        tuned = retune(self.model, self.calib, report["levels"], settings, progress=False)
+        pairs = {n: (q.bits, q.group_size) for n, q in tuned.items()}
+        from optimum_evo.compressors.codecs import get_codec
+
+        codec = get_codec("quantization")
+        weights = {n: codec.decode(codec.encode(q), tuple(q.codes.shape), f"{q.bits}g{q.group_size}", settings)
+                   for n, q in tuned.items()}  # as a checkpoint stores them (float16 scales)
+        row = json.loads(self.row_file(source).read_text()) if self.row_file(source).exists() else {}
+        self.evaluate(key, weights, pairs, {
+            "method": "optimum-evo EvoPress, levels re-tuned on the chosen model",
+            "config": (row.get("config", source) + f"; then one {settings.get('builder')} pass on its own stream"),
+            "target": target, "retune_seconds": time.perf_counter() - start,
+            "search_seconds": row.get("search_seconds")})
 
 
 # ============================================================================ the page
@@ -487,8 +536,12 @@ def main(argv=None) -> int:
                    help="bit widths of our levels and AutoScheme's options")
     p.add_argument("--builder", default="signround")
     p.add_argument("--builder-iters", type=int, default=None)
+    p.add_argument("--builder-stream", default="level",
+                   help="calibration stream the levels are tuned on: level, dense, target or a bit width such as 3")
     p.add_argument("--group-sizes", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="extra group sizes of an EvoPress row with group size as a level dimension")
+    p.add_argument("--retune-source", default=None,
+                   help="retune row: the evopress row whose profile is re-tuned (default: this run's)")
     p.add_argument("--preset", default="fast")
     p.add_argument("--generations", type=int, default=None)
     p.add_argument("--num-samples", type=int, default=128)
@@ -527,6 +580,7 @@ def main(argv=None) -> int:
             "lim": lambda: bench.heuristic(target, "lim"),
             "zd": lambda: bench.heuristic(target, "zd"),
             "evopress": lambda: (bench.evopress(target), ns.group_sizes and bench.evopress(target, ns.group_sizes)),
+            "retune": lambda: bench.retune(target, ns.retune_source),
         }
         for kind in kinds:
             try:

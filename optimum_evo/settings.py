@@ -155,6 +155,15 @@ class SearchArguments:
     builder_iters: Annotated[Optional[int], Option("compression")] = _setting(
         None, "quantization: iterations of the signround builder (default 200) or coordinate-descent passes of "
               "quantease (default 3)")
+    builder_stream: Annotated[str, Option("compression", metavar="STREAM")] = _setting(
+        "level", "quantization: the calibration stream the sequential builders (gptq-sequential, quantease, "
+                 "signround) tune each block on: level (the model quantized at the level being built, one stream "
+                 "per level), target (all levels on the stream of the model quantized at the level nearest the "
+                 "target, so mixed levels compose), dense (the dense model's activations) or a level such as 3")
+    retune: Annotated[bool, Option("compression")] = _setting(
+        False, "quantization: after the search, make the chosen levels again in one pass of the builder on the "
+               "chosen model's own calibration activations (what the database cannot know: each linear's real "
+               "neighbours); costs about one database level")
     group_sizes: Annotated[Optional[list[int]], Option("compression", parse=_int_list, metavar="SIZES")] = _setting(
         None, "quantization: also build levels at these group sizes (comma-separated, e.g. 64,128); the search then "
               "picks bits and group size per linear under the stored bits (codes, scales, zeros) of the uniform "
@@ -256,6 +265,13 @@ class SearchArguments:
             names = " and ".join(m for m in available_methods() if get_method(m).correctable)
             raise ValueError(f"lora_correction applies to {names}: {self.compression} compression leaves no "
                              "per-linear compression residual to correct.")
+
+        if not isinstance(self.retune, bool):
+            raise ValueError(f"retune must be True or False, got {self.retune!r}.")
+        if self.retune and not method.refinable:
+            names = " and ".join(m for m in available_methods() if get_method(m).refinable)
+            raise ValueError(f"retune applies to {names} compression (it re-makes the chosen levels of a level "
+                             f"database); {self.compression} has nothing to re-tune: drop retune.")
 
     # ------------------------------------------------------------------ validation
     def _validate_common(self) -> None:

@@ -357,6 +357,31 @@ def test_gguf_export_asymmetric_minimums_and_fallback(tmp_path):
     assert max_diff(logits(reloaded), logits(model)) < 0.05
 
 
+def test_gguf_export_permutes_dense_q_k_biases_and_counts_the_types_written(tmp_path):
+    """A dense llama with attention biases: q/k biases get the rows order of their weights; a Q8_0
+    dense type falls back to F16 for tensors whose rows are not whole 32-blocks, and says so."""
+    pytest.importorskip("gguf")
+    from optimum_evo.exporters.gguf import llama_permute
+
+    model = tiny_model("llama", attention_bias=True)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.bias.copy_(torch.randn_like(proj.bias))
+    summary = export(model, tmp_path, "gguf", dense_type="F32")
+    tensors, _ = _gguf_tensors(tmp_path / summary["file"])
+    for name, hf, heads in (("attn_q", "q_proj", 4), ("attn_k", "k_proj", 2)):
+        bias = model.model.layers[0].self_attn.get_submodule(hf).bias.detach()
+        assert torch.equal(torch.from_numpy(tensors[f"blk.0.{name}.bias"][1].copy()), bias[llama_permute(len(bias), heads)])
+    narrow = tiny_model("llama", hidden_size=48, intermediate_size=80, num_attention_heads=4, num_key_value_heads=2)
+    summary = export(narrow, tmp_path / "narrow", "gguf", dense_type="Q8_0")
+    tensors, _ = _gguf_tensors(tmp_path / "narrow" / summary["file"])
+    written = {}
+    for kind, _ in tensors.values():
+        written[kind] = written.get(kind, 0) + 1
+    assert summary["types"] == written and written.get("F16", 0) > 0  # rows of 48 or 80 hold no Q8_0 blocks
+
+
 def test_gguf_export_of_a_depth_result_with_its_tokenizer(tmp_path):
     """Removed blocks are absent (block_count is what is kept); the byte-level BPE tokenizer round-trips
     through transformers' GGUF tokenizer; attention-/MLP-only drops and unmapped architectures are

@@ -121,6 +121,80 @@ def test_sequential_levels_see_the_quantized_model_below(model, tmp_path):
     assert not torch.equal(dense.weight(later, 2), seq.weight(later, 2))
 
 
+def test_a_shared_stream_tunes_every_level_on_the_same_inputs(model, tmp_path):
+    """stream="2": every level of a block sees the 2-bit model's activations, so the 2-bit level is the
+    per-level database's, the 3-bit level of block 1 is not (its per-level stream is the 3-bit model's);
+    stream="dense" is GPTQ on the dense activations."""
+    def build(name, **settings):
+        return LevelDatabase.build(model, WINDOWS, "quantization", [2, 3], tmp_path / name,
+                                   settings={"group_size": 32, "builder": "gptq-sequential", **settings}, progress=False)
+
+    per_level, shared, dense = build("a"), build("b", stream="2"), build("c", stream="dense")
+    plain = LevelDatabase.build(model, WINDOWS, "quantization", [2, 3], tmp_path / "d", settings={"group_size": 32},
+                                progress=False)
+    first, later = "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"
+    for level in (2, 3):
+        assert torch.equal(per_level.weight(first, level), shared.weight(first, level))
+        assert torch.equal(dense.weight(later, level), plain.weight(later, level))
+    assert torch.equal(per_level.weight(later, 2), shared.weight(later, 2))
+    assert not torch.equal(per_level.weight(later, 3), shared.weight(later, 3))
+    assert shared.manifest["settings"]["stream"] == "2"
+    with pytest.raises(ValueError, match="stream 4g32 must be"):
+        build("e", stream="4")
+
+
+@pytest.mark.parametrize("builder", ["gptq-sequential", "signround"])
+def test_retune_makes_the_chosen_levels_on_the_chosen_models_own_stream(model, builder, tmp_path):
+    """A uniform profile re-tuned is the per-level database's level (the same stream); a mixed profile
+    (two widths, two group sizes) is tuned on its own activations, so block 1 differs from the
+    database's levels while GPTQ's block 0 (dense inputs either way, one linear at a time) does not."""
+    from optimum_evo.compressors.retune import retune
+    from optimum_evo.compressors.codecs import get_codec
+
+    codec = get_codec("quantization")
+
+    def stored(q):  # as the database stores it (float16 scales)
+        return codec.decode(codec.encode(q), (q.codes.shape[0], q.codes.shape[1]), f"{q.bits}g{q.group_size}", {"group_size": 32})
+
+    settings = {"group_size": 32, "builder": builder, "iters": 3, "batch_size": 2}
+    db = LevelDatabase.build(model, WINDOWS, "quantization", [2, 3, "3g16"], tmp_path / "db", settings=settings,
+                             progress=False)
+    names = list(db.modules)
+    uniform = retune(model, WINDOWS, {n: 2 for n in names}, settings, progress=False)
+    assert all(torch.equal(stored(uniform[n]), db.weight(n, 2)) for n in names)
+    mixed = {n: (2 if i % 2 else "3g16") for i, n in enumerate(names)}
+    tuned = retune(model, WINDOWS, mixed, settings, progress=False)
+    assert set(tuned) == set(names)
+    for n, lv in mixed.items():
+        bits, gs = quant_level(lv, 32)
+        assert (tuned[n].bits, tuned[n].group_size) == (bits, gs)
+        if n.startswith("model.layers.0.") and builder != "signround":  # signround tunes a block jointly
+            assert torch.equal(stored(tuned[n]), db.weight(n, lv))
+    later = [n for n in names if n.startswith("model.layers.1.")]
+    assert any(not torch.equal(stored(tuned[n]), db.weight(n, mixed[n])) for n in later)
+    assert all(torch.equal(model.get_submodule(n).weight, dense) for n, dense in
+               ((n, model.get_submodule(n).weight.detach().clone()) for n in names))
+    with pytest.raises(ValueError, match="decoder blocks"):
+        retune(model, WINDOWS, {"lm_head": 3}, settings, progress=False)
+
+
+def test_builder_stream_setting_resolves_the_target_and_is_checked():
+    method = get_method("quantization")
+
+    def stream(**kw):
+        args = SearchArguments(compression="quantization", levels=[2, 3, 4], builder="signround", **kw)
+        return method.database_request(args, None)[1]["stream"]
+
+    assert stream(target=3.0) == "level" and stream(target=3.0, builder_stream="dense") == "dense"
+    assert stream(target=3.0, builder_stream="target") == "3" and stream(target=2.5, builder_stream="target") == "2"
+    assert stream(target=3.4, builder_stream="4") == "4"
+    args = SearchArguments(compression="quantization", target=3.0, builder="gptq", builder_stream="dense")
+    assert method.database_request(args, None)[1]["stream"] == "level"  # GPTQ reads no stream: one database
+    with pytest.raises(ValueError, match="builder_stream must be"):
+        SearchArguments(compression="quantization", target=3.0, levels=[2, 3, 4], builder="signround",
+                        builder_stream="5")
+
+
 @pytest.fixture(scope="module")
 def mixed(model, tmp_path_factory):
     db = LevelDatabase.build(model, WINDOWS, "quantization", [2, "2g16", 3, "3g16", "3g64", 4], tmp_path_factory.mktemp("m")
@@ -206,6 +280,48 @@ def test_builder_and_group_sizes_settings():
 def test_builder_settings_reach_the_command_line_and_the_config():
     from optimum_evo.settings import config_fields, option_of
 
-    assert {"builder", "builder_iters", "group_sizes"} <= set(config_fields())
+    assert {"builder", "builder_iters", "builder_stream", "retune", "group_sizes"} <= set(config_fields())
+    rows = dict(get_method("quantization").card_rows({"levels": [2, 3, 4], "builder": "signround",
+                                                      "builder_stream": "3", "retune": True}))
+    assert rows["levels made by"] == "signround, tuned on the shared stream of level 3" and "re-tuned" in str(rows)
     assert option_of("builder").choices == tuple(sorted(available_builders(), key=["gptq", "gptq-sequential",
                                                                                    "quantease", "signround"].index))
+
+
+def test_retune_in_the_pipeline_evaluates_saves_and_reloads_the_retuned_codes(tmp_path, one_thread):
+    """retune=True: the found profile's levels are made again on the found model's stream; the saved
+    checkpoint holds those codes (not the database's) and reloads with the same logits."""
+    from test_hf_quantizer import CALIB, save_tiny
+    from transformers import AutoModelForCausalLM
+
+    from optimum_evo.compressors.retune import retune
+    from optimum_evo.loading import load_model
+    from optimum_evo.pipeline import run
+
+    path = tmp_path / "tiny"
+    save_tiny(path)
+    common = dict(model=str(path), compression="quantization", target=3.0, levels=[2, 3, 4], group_size=32,
+                  builder="gptq-sequential", builder_stream="dense", dataset=CALIB, generations=1, offspring=2,
+                  num_samples=4, seq_len=32, eval_windows=1, eval_seq_len=32, top_k=16, search_dtype="float32",
+                  progress=False, database_dir=str(tmp_path / "db"))
+    ctx = run(SearchArguments(**common, retune=True, output_dir=str(tmp_path / "out")))
+    report = ctx.report
+    assert report["retune"]["builder"] == "gptq-sequential" and report["retune"]["modules"] == len(ctx.database.modules)
+    assert "refine_seconds" in report["timings"] and report["results"]["evopress"]["perplexity"] > 0
+    dense = load_model(str(path), torch.float32)
+    expected = retune(dense, ctx.calibration, report["levels"], ctx.database.manifest["settings"], progress=False)
+    codec = ctx.database.codec
+    differ = 0
+    for name, q in expected.items():
+        layer = ctx.model.get_submodule(name)
+        stored = codec.decode(codec.encode(q), (layer.out_features, layer.in_features), report["levels"][name],
+                              ctx.database.manifest["settings"])
+        assert torch.equal(layer.dequantize_weight(torch.float32), stored)
+        differ += not torch.equal(stored, ctx.database.weight(name, report["levels"][name]))
+    assert differ > 0  # dense-input levels, re-made on the quantized model's stream
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    ids = torch.tensor([[5, 9, 33, 40, 41, 70]])
+    with torch.inference_mode():
+        assert torch.equal(reloaded(ids).logits, ctx.model(ids).logits)
+    with pytest.raises(ValueError, match="retune applies to quantization"):
+        SearchArguments(model=str(path), compression="depth", target=0.25, retune=True)

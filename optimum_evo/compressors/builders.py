@@ -12,12 +12,21 @@ in ``settings``.
 | ``quantease`` | as ``gptq-sequential`` | each linear's output error, GPTQ then cyclic coordinate descent | as ``gptq-sequential`` + ``iters`` sweeps |
 | ``signround`` | as ``gptq-sequential`` | the **block's output** error against the dense block, rounding and clipping tuned by signed gradient descent (`optimum_evo.compressors.signround`) | ``iters`` forward + backward passes of ``batch_size`` windows |
 
-Builders with quantized-input propagation keep one calibration stream per level
-(`optimum_evo.compressors.calibrate.walk_blocks` with ``streams=True``): the inputs of block
-``i`` for level ``L`` are the outputs of blocks ``0..i-1`` quantized at ``L``, the standard
-sequential setting of GPTQ and AutoRound. A mixed-level model is then made of levels each tuned
-under uniform neighbours; ``signround``'s block-output objective also corrects, in each block, the
-error that arrives from the blocks below.
+Builders with quantized-input propagation read their block inputs from a calibration stream
+(`optimum_evo.compressors.calibrate.walk_blocks` with ``streams=True``); the ``stream`` setting
+says which:
+
+| ``stream`` | inputs of block ``i`` at level ``L`` | a mixed-level model is made of |
+|---|---|---|
+| ``"level"`` (default) | blocks ``0..i-1`` quantized at ``L`` (one stream per level; the sequential setting of GPTQ and AutoRound) | levels each tuned under uniform neighbours at their own width |
+| a level, e.g. ``"3"`` | blocks ``0..i-1`` quantized at that reference level, for every ``L`` (one shared stream) | levels all tuned under the same neighbours |
+| ``"dense"`` | the dense model's activations, for every ``L`` | levels tuned without upstream error |
+
+``signround``'s block-output objective corrects, in each block, the error that arrives from the
+blocks below. With per-level streams a level expects the error of a model uniform at its own
+width; in a mix its neighbours differ and the correction overshoots (a 2-bit level tuned to undo
+2-bit upstream error, placed above 3-bit blocks). A shared stream gives every level of a block the
+same inputs, so levels compose; at the reference level the result is the uniform sequential level.
 
 Examples:
     >>> get_builder("signround").streams
@@ -36,7 +45,7 @@ import torch
 from .obs import QuantizedWeight, gptq_levels, quantease
 from .signround import signround_block
 
-__all__ = ["LevelBuilder", "available_builders", "get_builder", "register_builder"]
+__all__ = ["LevelBuilder", "available_builders", "get_builder", "register_builder", "stream_plan"]
 
 
 class LevelBuilder(ABC):
@@ -55,6 +64,18 @@ class LevelBuilder(ABC):
         """``{name: [QuantizedWeight per level]}`` for the linears ``names`` of ``block`` (a
         `optimum_evo.compressors.calibrate.Block`) at ``levels`` (``(bits, group size)`` pairs);
         ``hessians``: the linears' Hessians on the dense inputs."""
+
+    def quantize(self, weight, H, level, settings) -> QuantizedWeight:
+        """One linear at one ``(bits, group size)`` level from its Hessian (GPTQ)."""
+        return _gptq_all(weight, H, [level], settings)[0]
+
+    def tune(self, block, chosen: dict, inputs: list, settings: dict) -> dict:
+        """``{name: QuantizedWeight}`` for a block whose linears ``chosen`` (``{name: (bits, group
+        size)}``) each have their own level, tuned on ``inputs`` (`optimum_evo.compressors.retune`); by default each linear
+        from its Hessian on those inputs."""
+        linears = block.linears()
+        H = block.hessians(list(chosen), inputs=inputs)
+        return {n: self.quantize(linears[n].weight, H[n], level, settings) for n, level in chosen.items()}
 
 
 def _gptq_all(weight, H, levels, settings) -> list:
@@ -84,6 +105,27 @@ def _weights(linears: dict, results: dict):
                 linears[n].weight.copy_(w)
 
 
+def stream_plan(levels: list, settings: dict) -> tuple:
+    """``(input stream key per level, stream to propagate or None)`` for the ``stream`` setting
+    (see the module docstring: ``"level"``, ``"dense"`` or a reference ``(bits, group size)`` pair,
+    as the quantization codec passes it); keys are ``(bits, group size)`` pairs, ``None`` = dense
+    inputs."""
+    stream = settings.get("stream") or "level"
+    if stream == "level":
+        return [tuple(lv) for lv in levels], "level"
+    if stream == "dense":
+        return [None] * len(levels), None
+    ref = tuple(stream)
+    if ref not in [tuple(lv) for lv in levels]:
+        raise ValueError(f"stream {ref[0]}g{ref[1]} must be 'level', 'dense' or one of the built levels "
+                         f"{[f'{b}g{g}' for b, g in levels]}.")
+    return [ref] * len(levels), ref
+
+
+def _inputs(block, key) -> list:
+    return block.inputs if key is None else block.stream_inputs(key)
+
+
 def _propagate(block, key, linears: dict, results: dict) -> None:
     """Set level ``key``'s stream to the outputs of the block quantized with ``results``."""
     inputs = block.stream_inputs(key)
@@ -107,18 +149,20 @@ class SequentialGPTQBuilder(LevelBuilder):
     name = "gptq-sequential"
     streams = True
 
-    def quantize(self, weight, H, level, settings) -> QuantizedWeight:
-        return _gptq_all(weight, H, [level], settings)[0]
-
     def build(self, block, names, levels, hessians, settings):
         linears = block.linears()
+        keys, propagate = stream_plan(levels, settings)
         out = {n: [None] * len(levels) for n in names}
+        shared = {}
         for j, level in enumerate(levels):
-            H = block.hessians(names, inputs=block.stream_inputs(level))
+            if keys[j] not in shared:
+                shared[keys[j]] = hessians if keys[j] is None else block.hessians(names, inputs=_inputs(block, keys[j]))
+            H = shared[keys[j]]
             results = {n: self.quantize(linears[n].weight, H[n], level, settings) for n in names}
             for n in names:
                 out[n][j] = results[n]
-            _propagate(block, level, linears, results)
+            if propagate == "level" or propagate == tuple(level):
+                _propagate(block, tuple(level), linears, results)
         return out
 
 
@@ -141,9 +185,10 @@ class SignRoundBuilder(LevelBuilder):
     def build(self, block, names, levels, hessians, settings):
         linears = block.linears()
         targets = block.dense_outputs()
+        keys, propagate = stream_plan(levels, settings)
         out = {n: [None] * len(levels) for n in names}
         for j, (bits, gs) in enumerate(levels):
-            inputs = block.stream_inputs((bits, gs))
+            inputs = _inputs(block, keys[j])
             results = signround_block(
                 block.module, inputs, targets, block.kwargs, {n: linears[n] for n in names}, bits, gs,
                 iters=settings["iters"] if settings["iters"] is not None else 200,
@@ -151,8 +196,18 @@ class SignRoundBuilder(LevelBuilder):
                 seed=block.index)
             for n in names:
                 out[n][j] = results[n]
-            _propagate(block, (bits, gs), linears, results)
+            if propagate == "level" or propagate == (bits, gs):
+                _propagate(block, (bits, gs), linears, results)
         return out
+
+    def tune(self, block, chosen, inputs, settings):
+        linears = block.linears()
+        first = next(iter(chosen.values()))
+        return signround_block(
+            block.module, inputs, block.dense_outputs(), block.kwargs, {n: linears[n] for n in chosen}, first[0],
+            first[1], iters=settings["iters"] if settings["iters"] is not None else 200, lr=settings["lr"] or None,
+            batch_size=settings["batch_size"], sym=settings["sym"], seed=block.index,
+            bits_of={n: b for n, (b, _) in chosen.items()}, group_of={n: g for n, (_, g) in chosen.items()})
 
 
 _BUILDERS: dict = {}

@@ -176,11 +176,13 @@ class QuantizedLevelCodec(LevelCodec):
     ``(bits, group size)`` pair written ``"3g64"`` (`quant_level`). How the codes are chosen
     is the ``builder`` setting (`optimum_evo.compressors.builders`: ``gptq`` by default,
     ``gptq-sequential``, ``quantease``, ``signround``); ``iters``, ``batch_size`` and ``lr``
-    are the tuning builders' settings (``None`` / 0: the builder's default)."""
+    are the tuning builders' settings (``None`` / 0: the builder's default); ``stream`` is the
+    calibration stream the sequential builders tune on (``"level"``, ``"dense"`` or a reference
+    level such as ``"3"``: `optimum_evo.compressors.builders`)."""
 
     kind = "quantization"
     default_settings = dict(group_size=128, sym=False, mse=0.0, act_order=False, damp=0.01, attention_aware=True,
-                            builder="gptq", iters=None, batch_size=8, lr=0.0)
+                            builder="gptq", iters=None, batch_size=8, lr=0.0, stream="level")
 
     def _pairs(self, levels, settings) -> list:
         return [quant_level(lv, settings["group_size"]) for lv in levels]
@@ -204,6 +206,9 @@ class QuantizedLevelCodec(LevelCodec):
     def compress_block(self, block, names, levels, hessians, settings) -> dict:
         from .builders import get_builder
 
+        stream = settings.get("stream") or "level"
+        if stream not in ("level", "dense"):  # a reference level, as the builders read it: (bits, group size)
+            settings = {**settings, "stream": quant_level(stream, settings["group_size"])}
         return get_builder(settings["builder"]).build(block, names, self._pairs(levels, settings), hessians, settings)
 
     def encode(self, result):

@@ -162,14 +162,15 @@ def _call(block, x, kwargs):
 def signround_block(block: nn.Module, inputs: list, targets: list, kwargs: dict, linears: dict, bits: int,
                     group_size: int, iters: int = 200, lr: float | None = None, batch_size: int = 8,
                     sym: bool = False, seed: int = 0, init: dict | None = None, autocast: bool = True,
-                    bits_of: dict | None = None, loss: str = "mse") -> dict:
+                    bits_of: dict | None = None, loss: str = "mse", group_of: dict | None = None) -> dict:
     """Tune the rounding and clipping of ``linears`` (``{relative name: nn.Linear}`` of ``block``)
     so that ``block(inputs[i])`` matches ``targets[i]`` (see the module docstring).
 
     Args:
         inputs, targets: one ``[1, T, hidden]`` tensor per calibration window.
         kwargs: the keyword arguments the block is called with (masks, position embeddings).
-        bits, group_size: the grid; ``bits_of`` optionally gives another width per linear name.
+        bits, group_size: the grid; ``bits_of`` / ``group_of`` optionally give another width / group
+            size per linear name (a mixed-level block).
         iters, lr, batch_size: signed gradient descent (``lr`` defaults to ``1 / iters``).
         init: optional ``{name: QuantizedWeight}`` starting codes (e.g. GPTQ's) per linear.
         autocast: run the block's matmuls in bfloat16 (the parameters and grids stay float32).
@@ -179,9 +180,10 @@ def signround_block(block: nn.Module, inputs: list, targets: list, kwargs: dict,
 
     Returns ``{name: QuantizedWeight}``; ``block`` itself is left unchanged.
     """
-    bits_of = bits_of or {}
+    bits_of, group_of = bits_of or {}, group_of or {}
     init = init or {}
-    wrapped = {n: SignRoundLinear(m, bits_of.get(n, bits), group_size, sym, init.get(n)) for n, m in linears.items()}
+    wrapped = {n: SignRoundLinear(m, bits_of.get(n, bits), group_of.get(n, group_size), sym, init.get(n))
+               for n, m in linears.items()}
     if iters <= 0:
         return {n: w.quantized() for n, w in wrapped.items()}
     lr = 1.0 / iters if lr is None else lr

@@ -89,7 +89,7 @@ def pack_blocks(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, qt
     """Pack per-block ``codes`` (``[rows, in]``, already in the type's unsigned range), block scales
     ``d`` and block minimums ``m`` (``[rows, in / 32]``) into GGUF bytes ``[rows, bytes per row]``."""
     q = _blocks(codes)
-    parts = [_half_bytes(d)[..., :]]
+    parts = [_half_bytes(d)]
     if qtype in ("Q4_1", "Q5_1"):
         parts.append(_half_bytes(m))
     if qtype in ("Q5_0", "Q5_1"):
@@ -126,20 +126,18 @@ def _exact_type(data, in_features: int) -> tuple | None:
 
 
 def _torch_dtype_array(t: torch.Tensor, qtype: str) -> tuple:
-    """A dense tensor as ``(array, raw type or None)`` in ``qtype`` (F32 / F16 / BF16 / Q8_0)."""
+    """A dense tensor as ``(array, raw type or None, type written)`` in ``qtype`` (F32 / F16 / BF16 /
+    Q8_0; a tensor Q8_0 cannot hold, not 2-D or with rows not a multiple of 32, is written F16)."""
     import gguf
 
     t = t.detach().float().cpu()
     if qtype == "F32":
-        return t.numpy(), None
-    if qtype == "F16":
-        return t.to(torch.float16).numpy(), None
-    if qtype == "BF16":
-        return gguf.quants.quantize(t.numpy(), gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
-    if qtype == "Q8_0":
-        if t.dim() != 2 or t.shape[-1] % 32:
-            return t.to(torch.float16).numpy(), None
-        return gguf.quants.quantize(t.numpy(), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+        return t.numpy(), None, "F32"
+    if qtype == "F16" or (qtype == "Q8_0" and (t.dim() != 2 or t.shape[-1] % 32)):
+        return t.to(torch.float16).numpy(), None, "F16"
+    if qtype in ("BF16", "Q8_0"):
+        kind = getattr(gguf.GGMLQuantizationType, qtype)
+        return gguf.quants.quantize(t.numpy(), kind), kind, qtype
     raise ValueError(qtype)
 
 
@@ -301,12 +299,9 @@ def export_gguf(model, save_dir, tokenizer=None, dense_type: str = "F16", fallba
         module = key.rsplit(".", 1)[0]
         if module in contents.quantized or (tied and key == "lm_head.weight"):
             continue
-        if key.endswith("rotary_emb.inv_freq"):
-            continue
-        order = rows_order(module, value.shape[0]) if value.dim() >= 1 and key.endswith(".weight") else None
+        order = rows_order(module, value.shape[0]) if key.endswith((".weight", ".bias")) else None
         tensor = value[order] if order is not None else value
-        qtype = "F32" if tensor.dim() == 1 else dense_type
-        array, raw = _torch_dtype_array(tensor, qtype)
+        array, raw, qtype = _torch_dtype_array(tensor, "F32" if tensor.dim() == 1 else dense_type)
         writer.add_tensor(target(key), array, raw_dtype=raw)
         types[qtype] += 1
     for module, layer in sorted(contents.quantized.items()):
@@ -315,8 +310,7 @@ def export_gguf(model, save_dir, tokenizer=None, dense_type: str = "F16", fallba
         held = _exact_type(data, layer.in_features)
         if held is None:
             weight = layer.dequantize_weight(torch.float32)
-            array, raw = _torch_dtype_array(weight[order] if order is not None else weight, fallback)
-            qtype = fallback
+            array, raw, qtype = _torch_dtype_array(weight[order] if order is not None else weight, fallback)
             fell.append(module)
         else:
             qtype, codes, d, m = held

@@ -98,6 +98,7 @@ class CompressionMethod(ABC):
             need this.
         correctable: LoRA error correction applies (every compressed linear keeps its shape and has
             a per-linear residual).
+        refinable: `refine` improves a found candidate's weights (the ``retune`` setting applies).
         merge_rule: how `merge_correction` merges an adapter into
             the method's compressed linears (`MERGE_MASKED` or `MERGE_REFUSED`).
         presets: ``{"fast" | "paper" | "superfast": SearchConfig keyword arguments}``.
@@ -108,6 +109,7 @@ class CompressionMethod(ABC):
     target_help: ClassVar[str]
     packs_weights: ClassVar[bool] = False
     correctable: ClassVar[bool] = False
+    refinable: ClassVar[bool] = False
     merge_rule: ClassVar[str | None] = None
     presets: ClassVar[dict]
 
@@ -134,6 +136,11 @@ class CompressionMethod(ABC):
     def baselines(self, run: "RunContext") -> tuple:
         """``(candidates, notes)``: named heuristic candidates in ``run.space`` (the first one is the
         reference budget for random candidates) and notes on how they were chosen."""
+
+    def refine(self, run: "RunContext") -> dict:
+        """After the search: improve the found candidate's compressed weights in ``run.eval_space``
+        without changing its levels (quantization: ``retune``); returns report entries. Default none."""
+        return {}
 
     def space_from_report(self, model, report: dict) -> SearchSpace:
         """The space a finished run's ``report`` (``result.json``) searched, bound to ``model``."""

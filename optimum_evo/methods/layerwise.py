@@ -62,6 +62,36 @@ class DatabaseSpace:
         self._dense = [m.weight.detach().clone() for m in self.modules]
         self._current = [None] * len(self.names)  # None = dense weight loaded
         self._cache: dict = {} if cache else None
+        self._refined: tuple = ((), {}, {})  # (candidate, {unit: weight}, {unit: stored tensors})
+
+    def _modules_part(self, cand) -> tuple:
+        """The level index of every unit (module) in ``cand`` (spaces with extra genes override it)."""
+        return tuple(cand)
+
+    def refine(self, cand, tensors: dict) -> None:
+        """Give candidate ``cand`` other stored tensors for some units (``{module name: tensors}``
+        in the database's encoding, e.g. `optimum_evo.compressors.retune`'s levels):
+        `apply` and `refined_tensors` use them for that candidate only, the levels stay as they are."""
+        cand = self._modules_part(cand)
+        index = {n: i for i, n in enumerate(self.names)}
+        unknown = set(tensors) - set(index)
+        if unknown:
+            raise ValueError(f"refine: {sorted(unknown)[:3]} are not units of this space.")
+        weights = {}
+        for name, t in tensors.items():
+            i = index[name]
+            level = self.unit_levels[i][cand[i]]
+            weights[i] = self.db.codec.decode(t, tuple(self.modules[i].weight.shape), level,
+                                              self.db.manifest["settings"]).to(self.modules[i].weight.dtype)
+        self._refined = (tuple(cand), weights, {index[n]: t for n, t in tensors.items()})
+        # units holding earlier refined weights: reloaded by apply, still restored by restore
+        self._current = ["stale" if isinstance(c, tuple) else c for c in self._current]
+
+    def refined_tensors(self, cand) -> dict:
+        """``{module name: stored tensors}`` that `refine` gave ``cand`` (empty for other candidates)."""
+        if self._modules_part(cand) != self._refined[0]:
+            return {}
+        return {self.names[i]: t for i, t in self._refined[2].items()}
 
     def weight(self, unit: int, index: int) -> torch.Tensor:
         key = (unit, index)
@@ -75,10 +105,12 @@ class DatabaseSpace:
     @torch.no_grad()
     def apply(self, model, cand) -> None:
         """Load the candidate's levels into ``model`` (only the units whose level changed)."""
+        refined = self._refined[1] if tuple(cand) == self._refined[0] else {}
         for i, idx in enumerate(cand):
-            if self._current[i] != idx:
-                self.modules[i].weight.copy_(self.weight(i, idx))
-                self._current[i] = idx
+            key = ("refined", idx) if i in refined else idx
+            if self._current[i] != key:
+                self.modules[i].weight.copy_(refined[i] if i in refined else self.weight(i, idx))
+                self._current[i] = key
 
     @torch.no_grad()
     def restore(self, model) -> None:

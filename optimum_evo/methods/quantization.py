@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..compressors.builders import available_builders
+from ..compressors.builders import available_builders, get_builder
 from ..compressors.codecs import quant_level, quant_level_name, stored_bits
 from ..compressors.packed_linear import EvoPressQuantLinear
 from ..decoder import shared_input_groups
@@ -252,6 +252,7 @@ class QuantizationMethod(DatabaseMethod):
     description = "mixed-bitwidth GPTQ quantization (per-layer bit widths, packed)"
     target_help = "average bits per weight"
     packs_weights = True
+    refinable = True
     merge_rule = MERGE_REFUSED
     codec = "quantization"
     level_label = "bits"
@@ -303,8 +304,30 @@ class QuantizationMethod(DatabaseMethod):
             args.group_sizes = sorted(set(groups) | {args.group_size})
         if args.desc_act and groups is not None and len(args.group_sizes) > 1:
             raise ValueError("desc_act (act-order) is not supported with several group_sizes.")
+        stream = getattr(args, "builder_stream", "level") or "level"
+        if stream not in ("level", "target", "dense"):
+            try:
+                ref = quant_level(stream, args.group_size)
+            except ValueError:
+                ref = None
+            built = {(b, g) for b in levels for g in (getattr(args, "group_sizes", None) or [args.group_size])}
+            if ref not in built:
+                raise ValueError(f"builder_stream must be 'level', 'target', 'dense' or one of the built levels "
+                                 f"{sorted(built)} (e.g. '3'), got {stream!r}.")
         if args.desc_act and builder in ("signround",):
             raise ValueError("desc_act (act-order) is a GPTQ option; the signround builder keeps columns in order.")
+
+    @staticmethod
+    def builder_stream(args) -> str:
+        """The codec's ``stream`` setting: ``target`` resolves to the built bit width nearest the
+        target (the lower on a tie) at the reference group size."""
+        stream = str(getattr(args, "builder_stream", "level") or "level")
+        if not get_builder(getattr(args, "builder", "gptq")).streams:
+            return "level"  # builders on the dense activations read no stream: one database, whatever was asked
+        if stream == "target":
+            bits = min(args.levels or DEFAULT_BITS, key=lambda b: (abs(b - float(args.target)), b))
+            return str(bits)
+        return stream
 
     def database_level_bytes(self, args) -> list:
         out = []
@@ -316,7 +339,8 @@ class QuantizationMethod(DatabaseMethod):
     def database_request(self, args, model) -> tuple:
         settings = {"group_size": args.group_size, "sym": args.sym, "mse": float(args.mse),
                     "act_order": args.desc_act, "damp": float(args.damp_percent),
-                    "builder": getattr(args, "builder", "gptq"), "iters": getattr(args, "builder_iters", None)}
+                    "builder": getattr(args, "builder", "gptq"), "iters": getattr(args, "builder_iters", None),
+                    "stream": self.builder_stream(args)}
         groups = getattr(args, "group_sizes", None) or [args.group_size]
         levels = [quant_level_name(b, g, args.group_size) for b in args.levels for g in sorted(groups)]
         return levels, settings, {}
@@ -326,9 +350,27 @@ class QuantizationMethod(DatabaseMethod):
         return QuantizationSpace(model, run.database, run.args.target,
                                  fused_groups=bool(getattr(run.args, "fused_groups", False)))
 
+    def refine(self, run) -> dict:
+        """``retune=True``: make the found levels again in one pass of the database's builder on the
+        found model's own calibration activations (`optimum_evo.compressors.retune`); the
+        evaluation, the saved model and the exports then hold the re-tuned codes."""
+        if not getattr(run.args, "retune", False):
+            return {}
+        import time
+
+        from ..compressors.retune import retune
+
+        db, space = run.database, run.eval_space
+        start = time.perf_counter()
+        tuned = retune(run.model, run.calibration, space.profile(run.best), db.manifest["settings"],
+                       progress=run.args.progress)
+        space.refine(run.best, {name: db.codec.encode(q) for name, q in tuned.items()})
+        return {"retune": {"builder": db.manifest["settings"]["builder"], "modules": len(tuned),
+                           "seconds": round(time.perf_counter() - start, 1)}}
+
     @torch.no_grad()
     def materialize(self, model, space: QuantizationSpace, candidate) -> dict:
-        profile = apply_levels(model, space.profile(candidate), space.db)
+        profile = apply_levels(model, space.profile(candidate), space.db, space.refined_tensors(candidate))
         described = space.describe(candidate)
         profile.update({k: described[k] for k in ("average_bits", "effective_bits")})
         return profile
@@ -368,7 +410,13 @@ class QuantizationMethod(DatabaseMethod):
         rows = [("bit widths searched", f"{record.get('levels')}, group size{'s' if len(groups) > 1 else ''} "
                                         f"{', '.join(str(g) for g in groups)}")]
         if record.get("builder"):
-            rows.append(("levels made by", f"{record.get('builder')}"))
+            stream = record.get("builder_stream") or "level"
+            how = "" if stream == "level" or record.get("builder") == "gptq" else \
+                f", tuned on {'the dense activations' if stream == 'dense' else f'the shared stream of level {stream}'}"
+            rows.append(("levels made by", f"{record.get('builder')}{how}"))
+        if record.get("retune"):
+            rows.append(("levels re-tuned", f"after the search, one {record.get('builder')} pass on this model's own "
+                                            "calibration activations"))
         return rows
 
     def summary(self, profile: dict) -> dict:
@@ -419,9 +467,10 @@ class QuantizationMethod(DatabaseMethod):
 
 
 @torch.no_grad()
-def apply_levels(model, levels: dict, db) -> dict:
+def apply_levels(model, levels: dict, db, tensors: dict | None = None) -> dict:
     """Replace the linears named in ``levels`` (``{module name: level}``, a level a bit width or
-    ``"BITSgGROUP"``) by packed `EvoPressQuantLinear` layers holding the database's codes;
+    ``"BITSgGROUP"``) by packed `EvoPressQuantLinear` layers holding the database's codes (or
+    ``tensors[name]``, stored tensors in the database's encoding, where given);
     returns the profile recorded in the checkpoint: ``modules`` (``{name: bits}`` at the profile's
     ``group_size``, ``{name: "BITSgGROUP"}`` at another group size) and the grid settings."""
     settings = db.manifest["settings"]
@@ -433,7 +482,7 @@ def apply_levels(model, levels: dict, db) -> dict:
         linear = model.get_submodule(name)
         bias = linear.bias.detach() if linear.bias is not None else None
         _set_submodule(model, name, EvoPressQuantLinear.from_packed(
-            db.tensors(name, level), linear.in_features, linear.out_features, bits, group_size,
+            (tensors or {}).get(name) or db.tensors(name, level), linear.in_features, linear.out_features, bits, group_size,
             bias=bias, act_order=act_order, device=linear.weight.device, dtype=linear.weight.dtype))
         modules[name] = profile_level(bits, group_size, reference)
     # qweight_layout: layers whose shape allows it hold bit planes (the CPU kernels' layout); checkpoints

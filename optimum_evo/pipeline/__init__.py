@@ -37,7 +37,7 @@ def _search(ctx: RunContext) -> RunContext:
     for stage in (stages.check_memory, stages.calibrate, stages.prepare, stages.fitness, stages.initialize, stages.search):
         stage(ctx)
     if distributed.is_main():  # the other processes of a multi-process run only help the search
-        for stage in (stages.evaluate, stages.summarize):
+        for stage in (stages.refine, stages.evaluate, stages.summarize):
             stage(ctx)
     return ctx
 

@@ -79,6 +79,7 @@ class RunContext:
     costs: Any = None
     memory_needs: Any = None  # the estimate of `optimum_evo.pipeline.memory`, made before the run
     latency_root: Optional[Path] = None
+    refined: dict = field(default_factory=dict)  # the method's `refine` report entries
 
     @property
     def output_dir(self) -> Optional[Path]:

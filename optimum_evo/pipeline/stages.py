@@ -8,6 +8,7 @@
 | ``fitness`` | the dense teacher cache (persisted in ``output_dir/cache/teacher``) and the KL objective |
 | ``initialize`` | the method's baselines and, when asked for, best-of-N random candidates |
 | ``search`` | the evolutionary search (checkpointed in ``output_dir/checkpoint``) |
+| ``refine`` | the method's improvement of the found candidate's weights at its levels (quantization: ``retune``) |
 | ``evaluate`` | held-out perplexity and KL of dense, EvoPress and (optionally) the baselines |
 | ``summarize`` | the run report |
 | ``materialize`` | compress the model in place with the found candidate; the checkpoint record |
@@ -220,6 +221,14 @@ def search(ctx: RunContext) -> None:
         ctx.teacher = None  # only the correction reuses it
 
 
+def refine(ctx: RunContext) -> None:
+    start = time.perf_counter()
+    extras = ctx.method.refine(ctx)
+    if extras:
+        ctx.refined = extras
+        ctx.timings["refine_seconds"] = time.perf_counter() - start
+
+
 def evaluate(ctx: RunContext) -> None:
     args, model = ctx.args, ctx.model
     ctx.eval_space.restore(model)
@@ -266,6 +275,7 @@ def summarize(ctx: RunContext) -> None:
         "timings": {k: round(v, 1) for k, v in ctx.timings.items()},
         "resources_estimate": [{"what": x.what, "bytes": x.bytes, "where": x.where} for x in ctx.memory_needs or []],
         **ctx.method.report_extras(ctx, ctx.best),
+        **ctx.refined,
     }
 
 
