@@ -470,7 +470,7 @@ class Bench:
         self.evaluate(key, weights, pairs, {
             "method": "optimum-evo EvoPress, levels re-tuned on the chosen model",
             "config": (row.get("config", source) + f"; then one {settings.get('builder')} pass on its own stream"),
-            "target": target, "retune_seconds": time.perf_counter() - start,
+            "target": target, "seconds": time.perf_counter() - start,
             "search_seconds": row.get("search_seconds")})
 
 
