@@ -159,7 +159,7 @@ class SearchArguments:
         "level", "quantization: the calibration stream the sequential builders (gptq-sequential, quantease, "
                  "signround) tune each block on: level (the model quantized at the level being built, one stream "
                  "per level), target (all levels on the stream of the model quantized at the level nearest the "
-                 "target, so mixed levels compose), dense (the dense model's activations) or a level such as 3")
+                 "target), dense (the dense model's activations) or a level such as 3")
     retune: Annotated[bool, Option("compression")] = _setting(
         False, "quantization: after the search, make the chosen levels again in one pass of the builder on the "
                "chosen model's own calibration activations (what the database cannot know: each linear's real "

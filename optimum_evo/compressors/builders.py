@@ -26,7 +26,10 @@ says which:
 blocks below. With per-level streams a level expects the error of a model uniform at its own
 width; in a mix its neighbours differ and the correction overshoots (a 2-bit level tuned to undo
 2-bit upstream error, placed above 3-bit blocks). A shared stream gives every level of a block the
-same inputs, so levels compose; at the reference level the result is the uniform sequential level.
+same inputs; at the reference level the result is the uniform sequential level. That moves the
+mismatch to the other widths rather than removing it (a 2-bit level tuned on 3-bit inputs is wrong
+under 2-bit neighbours), so per-level streams stay the default and `optimum_evo.compressors.retune`
+re-makes a chosen profile on its own stream.
 
 Examples:
     >>> get_builder("signround").streams
@@ -189,11 +192,8 @@ class SignRoundBuilder(LevelBuilder):
         out = {n: [None] * len(levels) for n in names}
         for j, (bits, gs) in enumerate(levels):
             inputs = _inputs(block, keys[j])
-            results = signround_block(
-                block.module, inputs, targets, block.kwargs, {n: linears[n] for n in names}, bits, gs,
-                iters=settings["iters"] if settings["iters"] is not None else 200,
-                lr=settings["lr"] or None, batch_size=settings["batch_size"], sym=settings["sym"],
-                seed=block.index)
+            results = signround_block(block.module, inputs, targets, block.kwargs, {n: linears[n] for n in names},
+                                      bits, gs, **self._tuning(block, settings))
             for n in names:
                 out[n][j] = results[n]
             if propagate == "level" or propagate == (bits, gs):
@@ -203,11 +203,16 @@ class SignRoundBuilder(LevelBuilder):
     def tune(self, block, chosen, inputs, settings):
         linears = block.linears()
         first = next(iter(chosen.values()))
-        return signround_block(
-            block.module, inputs, block.dense_outputs(), block.kwargs, {n: linears[n] for n in chosen}, first[0],
-            first[1], iters=settings["iters"] if settings["iters"] is not None else 200, lr=settings["lr"] or None,
-            batch_size=settings["batch_size"], sym=settings["sym"], seed=block.index,
-            bits_of={n: b for n, (b, _) in chosen.items()}, group_of={n: g for n, (_, g) in chosen.items()})
+        return signround_block(block.module, inputs, block.dense_outputs(), block.kwargs,
+                               {n: linears[n] for n in chosen}, first[0], first[1], **self._tuning(block, settings),
+                               bits_of={n: b for n, (b, _) in chosen.items()},
+                               group_of={n: g for n, (_, g) in chosen.items()})
+
+    @staticmethod
+    def _tuning(block, settings) -> dict:
+        """`signround_block`'s tuning arguments from the codec settings (200 iterations by default)."""
+        return dict(iters=settings["iters"] if settings["iters"] is not None else 200, lr=settings["lr"] or None,
+                    batch_size=settings["batch_size"], sym=settings["sym"], seed=block.index)
 
 
 _BUILDERS: dict = {}
