@@ -15,6 +15,13 @@ quantization of the dense export (``llama_model_quantize``, no importance matrix
 mixed export with at the same file size. "Ours" is then our evaluation of the same file loaded by
 transformers (``gguf_file=``, which dequantizes every type).
 
+Rows ``evopress@TYPE`` are the EvoPress answer to such a file: a quantization search on the grids
+llama.cpp runs exactly (symmetric, group 32, levels 4 / 5 / 8 = ``Q4_0`` / ``Q5_0`` / ``Q8_0``) at the
+average bits whose export, with the embeddings in ``Q8_0``, is as large as TYPE's file (these types
+store ``bits + 0.5`` bits per weight, so the size fixes the bits), then exported and run the same way.
+q/k/v and gate/up share a width (the default fused groups), so the bits are met to the nearest
+step of a switch group: the file can come out slightly smaller than TYPE's.
+
 Each is exported with ``export(model, dir, "gguf", dense_type="F32")``, loaded by llama-cpp-python
 (``Llama(model_path, n_ctx=512, logits_all=True)``), and every window is evaluated token by token
 from its first token (no BOS added, as in our evaluation). Results: ``OUTPUT/gguf.jsonl`` and a table
@@ -59,6 +66,18 @@ def llamacpp_perplexity(path: Path, windows: torch.Tensor, threads: int) -> dict
     return {"perplexity": math.exp(nll / count), "tokens": count}
 
 
+def tokenizer_agrees(path: Path, tok, text: str) -> bool:
+    """Whether llama.cpp's tokenizer of the file gives transformers' ids for ``text`` (BOS as the
+    tokenizer adds it, special tokens parsed)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    bos = tok.bos_token_id is not None and tok("a").input_ids[:1] == [tok.bos_token_id]
+    same = llm.tokenize(text.encode(), add_bos=bos, special=True) == tok(text).input_ids
+    llm.close()
+    return same
+
+
 def llamacpp_quantize(source: Path, target: Path, ftype: str, threads: int) -> None:
     """llama.cpp's own quantization of ``source`` into file type ``ftype`` (e.g. ``Q4_K_M``)."""
     import ctypes
@@ -83,7 +102,7 @@ def gguf_types(path: Path) -> dict:
     return dict(sorted(counts.items()))
 
 
-def mixed_model(model, seed: int = 0):
+def mixed_model(model, seed: int = 0, choices: tuple = (4, 5, 8)):
     from optimum_evo.compressors.packed_linear import EvoPressQuantLinear
     from optimum_evo.decoder import find_decoder_layout, shared_input_groups
 
@@ -93,7 +112,7 @@ def mixed_model(model, seed: int = 0):
     rng = random.Random(seed)
     bits = {}
     for group in shared_input_groups(model, names):  # index lists into names
-        b = rng.choice((4, 5, 8))
+        b = rng.choice(choices)
         for i in group:
             bits[names[i]] = b
     for n in names:
@@ -120,7 +139,50 @@ def depth_model(model, calib: torch.Tensor, drop: int = 3):
     return model, sorted(least)
 
 
-MARK_START, MARK_END = "<!-- gguf:start -->", "<!-- gguf:end -->"
+def evopress_at_size(ns, path, ftype: str, out: Path):
+    """EvoPress on GGUF's exact grids (symmetric, group 32, 4 / 5 / 8 bits = Q4_0 / Q5_0 / Q8_0) at the
+    average bits whose GGUF file (embeddings in Q8_0) is as large as llama.cpp's ``ftype`` file, and
+    the search's report. These types store ``bits + 0.5`` bits per weight, so the file grows by
+    ``numel / 8`` bytes per average bit above the all-Q4_0 file."""
+    from transformers import AutoModelForCausalLM
+
+    from optimum_evo.exporters import export
+    from optimum_evo.loading import load_model
+    from optimum_evo.pipeline import SearchArguments, run_search
+
+    reference = out / ftype / "model.gguf"
+    if not reference.exists():
+        raise SystemExit(f"evopress@{ftype} needs the {ftype} row first (--rows {ftype},evopress@{ftype}).")
+    base = out / "all-Q4_0"
+    if not (base / "model.gguf").exists():
+        model = load_model(path, torch.float32)
+        mixed_model(model, choices=(4,))
+        export(model, base, "gguf", tokenizer=path, dense_type="Q8_0")
+    numel = sum(m.weight.numel() for n, m in load_model(path, torch.float32).named_modules()
+                if isinstance(m, torch.nn.Linear) and ".layers." in n)
+    floor = (base / "model.gguf").stat().st_size
+    bits = 4 + 8 * (reference.stat().st_size - floor) / numel
+    if not 4 <= bits <= 8:
+        raise SystemExit(f"{ftype}'s file ({reference.stat().st_size / 1e6:.1f} MB) is outside what Q4_0 .. Q8_0 "
+                         f"linears with Q8_0 embeddings can match (all-Q4_0: {floor / 1e6:.1f} MB).")
+    folder = out / f"evopress@{ftype}"
+    result = folder / "search" / "result.json"
+    if result.exists():
+        report = json.loads(result.read_text())
+    else:
+        report = run_search(SearchArguments(
+            model=str(path), compression="quantization", target=round(bits, 4), levels=[4, 5, 8], group_size=32,
+            sym=True, generations=ns.generations, num_samples=ns.num_samples, eval_windows=0,
+            output_dir=str(folder / "search"), progress=False))
+    model = AutoModelForCausalLM.from_pretrained(report["saved_model"]["path"], dtype=torch.float32).eval()
+    return model, report, bits
+
+
+def markers(model: str) -> tuple:
+    """The markers of a model's table in the page (SmolLM2's table is the page's first)."""
+    name = Path(model).name
+    tag = "gguf" if name in ("smollm2", "smollm2-135m") else f"gguf:{name}"
+    return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
 
 
 def main(argv=None) -> int:
@@ -131,7 +193,10 @@ def main(argv=None) -> int:
     p.add_argument("--output", default="outputs/bench-gguf")
     p.add_argument("--doc", default=None)
     p.add_argument("--rows", default="dense,mixed,depth",
-                   help="models, comma-separated: dense, mixed, depth, or a llama.cpp file type such as Q4_K_M")
+                   help="models, comma-separated: dense, mixed, depth, a llama.cpp file type such as Q4_K_M, or "
+                        "evopress@TYPE (EvoPress on the Q4_0/Q5_0/Q8_0 grids at the file size of TYPE's row)")
+    p.add_argument("--generations", type=int, default=15, help="evopress@TYPE rows: search generations")
+    p.add_argument("--num-samples", type=int, default=32, help="evopress@TYPE rows: calibration windows")
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
     from optimum_evo.data import calibration_windows, evaluation_windows
@@ -143,6 +208,9 @@ def main(argv=None) -> int:
     path = resolve_model(ns.model)
     tok = load_tokenizer(path)
     windows = evaluation_windows("wikitext2", tok, 512, ns.windows)
+    from optimum_evo.data import join_corpus, load_texts
+
+    sample = join_corpus(load_texts("wikitext2", "evaluation"))[:20000]  # the tokenizer check's text
     out = Path(ns.output)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -162,6 +230,7 @@ def main(argv=None) -> int:
             ours = evaluate(model, windows, progress=False)["perplexity"]
             theirs = llamacpp_perplexity(target, windows, ns.threads)["perplexity"]
             row = {"model": f"llama.cpp {ftype}", "note": "llama_model_quantize of the dense file, no imatrix",
+                   "same_tokens": tokenizer_agrees(target, tok, sample),
                    "types": gguf_types(target), "gguf_mb": target.stat().st_size / 1e6, "ours": ours,
                    "llama_cpp": theirs, "ratio": theirs / ours, "seconds": time.perf_counter() - start,
                    "command": command, "date": datetime.date.today().isoformat()}
@@ -170,18 +239,26 @@ def main(argv=None) -> int:
             with open(out / "gguf.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             continue
-        model = load_model(path, torch.float32)
         note = ""
+        if name.startswith("evopress@"):
+            model, report, bits = evopress_at_size(ns, path, name.split("@", 1)[1].upper(), out)
+            levels = report["profile"]["bits"]
+            note = (f"searched at {bits:.3f} average bits ({', '.join(f'{v} at {k}' for k, v in levels.items())}), "
+                    f"{ns.num_samples} x 512 calibration tokens, {ns.generations} generations")
+        else:
+            model = load_model(path, torch.float32)
         if name == "mixed":
             model = mixed_model(model)
         elif name == "depth":
             model, removed = depth_model(model, calibration_windows("brown", tok, 16, 512, 0))
             note = f"blocks {removed} removed"
         start = time.perf_counter()
-        summary = export(model, out / name, "gguf", tokenizer=path, dense_type="F32" if name != "depth" else "F16")
+        dense_type = "Q8_0" if name.startswith("evopress@") else ("F32" if name != "depth" else "F16")
+        summary = export(model, out / name, "gguf", tokenizer=path, dense_type=dense_type)
         ours = evaluate(model, windows, progress=False)["perplexity"]
         theirs = llamacpp_perplexity(out / name / summary["file"], windows, ns.threads)["perplexity"]
         row = {"model": name, "note": note, "types": summary["types"], "gguf_mb": summary["bytes"] / 1e6,
+               "same_tokens": tokenizer_agrees(out / name / summary["file"], tok, sample),
                "ours": ours, "llama_cpp": theirs, "ratio": theirs / ours, "seconds": time.perf_counter() - start, "command": command,
                "date": datetime.date.today().isoformat()}
         rows.append(row)
@@ -198,23 +275,29 @@ def main(argv=None) -> int:
         rows = list(latest.values())
 
         commands = sorted({r.get("command", command) for r in rows})
-        lines = [MARK_START, "", "- Command" + ("s" if len(commands) > 1 else "") + ": "
+        start, end = markers(ns.model)
+        lines = [start, "", "- Command" + ("s" if len(commands) > 1 else "") + ": "
                  + "; ".join(f"`{c}`" for c in commands),
                  f"- Machine: {os.cpu_count()} cores, torch {torch.__version__}, llama-cpp-python "
                  f"{llama_cpp.__version__}; dates {', '.join(sorted({r.get('date') or '-' for r in rows}))}.",
                  f"- WikiText-2 test, first {ns.windows} x 512-token windows, no BOS.", "",
-                 "| model | GGUF tensor types | file (MB) | ppl, ours | ppl, llama.cpp | llama.cpp / ours |",
-                 "|---|---|---|---|---|---|"]
+                 "- Tokens: whether llama.cpp's tokenizer of the file gives transformers' ids on the first 20,000 "
+                 "characters of the test text (- where not checked).", "",
+                 "| model | GGUF tensor types | file (MB) | ppl, ours | ppl, llama.cpp | llama.cpp / ours | tokens |",
+                 "|---|---|---|---|---|---|---|"]
         for r in rows:
             types = ", ".join(f"{k} {v}" for k, v in r["types"].items())
             label = r["model"] + (f" ({r['note']})" if r["note"] else "")
+            same = {True: "same", False: "differ"}.get(r.get("same_tokens"), "-")
             lines.append(f"| {label} | {types} | {r['gguf_mb']:.1f} | {r['ours']:.3f} | {r['llama_cpp']:.3f} | "
-                         f"{r['ratio']:.4f} |")
-        lines += ["", MARK_END]
+                         f"{r['ratio']:.4f} | {same} |")
+        lines += ["", end]
         doc = Path(ns.doc)
-        text = doc.read_text() if doc.exists() else f"# GGUF in llama.cpp\n\n{MARK_START}\n{MARK_END}\n"
-        head, rest = text.split(MARK_START, 1)
-        doc.write_text(head + "\n".join(lines) + rest.split(MARK_END, 1)[1])
+        text = doc.read_text() if doc.exists() else "# GGUF in llama.cpp\n"
+        if start not in text:  # a model's first table: a section of its own at the end
+            text = text.rstrip("\n") + f"\n\n## {Path(ns.model).name}\n\n{start}\n{end}\n"
+        head, rest = text.split(start, 1)
+        doc.write_text(head + "\n".join(lines) + rest.split(end, 1)[1])
     return 0
 
 

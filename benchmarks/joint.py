@@ -3,10 +3,14 @@
 For each budget, in one run of this script:
 
 * ``Bbits`` (a size budget): the stored size of the EvoPress quantization model at ``B`` average bits
-  (its checkpoint's tensor bytes). Runs quantization-only EvoPress at ``B`` bits (with its uniform,
-  DP and random baselines), then joint depth + quantization EvoPress at that size (with uniform
-  levels, DP, ShortGPT drops + uniform levels and random joint candidates as baselines). Depth-only
-  and sparsity-only cannot reach such sizes; the page says what they would need.
+  (its checkpoint's tensor bytes), or of the uniform ``B``-bit model when that is larger (packing
+  makes bytes not quite linear in bits), so both fit. Runs quantization-only EvoPress at ``B`` bits
+  (with its uniform, DP and random baselines), then joint depth + quantization EvoPress at that size
+  (with uniform levels, DP, ShortGPT drops + uniform levels and random joint candidates as
+  baselines), the joint search seeded with the quantization-only result (``init_from``), and, as
+  its control at equal search work, the quantization-only search continued from its own result for
+  the same generations. Depth-only and sparsity-only cannot reach such sizes; the page says what
+  they would need.
 * ``Xx`` (a speed budget): decode ``X`` times faster than dense on this machine (latency table).
   Runs joint depth + quantization EvoPress, quantization-only EvoPress under the same speed budget,
   and depth-only EvoPress at the fewest sub-blocks that the latency table says reach ``X``; then
@@ -52,6 +56,18 @@ def tensor_bytes(path: Path) -> int:
             t = f.get_tensor(k)
             total += t.numel() * t.element_size()
     return total
+
+
+def uniform_bytes(model: str, quant: dict, bits: int) -> int:
+    """Stored bytes of the model whose every searched linear is at ``bits`` (the joint search's
+    accounting, on the quantization-only run's database)."""
+    from optimum_evo.compressors.database import LevelDatabase
+    from optimum_evo.loading import load_model
+    from optimum_evo.methods.joint import CostModel
+
+    db = LevelDatabase.open(quant["database"]["path"], verify=False)
+    costs = CostModel(load_model(model, torch.float32), ["quantization"], {"quantization": db}, ("bytes", 0))
+    return costs.fixed_bytes + sum(b[[lv for _, lv in o].index(bits)] for o, b in zip(costs.options, costs.option_bytes))
 
 
 def size_notes(model: str, size: int, label: str) -> str:
@@ -164,13 +180,24 @@ def main(argv=None) -> int:
             # per-linear widths, as in the joint search (whose linears are units of their own)
             quant = search(ns, f"quantization-{bits}", compression="quantization", target=bits, levels=levels,
                            fused_groups=False)
-            size = tensor_bytes(Path(quant["saved_model"]["path"]) / "model.safetensors")
+            quant_dir = str(Path(quant["saved_model"]["path"]).parent)
+            # the larger of the quantization-only result's stored bytes and the uniform model's: both fit
+            size = max(tensor_bytes(Path(quant["saved_model"]["path"]) / "model.safetensors"),
+                       uniform_bytes(ns.model, quant, bits) if bits in levels else 0)
             joint = search(ns, f"joint-{bits}bits", compression=["depth", "quantization"], target_size=size,
                            levels=levels)
+            seeded = search(ns, f"joint-{bits}bits-seeded", compression=["depth", "quantization"], target_size=size,
+                            levels=levels, init_from=quant_dir)
+            continued = search(ns, f"quantization-{bits}-continued", compression="quantization", target=bits,
+                               levels=levels, fused_groups=False, init_from=quant_dir)
             dense_ppl = quant["results"]["dense"]["perplexity"]
             label = f"{bits:g} bits = {size / 1e6:.2f} MB"
             table += rows(joint, label, True)
+            table += [(label, f"seeded {n}", ppl, kl, b) for _, n, ppl, kl, b in rows(seeded, label, True)
+                      if n in ("evopress", "init_from")]
             table += [(label, f"quantization-only {n}", ppl, kl, b) for _, n, ppl, kl, b in rows(quant, label, True)]
+            table += [(label, "quantization-only evopress, continued", ppl, kl, b)
+                      for _, n, ppl, kl, b in rows(continued, label, True) if n == "evopress"]
             notes.append(size_notes(ns.model, size, label))
         elif budget.endswith("x"):
             speedup = float(budget[:-1])

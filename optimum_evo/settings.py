@@ -40,6 +40,17 @@ __all__ = ["DEPRECATED_NAMES", "Option", "SearchArguments", "config_fields", "op
 DEPRECATED_NAMES = {"calibration": "dataset", "evaluation": "eval_dataset", "cache_dir": "database_dir"}
 
 
+def init_report_path(value) -> Path:
+    """The ``result.json`` that ``init_from`` names (the file, or the output folder holding it);
+    ``ValueError`` when there is none."""
+    path = Path(os.fspath(value)) if isinstance(value, (str, os.PathLike)) else None
+    if path is not None and path.is_dir():
+        path = path / "result.json"
+    if path is None or not path.is_file():
+        raise ValueError(f"init_from must be the result.json of an earlier search (or its output folder), got "
+                         f"{value!r}: no such file.")
+    return path
+
 @dataclass(frozen=True)
 class Option:
     """How a setting appears outside Python.
@@ -194,6 +205,10 @@ class SearchArguments:
         None, "re-score a child that beat the parent on this many fresh tokens before accepting it")
     init: Annotated[Literal["baselines", "random"], Option("search", choices=("baselines", "random"))] = _setting(
         "baselines", "initial parent: the best baseline by KL, or the best of random candidates (the paper)")
+    init_from: Annotated[Optional[str], Option("search", metavar="RESULT", record=False)] = _setting(
+        None, "also start from what an earlier search found: its result.json (or its output folder), of the same "
+              "method or, for a joint search, of one of its kinds (e.g. the quantization-only result at the same "
+              "size); fitted to this run's budget")
     random_candidates: Annotated[int, Option("search")] = _setting(
         16, "random candidates for init=random and for the best-of-N random baseline")
     compare_baselines: Annotated[bool, Option("search")] = _setting(
@@ -327,6 +342,8 @@ class SearchArguments:
             if not isinstance(self.lora_learning_rate, (int, float)) or isinstance(self.lora_learning_rate, bool) \
                     or not self.lora_learning_rate > 0:
                 raise ValueError(f"lora_learning_rate must be a positive number, got {self.lora_learning_rate!r}.")
+        if self.init_from is not None:
+            init_report_path(self.init_from)
         self._validate_dataset()
 
     def _validate_dataset(self) -> None:

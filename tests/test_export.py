@@ -416,8 +416,10 @@ def test_gguf_export_of_a_depth_result_with_its_tokenizer(tmp_path):
     space.compress(partial, space.candidate(attention=[0], mlp=[2]))
     with pytest.raises(ExportError, match="attention-/MLP-only drops"):
         export(partial, tmp_path / "partial", "gguf")
+    with pytest.raises(ExportError, match="gemma3 architecture has no layer_types"):
+        export(tiny_model("gemma3"), tmp_path / "gemma", "gguf")  # every 3rd layer global: not llama.cpp's graph
     with pytest.raises(ExportError, match="supports the model types"):
-        export(tiny_model("gemma3"), tmp_path / "gemma", "gguf")
+        export(_gpt2_tiny(), tmp_path / "gpt2", "gguf")
     with pytest.raises(ValueError, match="dense_type must be one of"):
         export(tiny_model("llama"), tmp_path / "bad", "gguf", dense_type="Q2_K")
 
@@ -455,3 +457,106 @@ def test_gguf_export_runs_in_llama_cpp(tmp_path):
     kl = float((ours.exp() * (ours - theirs)).sum(-1).mean())
     assert kl < 2e-3
     assert float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()) >= 0.9
+
+
+def _gpt2_tiny():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=32, n_layer=1, n_head=2, n_positions=32)).eval()
+
+
+def _sentencepiece_bpe(path, vocab_size: int):
+    """A SentencePiece-style BPE tokenizer as Gemma's (spaces as U+2581, byte fallback, BOS added),
+    trained with `tokenizers` on a real text and saved as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from optimum_evo.data import join_corpus, load_texts
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.normalizer = normalizers.Replace(" ", "\u2581")
+    trained.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_previous")
+    trained.train_from_iterator([join_corpus(load_texts("tinyshakespeare"))[:200_000]], trainers.BpeTrainer(
+        vocab_size=vocab_size - 256 - 1, special_tokens=specials, show_progress=False))
+    spec = json.loads(trained.to_str())["model"]
+    # Gemma's layout: special tokens, the 256 byte-fallback tokens <0xNN>, then the learned pieces
+    pieces = specials + [f"<0x{i:02X}>" for i in range(256)] + [t for t, _ in sorted(spec["vocab"].items(),
+                                                                  key=lambda kv: kv[1]) if t not in specials]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(pieces)}, merges, byte_fallback=True, unk_token="<unk>",
+                               fuse_unk=True))
+    tok.normalizer = trained.normalizer
+    tok.pre_tokenizer = trained.pre_tokenizer
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(specials)
+    tok.add_tokens(["\n\n"])  # a user-defined (non-special) added token, as Gemma has
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def test_gguf_export_of_gemma3_runs_in_llama_cpp_with_its_sentencepiece_tokenizer(tmp_path):
+    """A Gemma-3 model (local / global attention layers, sliding window, q/k norms, norms scaled by
+    1 + weight) and its SentencePiece BPE tokenizer: llama.cpp tokenizes as transformers does (byte
+    fallback, added tokens, BOS) and predicts what our packed model predicts, past the sliding window."""
+    pytest.importorskip("gguf")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import gguf
+    import numpy as np
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = _sentencepiece_bpe(tmp_path / "tok", 2048)
+    torch.manual_seed(0)
+    layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(6)]
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
+                           sliding_window=8, layer_types=layer_types, tie_word_embeddings=True,
+                           bos_token_id=2, eos_token_id=1, pad_token_id=0,
+                           rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    base = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+            elif "norm" in name:
+                p.normal_(0, 0.5)  # gemma's norms scale by 1 + weight: a wrong convention shows
+    model = quantized_tiny(bits=(4, 5, 8), group_size=32, sym=True, model=base)
+    summary = export(model, tmp_path / "gguf", "gguf", tokenizer=tmp_path / "tok", dense_type="F32")
+    assert summary["architecture"] == "gemma3" and summary["tokenizer"] is True
+    reader = gguf.GGUFReader(str(tmp_path / "gguf" / summary["file"]))
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    norm = next(t for t in reader.tensors if t.name == "blk.0.attn_norm.weight")
+    assert np.allclose(np.asarray(norm.data), base.model.layers[0].input_layernorm.weight.detach().numpy() + 1)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "gguf" / summary["file"]), n_ctx=96, logits_all=True,
+                          n_threads=1, verbose=False)
+    for text in ("To be, or not to be: that is the question.\n\nWhether 'tis nobler in the mind",
+                 "caf\u00e9 na\u00efve \u2603 1234  double  spaces <start_of_turn>user hi<end_of_turn>"):
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text).input_ids, text
+    ids = tok("Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds "
+              "that lour'd upon our house in the deep bosom of the ocean buried.").input_ids
+    assert len(ids) > 3 * cfg.sliding_window
+    llm.eval(ids)
+    theirs = torch.log_softmax(torch.from_numpy(np.asarray(llm.scores[: len(ids)], dtype=np.float32)), -1)
+    with torch.no_grad():
+        ours = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    kl = (ours.exp() * (ours - theirs)).sum(-1)
+    assert float(kl.mean()) < 2e-3 and float(kl[-8:].mean()) < 2e-3  # also where only the window is seen
+    assert float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()) >= 0.9
+    llm.close()  # free llama.cpp's model now, not at interpreter exit
+
+
+def test_sentencepiece_space_prefix_follows_the_tokenizer_spec():
+    from optimum_evo.exporters.gguf import _adds_space_prefix
+
+    gemma = {"normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+             "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}}}
+    llama2 = {"normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                                 {"type": "Replace"}]}, "pre_tokenizer": None}
+    metaspace = {"normalizer": None, "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581",
+                                                       "prepend_scheme": "first"}}
+    never = {"normalizer": None, "pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "never"}}
+    assert [_adds_space_prefix(s) for s in (gemma, llama2, metaspace, never)] == [False, True, True, False]

@@ -217,3 +217,55 @@ def test_single_kind_under_a_size_budget_saves_that_kinds_checkpoint(tiny_dir, t
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
     qc = optimum_evo.check_evopress_model(reloaded)
     assert qc.compression == "quantization" and qc.profile["modules"]
+
+
+def test_init_from_seeds_a_joint_search_with_a_single_kind_result(tiny_dir, tmp_path):
+    quant = tmp_path / "quant"
+    proc = run_cli(*common(tiny_dir, quant, "--compression", "quantization", "--target", 3, "--no-fused-groups", "--eval-windows", 0))
+    assert proc.returncode == 0, proc.stderr
+    q = json.loads((quant / "result.json").read_text())
+    size = tensor_bytes(quant / "model" / "model.safetensors")
+    joint = tmp_path / "joint"
+    proc = run_cli(*common(tiny_dir, joint, "--compression", "depth,quantization", "--target-size", size,
+                           "--init-from", quant, "--eval-windows", 0))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((joint / "result.json").read_text())
+    seed = report["initial_candidates"]["init_from"]
+    from optimum_evo.methods import get_method
+    from optimum_evo.loading import load_model
+    method = get_method("depth+quantization")
+    space = method.space_from_report(load_model(str(tiny_dir), torch.float32), report)
+    profile = space.profile(tuple(seed))
+    # every sub-block kept, every linear at the quantization-only level or (filling the budget) above it
+    assert all(u["level"] == "kept" for n, u in profile.items() if u["kind"] == "depth")
+    assert all(profile[n]["kind"] == "quantization" and int(profile[n]["level"]) >= int(lv)
+               for n, lv in q["levels"].items())
+    assert space.costs.size_bytes(tuple(seed)) <= report["baseline_settings"]["budget"]["value"]
+    # the seed is one of the starting points, so the search ends at least as good as it (the 6 calibration
+    # windows are fewer tokens than every stage takes: each score is over all of them, exact)
+    starts = list(dict.fromkeys([tuple(c) for n, c in report["initial_candidates"].items()
+                                 if not n.startswith("random_best_of") and n != "init_from"] + [tuple(seed)]))
+    seed_score = report["search"]["initial_scores"][starts.index(tuple(seed))]
+    assert report["search"]["fitness"] <= seed_score + 1e-12
+
+
+def test_init_from_continues_a_search_and_refuses_what_does_not_fit(tiny_dir, tmp_path):
+    first = tmp_path / "first"
+    assert run_cli(*common(tiny_dir, first, "--compression", "quantization", "--target", 3, "--eval-windows", 0, "--no-save-model")).returncode == 0
+    done = json.loads((first / "result.json").read_text())
+    again = tmp_path / "again"
+    proc = run_cli(*common(tiny_dir, again, "--compression", "quantization", "--target", 3, "--eval-windows", 0, "--no-save-model",
+                           "--init-from", first / "result.json"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((again / "result.json").read_text())
+    assert report["initial_candidates"]["init_from"] == done["search"]["best"]
+    assert report["search"]["fitness"] <= done["search"]["fitness"] + 1e-9  # both over all 6 windows
+    # another target: refused, naming the fix; another kind: refused; no such file: refused before loading
+    other = run_cli(*common(tiny_dir, tmp_path / "x", "--compression", "quantization", "--target", 2.5, "--eval-windows", 0, "--no-save-model",
+                            "--init-from", first))
+    assert other.returncode != 0 and "init_from" in other.stderr and "target" in other.stderr
+    depth = run_cli(*common(tiny_dir, tmp_path / "y", "--compression", "depth", "--target", 0.25, "--eval-windows", 0,
+                            "--no-save-model", "--init-from", first))
+    assert depth.returncode != 0 and "init_from" in depth.stderr and "'quantization'" in depth.stderr
+    missing = run_cli(*common(tiny_dir, tmp_path / "z", "--compression", "quantization", "--target", 3, "--init-from", tmp_path / "nothing"))
+    assert missing.returncode != 0 and "init_from must be the result.json" in missing.stderr

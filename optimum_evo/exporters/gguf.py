@@ -24,9 +24,11 @@ GGUF's 2- and 3-bit types are K-quants (256-weight super-blocks with quantized s
 smallest files, quantize with ``sym=True, group_size=32`` and levels 4, 5, 8 (the exact ``Q4_0`` /
 ``Q5_0`` / ``Q8_0`` grids), so what the search scored is what llama.cpp runs.
 
-Architectures: llama (and mistral), qwen2, qwen3 (llama.cpp's names; q/k rows are permuted for
-llama as llama.cpp's converter does). The tokenizer is written for byte-level BPE tokenizers
-(``tokenizer.ggml.model = "gpt2"``, merges and special tokens from ``tokenizer.json``).
+Architectures: llama (and mistral), qwen2, qwen3, gemma3 (llama.cpp's names; q/k rows are permuted
+for llama as llama.cpp's converter does; gemma's norms are stored as ``1 + weight``). The tokenizer
+is written for byte-level BPE tokenizers (``tokenizer.ggml.model = "gpt2"``, merges and special
+tokens from ``tokenizer.json``) and SentencePiece BPE ones (``"llama"``: pieces, scores from the merge
+order, byte tokens).
 
 Examples:
     >>> from optimum_evo.exporters import export
@@ -56,7 +58,9 @@ logger = logging.getLogger(__name__)
 
 #: transformers ``model_type`` -> (llama.cpp architecture, q/k rows permuted as llama.cpp's converter does)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-                 "qwen3": ("qwen3", False)}
+                 "qwen3": ("qwen3", False), "gemma3_text": ("gemma3", False), "gemma3": ("gemma3", False)}
+#: llama.cpp's gemma3 graph: every 6th layer global, local layers' rotary base 10000
+GEMMA3_SWA_PATTERN, GEMMA3_LOCAL_THETA = 6, 10000.0
 DENSE_TYPES = ("F16", "BF16", "F32", "Q8_0")
 FILE_NAME = "model.gguf"
 
@@ -149,6 +153,38 @@ def llama_permute(rows: int, heads: int) -> torch.Tensor:
     return idx.reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
 
 
+def _rope_theta(config, layer_type: str = "full_attention") -> float:
+    rope = getattr(config, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and isinstance(rope.get(layer_type), dict):  # per layer type (gemma3)
+        rope = rope[layer_type]
+    if isinstance(rope, dict) and rope.get("rope_type", "default") not in ("default", None):
+        raise ExportError(f"GGUF export writes the default rotary embedding; this model uses "
+                          f"{rope.get('rope_type')!r} scaling. Export with 'dense' and convert with llama.cpp's "
+                          "convert_hf_to_gguf.py.")
+    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+    return float(theta if theta is not None else getattr(config, "rope_theta", None) or 10000.0)
+
+
+def _check_gemma3(config) -> None:
+    """Refuse gemma3 settings llama.cpp's gemma3 graph does not have."""
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    expected = ["full_attention" if (i + 1) % GEMMA3_SWA_PATTERN == 0 else "sliding_attention"
+                for i in range(len(layer_types))]
+    problems = []
+    if layer_types != expected:
+        problems.append(f"layer_types other than every {GEMMA3_SWA_PATTERN}th layer global")
+    if _rope_theta(config, "sliding_attention") != GEMMA3_LOCAL_THETA:
+        problems.append(f"a local rotary base other than {GEMMA3_LOCAL_THETA:g}")
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(config, name, None) is not None:
+            problems.append(name)
+    if getattr(config, "use_bidirectional_attention", False):
+        problems.append("bidirectional attention")
+    if problems:
+        raise ExportError(f"llama.cpp's gemma3 architecture has no {', '.join(problems)}; export with 'dense' "
+                          "instead.")
+
+
 def _metadata(writer, config, arch: str, blocks: int) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_context_length(int(config.max_position_embeddings))
@@ -158,31 +194,53 @@ def _metadata(writer, config, arch: str, blocks: int) -> None:
     writer.add_head_count(int(config.num_attention_heads))
     writer.add_head_count_kv(int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    rope = getattr(config, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)) if isinstance(rope, dict) else 10000.0
-    writer.add_rope_freq_base(float(theta))
+    writer.add_rope_freq_base(_rope_theta(config))
     writer.add_rope_dimension_count(int(head_dim))
-    if head_dim != config.hidden_size // config.num_attention_heads or arch == "qwen3":
+    if arch == "gemma3":
+        writer.add_sliding_window(int(config.sliding_window))
+    if head_dim != config.hidden_size // config.num_attention_heads or arch in ("qwen3", "gemma3"):
         writer.add_key_length(int(head_dim))
         writer.add_value_length(int(head_dim))
     writer.add_vocab_size(int(config.vocab_size))
 
 
 def _tokenizer(writer, tokenizer, vocab_size: int) -> bool:
-    """Byte-level BPE vocabulary, merges and special tokens (llama.cpp's ``gpt2`` tokenizer model).
-    Returns whether a tokenizer was written."""
-    import gguf
-
+    """The tokenizer in llama.cpp's terms: a byte-level BPE (vocabulary, merges and special tokens:
+    the ``gpt2`` tokenizer model) or a SentencePiece BPE (`_sentencepiece_tokenizer`). Returns
+    whether a tokenizer was written."""
     from ..loading import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
     model = spec.get("model", {})
+    if model.get("type") == "BPE" and model.get("byte_fallback") and "\u2581" in json.dumps(
+            [spec.get("normalizer"), spec.get("pre_tokenizer")], ensure_ascii=False):
+        _sentencepiece_tokenizer(writer, tok, model, vocab_size, _adds_space_prefix(spec))
+        return True
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        logger.warning("The tokenizer is not a byte-level BPE tokenizer: the GGUF holds no tokenizer (llama.cpp "
-                       "needs one; transformers can load the tokenizer from the original folder).")
+        logger.warning("The tokenizer is neither a byte-level BPE nor a SentencePiece BPE tokenizer: the GGUF holds "
+                       "no tokenizer (llama.cpp needs one; transformers can load the tokenizer from the original "
+                       "folder).")
         return False
+    tokens, types = _token_types(tok, vocab_size, byte_tokens=False)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    merges = model.get("merges", [])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    _special_ids(writer, tok)
+    return True
+
+
+def _token_types(tok, vocab_size: int, byte_tokens: bool) -> tuple:
+    """Token strings and llama.cpp token types in id order (``<0xNN>`` byte tokens as ``BYTE`` when
+    ``byte_tokens``; ids with no token as unused ``[PADi]``)."""
+    import re
+
+    import gguf
+
     vocab = tok.get_vocab()
     reverse = {i: t for t, i in vocab.items()}
     added = tok.get_added_vocab()
@@ -196,24 +254,68 @@ def _tokenizer(writer, tokenizer, vocab_size: int) -> bool:
         elif token in added:
             tokens.append(token)
             types.append(gguf.TokenType.CONTROL if token in special else gguf.TokenType.USER_DEFINED)
+        elif byte_tokens and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            tokens.append(token)
+            types.append(gguf.TokenType.BYTE)
         else:
             tokens.append(token)
             types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    merges = model.get("merges", [])
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    return tokens, types
+
+
+def _special_ids(writer, tok) -> None:
+    vocab = tok.get_vocab()
     for role in ("bos", "eos", "unk", "pad"):
         token = getattr(tok, f"{role}_token", None)
         if token is not None and token in vocab:
             getattr(writer, f"add_{role}_token_id")(int(vocab[token]))
-    writer.add_add_bos_token(bool(getattr(tok, "add_bos_token", False)))
+    bos = getattr(tok, "bos_token_id", None)
+    try:  # what the tokenizer does, whatever its attributes say (a post-processor may add it)
+        adds_bos = bos is not None and tok("a").input_ids[:1] == [bos]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode: fall back to its attribute
+        adds_bos = bool(getattr(tok, "add_bos_token", False))
+    writer.add_add_bos_token(bool(adds_bos))
     template = getattr(tok, "chat_template", None)
     if isinstance(template, str):
         writer.add_chat_template(template)
-    return True
+
+
+def _adds_space_prefix(spec: dict) -> bool:
+    """Whether a SentencePiece tokenizer puts ``▁`` before the text (Llama 2: a ``Prepend``
+    normalizer or a ``Metaspace`` pre-tokenizer that prepends; Gemma: neither)."""
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("type") == "Prepend" or (node.get("type") == "Metaspace"
+                                                 and node.get("prepend_scheme", "always") != "never"):
+                return True
+            return any(walk(v) for v in node.values())
+        return any(walk(v) for v in node) if isinstance(node, list) else False
+
+    return walk(spec.get("normalizer")) or walk(spec.get("pre_tokenizer"))
+
+
+def _sentencepiece_tokenizer(writer, tok, model: dict, vocab_size: int, space_prefix: bool = False) -> None:
+    """A SentencePiece BPE tokenizer (``▁`` for spaces, byte fallback; Gemma, Llama 2) as llama.cpp's
+    ``llama`` tokenizer model. llama.cpp merges the adjacent pair whose joined piece scores highest,
+    so each piece scores minus the rank of the first merge that makes it: the merge order of
+    ``tokenizer.json``."""
+    import gguf
+
+    tokens, types = _token_types(tok, vocab_size, byte_tokens=True)
+    rank = {}
+    for r, m in enumerate(model.get("merges", [])):
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(left + right, r)
+    unmade = -float(len(rank) + 1)  # single characters, bytes and added tokens: never a merge's result
+    scores = [-float(rank[t]) if t in rank and ty == gguf.TokenType.NORMAL else unmade
+              for t, ty in zip(tokens, types)]
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(space_prefix)
+    _special_ids(writer, tok)
 
 
 # ============================================================================ export
@@ -250,6 +352,8 @@ def export_gguf(model, save_dir, tokenizer=None, dense_type: str = "F16", fallba
         raise ExportError(f"GGUF export supports the model types {sorted(ARCHITECTURES)}; {model_type!r} has no "
                           "tensor mapping here. Export with 'dense' and convert with llama.cpp's convert_hf_to_gguf.py.")
     arch, permute = ARCHITECTURES[model_type]
+    if arch == "gemma3":
+        _check_gemma3(config)
     contents = model_contents(model)
     if contents.dropped:
         raise ExportError(
@@ -301,6 +405,8 @@ def export_gguf(model, save_dir, tokenizer=None, dense_type: str = "F16", fallba
             continue
         order = rows_order(module, value.shape[0]) if key.endswith((".weight", ".bias")) else None
         tensor = value[order] if order is not None else value
+        if arch == "gemma3" and key.endswith("norm.weight"):
+            tensor = tensor.float() + 1  # gemma's RMSNorm scales by 1 + weight; llama.cpp's by the weight
         array, raw, qtype = _torch_dtype_array(tensor, "F32" if tensor.dim() == 1 else dense_type)
         writer.add_tensor(target(key), array, raw_dtype=raw)
         types[qtype] += 1

@@ -137,6 +137,24 @@ class CompressionMethod(ABC):
         """``(candidates, notes)``: named heuristic candidates in ``run.space`` (the first one is the
         reference budget for random candidates) and notes on how they were chosen."""
 
+    def seed_candidate(self, run: "RunContext", report: dict, reference) -> tuple:
+        """The candidate of ``run.space`` that an earlier run's ``report`` (``result.json``) found,
+        with the budget of ``reference`` (a baseline): the ``init_from`` seed. Default: the report's
+        own candidate, when it searched this method over a space of the same shape and budget;
+        ``ValueError`` naming the mismatch otherwise."""
+        ls = run.space.level_space
+        if report.get("compression") != self.name:
+            raise ValueError(f"init_from: the report searched {report.get('compression')!r}, this run searches "
+                             f"{self.name!r}; seed it with a {self.name} result (a joint search also takes the "
+                             "result of one of its kinds).")
+        try:
+            cand = ls.validate(report.get("candidate") or ())
+            ls.check_initial([tuple(reference), cand])
+        except ValueError as e:
+            raise ValueError(f"init_from: the report's candidate does not fit this run ({e}); search with the "
+                             "report's model, levels and target.") from None
+        return cand
+
     def refine(self, run: "RunContext") -> dict:
         """After the search: improve the found candidate's compressed weights in ``run.eval_space``
         without changing its levels (quantization: ``retune``); returns report entries. Default none."""

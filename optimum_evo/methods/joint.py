@@ -284,6 +284,7 @@ class CostModel:
         # per linear: the options worth their cost, in quality order
         by_method = {m.name: m for m in methods}
         self.options, self.option_bytes, self.option_ns, self.option_errors = [], [], [], []
+        self.stand_ins = []  # per linear: {(kind, level): index of the kept option standing in for it}
         for name in self.linear_names:
             module = modules[name]
             dense_ns = latency.linears[latency_key(module, DENSE, None)] if latency is not None else 0
@@ -296,6 +297,8 @@ class CostModel:
                     raw.append((kind, level, size, ns, db.error(name, level)))
             key = 3 if budget[0] == "latency" else 2
             kept = _worth_their_cost(raw, key)
+            self.stand_ins.append({(str(k), str(lv)): max(i for i, o in enumerate(kept) if o[key] <= r[key])
+                                   for r in raw for k, lv in [r[:2]]})
             self.options.append([(k, lv) for k, lv, *_ in kept])
             self.option_errors.append([r[4] for r in kept])
             self.option_bytes.append([r[2] for r in kept])
@@ -721,6 +724,48 @@ class JointMethod(CompressionMethod):
         notes["budget"] = {"kind": run.costs.kind, "value": ls.budget,
                            "unit": "ns" if run.costs.kind == "latency" else "bytes"}
         return out, notes
+
+    def seed_candidate(self, run, report: dict, reference) -> tuple:
+        """The joint candidate of an earlier result of this joint search or of one of its kinds (a
+        depth result's drops, a sparsity or quantization result's per-linear levels; the other units
+        as in ``reference``), lowered (then raised) to fit the budget."""
+        space = run.space
+        ls = space.level_space
+        compression = str(report.get("compression"))
+        levels = report.get("levels") or {}
+        cand = list(reference)
+        if compression == self.name:
+            units = {name: unit for name, unit in levels.items()}
+        elif compression in self.kinds and getattr(get_method(compression), "joint_role", None) == "linears":
+            units = {name: {"kind": compression, "level": level} for name, level in levels.items()}
+        elif compression in self.kinds:  # the block kind: its drops, by layer index
+            profile = report.get("profile") or {}
+            units = {}
+            for i in range(space.num_layers):
+                for sub, key in ((space.layout.attn_name, "dropped_attention"), (space.layout.mlp_name, "dropped_mlp")):
+                    units[f"{space.layout.path}.{i}.{sub}"] = {
+                        "kind": "depth", "level": "dropped" if i in profile.get(key, []) else "kept"}
+        else:
+            raise ValueError(f"init_from: the report searched {compression!r}; a {self.name} search takes a result "
+                             f"of {self.name} or of one of {list(self.kinds)}.")
+        index = {name: u for u, name in enumerate(ls.unit_names)}
+        missing = [n for n in units if n not in index]
+        if missing or not units:
+            raise ValueError(f"init_from: the report's units ({missing[:2] or 'none'}) are not units of this run; "
+                             "seed it with a result of the same model.")
+        for name, unit in units.items():
+            u = index[name]
+            if u < space.num_blocks:
+                cand[u] = 0 if unit.get("level") == "dropped" else 1
+                continue
+            j = u - space.num_blocks
+            key = (str(unit.get("kind")), str(unit.get("level")))
+            if key not in space.costs.stand_ins[j]:
+                raise ValueError(f"init_from: {name} has no level {key[1]!r} of {key[0]} in this run (its levels: "
+                                 f"{[lv for _, lv in space.options[j]]}); search with the report's levels.")
+            cand[u] = space.costs.stand_ins[j][key]  # the level itself, or the best one no costlier
+        rng = random.Random(run.args.seed + 7)
+        return tuple(ls.fill(cand, rng))
 
     def space_from_report(self, model, report: dict) -> JointSpace:
         from types import SimpleNamespace

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import random
 import time
@@ -195,6 +196,12 @@ def initialize(ctx: RunContext) -> None:
         ctx.timings["random_baseline_seconds"] = time.perf_counter() - start
     ctx.baselines = baselines
     ctx.initial = heuristics if args.init == "baselines" else randoms
+    if args.init_from is not None:  # an earlier result: a baseline of its own and a starting point
+        from ..settings import init_report_path
+
+        seed = ctx.method.seed_candidate(ctx, json.loads(init_report_path(args.init_from).read_text()), reference)
+        baselines["init_from"] = seed
+        ctx.initial = list(dict.fromkeys([*ctx.initial, seed]))
 
 
 def search(ctx: RunContext) -> None:
