@@ -71,9 +71,10 @@ def tokenizer_agrees(path: Path, tok, text: str) -> bool:
     tokenizer adds it, special tokens parsed)."""
     from llama_cpp import Llama
 
+    from optimum_evo.exporters.gguf import tokenizer_adds_bos
+
     llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
-    bos = tok.bos_token_id is not None and tok("a").input_ids[:1] == [tok.bos_token_id]
-    same = llm.tokenize(text.encode(), add_bos=bos, special=True) == tok(text).input_ids
+    same = llm.tokenize(text.encode(), add_bos=tokenizer_adds_bos(tok), special=True) == tok(text).input_ids
     llm.close()
     return same
 
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=32, help="evopress@TYPE rows: calibration windows")
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
-    from optimum_evo.data import calibration_windows, evaluation_windows
+    from optimum_evo.data import calibration_windows, evaluation_windows, join_corpus, load_texts
     from optimum_evo.embedded_models import resolve_model
     from optimum_evo.exporters import export
     from optimum_evo.fitness import evaluate
@@ -208,8 +209,6 @@ def main(argv=None) -> int:
     path = resolve_model(ns.model)
     tok = load_tokenizer(path)
     windows = evaluation_windows("wikitext2", tok, 512, ns.windows)
-    from optimum_evo.data import join_corpus, load_texts
-
     sample = join_corpus(load_texts("wikitext2", "evaluation"))[:20000]  # the tokenizer check's text
     out = Path(ns.output)
     out.mkdir(parents=True, exist_ok=True)

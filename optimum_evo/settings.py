@@ -51,6 +51,7 @@ def init_report_path(value) -> Path:
                          f"{value!r}: no such file.")
     return path
 
+
 @dataclass(frozen=True)
 class Option:
     """How a setting appears outside Python.

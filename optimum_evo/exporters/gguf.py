@@ -263,18 +263,23 @@ def _token_types(tok, vocab_size: int, byte_tokens: bool) -> tuple:
     return tokens, types
 
 
+def tokenizer_adds_bos(tok) -> bool:
+    """Whether ``tok`` puts BOS before a text: what it does, whatever its attributes say (a
+    post-processor may add it); its ``add_bos_token`` when it cannot encode."""
+    bos = getattr(tok, "bos_token_id", None)
+    try:
+        return bool(bos is not None and tok("a").input_ids[:1] == [bos])
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode: fall back to its attribute
+        return bool(getattr(tok, "add_bos_token", False))
+
+
 def _special_ids(writer, tok) -> None:
     vocab = tok.get_vocab()
     for role in ("bos", "eos", "unk", "pad"):
         token = getattr(tok, f"{role}_token", None)
         if token is not None and token in vocab:
             getattr(writer, f"add_{role}_token_id")(int(vocab[token]))
-    bos = getattr(tok, "bos_token_id", None)
-    try:  # what the tokenizer does, whatever its attributes say (a post-processor may add it)
-        adds_bos = bos is not None and tok("a").input_ids[:1] == [bos]
-    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode: fall back to its attribute
-        adds_bos = bool(getattr(tok, "add_bos_token", False))
-    writer.add_add_bos_token(bool(adds_bos))
+    writer.add_add_bos_token(tokenizer_adds_bos(tok))
     template = getattr(tok, "chat_template", None)
     if isinstance(template, str):
         writer.add_chat_template(template)

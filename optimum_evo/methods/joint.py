@@ -297,8 +297,8 @@ class CostModel:
                     raw.append((kind, level, size, ns, db.error(name, level)))
             key = 3 if budget[0] == "latency" else 2
             kept = _worth_their_cost(raw, key)
-            self.stand_ins.append({(str(k), str(lv)): max(i for i, o in enumerate(kept) if o[key] <= r[key])
-                                   for r in raw for k, lv in [r[:2]]})
+            self.stand_ins.append({(str(r[0]), str(r[1])): max(i for i, o in enumerate(kept) if o[key] <= r[key])
+                                   for r in raw})
             self.options.append([(k, lv) for k, lv, *_ in kept])
             self.option_errors.append([r[4] for r in kept])
             self.option_bytes.append([r[2] for r in kept])
@@ -735,7 +735,7 @@ class JointMethod(CompressionMethod):
         levels = report.get("levels") or {}
         cand = list(reference)
         if compression == self.name:
-            units = {name: unit for name, unit in levels.items()}
+            units = dict(levels)
         elif compression in self.kinds and getattr(get_method(compression), "joint_role", None) == "linears":
             units = {name: {"kind": compression, "level": level} for name, level in levels.items()}
         elif compression in self.kinds:  # the block kind: its drops, by layer index
