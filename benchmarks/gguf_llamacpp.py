@@ -22,6 +22,15 @@ store ``bits + 0.5`` bits per weight, so the size fixes the bits), then exported
 q/k/v and gate/up share a width (the default fused groups), so the bits are met to the nearest
 step of a switch group: the file can come out slightly smaller than TYPE's.
 
+Rows ``gguf@TYPE`` go further: a ``compression="gguf"`` search whose levels are GGUF types
+(``Q2_K`` ... ``Q8_0`` and ``IQ4_NL``, each made by GPTQ on the type's own grid, K-quant super-block
+scales included) under the size budget of TYPE's file, exported with the embeddings in ``Q8_0``:
+the file holds exactly the bytes the search scored.
+
+Rows ``TYPE+imatrix`` are llama.cpp's file type made with an importance matrix computed by
+``llama-imatrix`` on the text of the same calibration windows (``--llama-cpp-bin``: the folder of
+llama.cpp's ``llama-imatrix`` and ``llama-quantize``, built from its sources).
+
 Each is exported with ``export(model, dir, "gguf", dense_type="F32")``, loaded by llama-cpp-python
 (``Llama(model_path, n_ctx=512, logits_all=True)``), and every window is evaluated token by token
 from its first token (no BOS added, as in our evaluation). Results: ``OUTPUT/gguf.jsonl`` and a table
@@ -91,6 +100,34 @@ def llamacpp_quantize(source: Path, target: Path, ftype: str, threads: int) -> N
     target.parent.mkdir(parents=True, exist_ok=True)
     if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
         raise RuntimeError(f"llama_model_quantize({source} -> {ftype}) failed.")
+
+
+def llamacpp_imatrix_quantize(ns, dense_file: Path, target: Path, ftype: str, tok) -> Path:
+    """llama.cpp's ``ftype`` made with an importance matrix: ``llama-imatrix`` on the text of the
+    calibration windows the EvoPress rows calibrate on (``--num-samples`` x 512 Brown tokens), then
+    ``llama-quantize --imatrix``. Both tools come from ``--llama-cpp-bin`` (built from llama.cpp's
+    sources; llama-cpp-python ships neither)."""
+    import subprocess
+
+    from optimum_evo.data import calibration_windows
+
+    tools = Path(ns.llama_cpp_bin or "")
+    if not (tools / "llama-imatrix").exists() or not (tools / "llama-quantize").exists():
+        raise SystemExit(f"{ftype}+imatrix needs llama.cpp's llama-imatrix and llama-quantize in --llama-cpp-bin "
+                         "(cmake -B build && cmake --build build --target llama-imatrix llama-quantize in a "
+                         "llama.cpp checkout: the folder is build/bin).")
+    matrix = dense_file.parent.parent / f"imatrix-{ns.num_samples}.gguf"
+    if not matrix.exists():
+        windows = calibration_windows("brown", tok, ns.num_samples, 512, 0)
+        text = matrix.with_suffix(".txt")
+        text.write_text("\n\n".join(tok.decode(w) for w in windows.tolist()))
+        subprocess.run([str(tools / "llama-imatrix"), "-m", str(dense_file), "-f", str(text), "-o", str(matrix),
+                        "-c", "512", "-t", str(ns.threads), "--chunks", str(ns.num_samples)], check=True,
+                       capture_output=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(tools / "llama-quantize"), "--imatrix", str(matrix), str(dense_file), str(target), ftype,
+                    str(ns.threads)], check=True, capture_output=True)
+    return matrix
 
 
 def gguf_types(path: Path) -> dict:
@@ -179,6 +216,47 @@ def evopress_at_size(ns, path, ftype: str, out: Path):
     return model, report, bits
 
 
+def gguf_types_at_size(ns, path, ftype: str, out: Path):
+    """EvoPress over GGUF types (``compression="gguf"``: GPTQ on every type's own grid, the search
+    choosing a type per linear) at the size budget whose GGUF file (embeddings in Q8_0) is as large as
+    llama.cpp's ``ftype`` file, and the search's report. The linears may take the file's bytes less
+    what the rest of the file holds (measured on the all-Q4_0 file); the search's budget counts the
+    rest as the checkpoint stores it (float32 embeddings and norms)."""
+    from transformers import AutoModelForCausalLM
+
+    from optimum_evo.compressors.ggml_types import type_bytes
+    from optimum_evo.exporters import export
+    from optimum_evo.loading import load_model
+    from optimum_evo.pipeline import SearchArguments, run_search
+
+    reference = out / ftype / "model.gguf"
+    if not reference.exists():
+        raise SystemExit(f"gguf@{ftype} needs the {ftype} row first (--rows {ftype},gguf@{ftype}).")
+    dense = load_model(path, torch.float32)
+    base = out / "all-Q4_0"
+    if not (base / "model.gguf").exists():
+        export(mixed_model(load_model(path, torch.float32), choices=(4,)), base, "gguf", tokenizer=path,
+               dense_type="Q8_0")
+    linears = [m for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    rest_in_file = (base / "model.gguf").stat().st_size - sum(type_bytes("Q4_0", m.weight.shape) for m in linears)
+    rest_in_checkpoint = sum(t.numel() * t.element_size() for t in dense.state_dict().values()) \
+        - sum(m.weight.numel() * 4 for m in linears)
+    if getattr(dense.config, "tie_word_embeddings", False):
+        rest_in_checkpoint -= dense.lm_head.weight.numel() * 4  # stored once
+    size = reference.stat().st_size - rest_in_file + rest_in_checkpoint
+    folder = out / f"gguf@{ftype}"
+    result = folder / "search" / "result.json"
+    if result.exists():
+        report = json.loads(result.read_text())
+    else:
+        report = run_search(SearchArguments(
+            model=str(path), compression="gguf", target_size=str(int(size)), generations=ns.generations,
+            num_samples=ns.num_samples, eval_windows=0, output_dir=str(folder / "search"), progress=False))
+    model = AutoModelForCausalLM.from_pretrained(report["saved_model"]["path"], dtype=torch.float32).eval()
+    bits = 8 * (reference.stat().st_size - rest_in_file) / sum(m.weight.numel() for m in linears)
+    return model, report, bits
+
+
 def markers(model: str) -> tuple:
     """The markers of a model's table in the page (SmolLM2's table is the page's first)."""
     name = Path(model).name
@@ -194,10 +272,14 @@ def main(argv=None) -> int:
     p.add_argument("--output", default="outputs/bench-gguf")
     p.add_argument("--doc", default=None)
     p.add_argument("--rows", default="dense,mixed,depth",
-                   help="models, comma-separated: dense, mixed, depth, a llama.cpp file type such as Q4_K_M, or "
-                        "evopress@TYPE (EvoPress on the Q4_0/Q5_0/Q8_0 grids at the file size of TYPE's row)")
-    p.add_argument("--generations", type=int, default=15, help="evopress@TYPE rows: search generations")
-    p.add_argument("--num-samples", type=int, default=32, help="evopress@TYPE rows: calibration windows")
+                   help="models, comma-separated: dense, mixed, depth, a llama.cpp file type such as Q4_K_M (Q4_K_M+imatrix: "
+                        "with an importance matrix), or "
+                        "evopress@TYPE (EvoPress on the Q4_0/Q5_0/Q8_0 grids at the file size of TYPE's row), "
+                        "gguf@TYPE (EvoPress over GGUF types, K-quants included, at that size)")
+    p.add_argument("--llama-cpp-bin", default=os.environ.get("LLAMA_CPP_BIN"),
+                   help="folder of llama.cpp's llama-imatrix and llama-quantize (rows TYPE+imatrix)")
+    p.add_argument("--generations", type=int, default=15, help="evopress@TYPE / gguf@TYPE rows: search generations")
+    p.add_argument("--num-samples", type=int, default=32, help="evopress@TYPE / gguf@TYPE rows: calibration windows")
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
     from optimum_evo.data import calibration_windows, evaluation_windows, join_corpus, load_texts
@@ -218,17 +300,22 @@ def main(argv=None) -> int:
         if name.upper().startswith("Q") and "_K" in name.upper():  # llama.cpp's own quantization of the dense file
             from transformers import AutoModelForCausalLM
 
-            ftype = name.upper()
+            ftype, _, imatrix = name.upper().partition("+")
             start = time.perf_counter()
             dense_file = out / "dense" / "model.gguf"
             if not dense_file.exists():
                 export(load_model(path, torch.float32), out / "dense", "gguf", tokenizer=path, dense_type="F32")
-            target = out / ftype / "model.gguf"
-            llamacpp_quantize(dense_file, target, ftype, ns.threads)
+            target = out / name.upper() / "model.gguf"
+            if imatrix:
+                llamacpp_imatrix_quantize(ns, dense_file, target, ftype, tok)
+            else:
+                llamacpp_quantize(dense_file, target, ftype, ns.threads)
             model = AutoModelForCausalLM.from_pretrained(target.parent, gguf_file=target.name, dtype=torch.float32).eval()
             ours = evaluate(model, windows, progress=False)["perplexity"]
             theirs = llamacpp_perplexity(target, windows, ns.threads)["perplexity"]
-            row = {"model": f"llama.cpp {ftype}", "note": "llama_model_quantize of the dense file, no imatrix",
+            how = (f"llama-quantize with an imatrix of {ns.num_samples} x 512 Brown calibration tokens" if imatrix
+                   else "llama_model_quantize of the dense file, no imatrix")
+            row = {"model": f"llama.cpp {name.upper()}", "note": how,
                    "same_tokens": tokenizer_agrees(target, tok, sample),
                    "types": gguf_types(target), "gguf_mb": target.stat().st_size / 1e6, "ours": ours,
                    "llama_cpp": theirs, "ratio": theirs / ours, "seconds": time.perf_counter() - start,
@@ -239,7 +326,14 @@ def main(argv=None) -> int:
                 f.write(json.dumps(row) + "\n")
             continue
         note = ""
-        if name.startswith("evopress@"):
+        if name.startswith("gguf@"):
+            model, report, bits = gguf_types_at_size(ns, path, name.split("@", 1)[1].upper(), out)
+            counts = {}
+            for t in report["saved_model"]["types"].values():
+                counts[t] = counts.get(t, 0) + 1
+            note = (f"searched at {bits:.3f} bits per linear weight ({', '.join(f'{v} {k}' for k, v in counts.items())}"
+                    f"), {ns.num_samples} x 512 calibration tokens, {ns.generations} generations")
+        elif name.startswith("evopress@"):
             model, report, bits = evopress_at_size(ns, path, name.split("@", 1)[1].upper(), out)
             levels = report["profile"]["bits"]
             note = (f"searched at {bits:.3f} average bits ({', '.join(f'{v} at {k}' for k, v in levels.items())}), "
@@ -252,7 +346,7 @@ def main(argv=None) -> int:
             model, removed = depth_model(model, calibration_windows("brown", tok, 16, 512, 0))
             note = f"blocks {removed} removed"
         start = time.perf_counter()
-        dense_type = "Q8_0" if name.startswith("evopress@") else ("F32" if name != "depth" else "F16")
+        dense_type = "Q8_0" if name.startswith(("evopress@", "gguf@")) else ("F32" if name != "depth" else "F16")
         summary = export(model, out / name, "gguf", tokenizer=path, dense_type=dense_type)
         ours = evaluate(model, windows, progress=False)["perplexity"]
         theirs = llamacpp_perplexity(out / name / summary["file"], windows, ns.threads)["perplexity"]

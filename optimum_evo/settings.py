@@ -131,7 +131,7 @@ class SearchArguments:
 
     # -- what to compress
     compression: Annotated[str, Option("compression", metavar="KIND[,KIND]")] = _setting(
-        "depth", "compression method: depth, sparsity or quantization (see optimum_evo.methods); several, "
+        "depth", "compression method: depth, sparsity, quantization or gguf (see optimum_evo.methods); several, "
                  "comma-separated (a list in Python), are searched together under target_size or target_speedup")
     target: Annotated[float, Option("compression")] = _setting(
         0.25, "depth: fraction of sub-blocks to drop; sparsity: fraction of weights to prune; quantization: "
@@ -148,6 +148,9 @@ class SearchArguments:
         "separate", "depth units: attention and MLP sub-blocks separately, or whole blocks")
     levels: Annotated[Optional[list[int]], Option("compression", parse=_int_list, metavar="BITS")] = _setting(
         None, "quantization bit widths to choose from, comma-separated (default 2,3,4,5,6,8)")
+    gguf_types: Annotated[Optional[list[str]], Option("compression", parse=_str_list, metavar="TYPES")] = _setting(
+        None, "gguf: the GGUF tensor types to choose from, comma-separated (default Q2_K,Q3_K,IQ4_NL,Q4_K,Q5_K,Q6_K,"
+              "Q8_0)")
     group_size: Annotated[int, Option("compression")] = _setting(
         128, "quantization: input columns per scale / zero-point group (0 = one group per row)")
     sym: Annotated[bool, Option("compression")] = _setting(

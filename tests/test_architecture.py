@@ -135,7 +135,7 @@ def test_hub_does_not_import_the_quantizer():
     assert not any("quantizer" in d for d in import_graph()["optimum_evo.integrations.hub"])
 
 
-KIND_NAMES = ("depth", "sparsity", "quantization")
+KIND_NAMES = ("depth", "sparsity", "quantization", "gguf")
 
 
 def test_no_code_outside_the_methods_package_compares_a_kind_name():

@@ -449,7 +449,10 @@ def test_gguf_export_runs_in_llama_cpp(tmp_path):
     ids = AutoTokenizer.from_pretrained(tok)(text).input_ids
     llm = llama_cpp.Llama(model_path=str(tmp_path / summary["file"]), n_ctx=64, logits_all=True, n_threads=1,
                           verbose=False)
-    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    # punctuation after a space and numbers: where llama.cpp's pre-tokenizers differ (" =" is one GPT-2 token)
+    hard = " = Robert Boulter = \n In 2000, he had 12.5% of the 1,234 votes (see @-@ notes)."
+    for t in (text, hard):
+        assert llm.tokenize(t.encode(), add_bos=False, special=False) == AutoTokenizer.from_pretrained(tok)(t).input_ids
     llm.eval(ids)
     theirs = torch.log_softmax(torch.from_numpy(np.asarray(llm.scores[: len(ids)], dtype=np.float32)), -1)
     with torch.no_grad():
@@ -560,3 +563,16 @@ def test_sentencepiece_space_prefix_follows_the_tokenizer_spec():
                                                        "prepend_scheme": "first"}}
     never = {"normalizer": None, "pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "never"}}
     assert [_adds_space_prefix(s) for s in (gemma, llama2, metaspace, never)] == [False, True, True, False]
+
+
+def test_the_pre_tokenizer_is_named_where_llama_cpp_splits_exactly_as_it():
+    from optimum_evo.exporters.gguf import pre_tokenizer_name
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    digits = {"type": "Digits", "individual_digits": True}
+    assert pre_tokenizer_name(byte_level) == "gpt-2"
+    assert pre_tokenizer_name({"type": "Sequence", "pretokenizers": [digits, byte_level]}) == "smollm"
+    llama3 = {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}"}},
+                                                    {**byte_level, "use_regex": False}]}
+    for other in (llama3, {**byte_level, "add_prefix_space": True}, None):
+        assert pre_tokenizer_name(other) == "default"

@@ -35,7 +35,7 @@ from .grid import dequantize_codes
 from .obs import QuantizedWeight, gptq_levels, sparsegpt_levels
 from .packing import pack_codes, unpack_codes
 
-__all__ = ["LevelCodec", "QuantizedLevelCodec", "SparseLevelCodec", "decode_quantized", "decode_sparse",
+__all__ = ["GGUFLevelCodec", "LevelCodec", "QuantizedLevelCodec", "SparseLevelCodec", "decode_quantized", "decode_sparse",
            "encode_quantized", "encode_sparse", "get_codec", "level_key", "quant_level", "quant_level_name",
            "register_codec", "stored_bits"]
 
@@ -235,6 +235,40 @@ class SparseLevelCodec(LevelCodec):
         return decode_sparse(tensors, tuple(shape))
 
 
+class GGUFLevelCodec(LevelCodec):
+    """Levels that are GGUF tensor types (``"Q3_K"``, ``"IQ4_NL"``, ...; `optimum_evo.compressors.ggml_types`),
+    made by GPTQ on each type's grid (all types of a linear in one sweep; ``fit_iters`` rounds of
+    weighted least squares fit each block's grid) and stored as the ggml bytes llama.cpp reads (``data``). A K-quant level of a linear whose rows its 256-weight blocks
+    do not divide is stored in llama.cpp's replacement type (`ggml_types.stored_type`)."""
+
+    kind = "gguf"
+    default_settings = dict(damp=0.01, attention_aware=True, fit_iters=2)
+
+    def sort_levels(self, levels) -> list:
+        from .ggml_types import get_type
+
+        return sorted(levels, key=lambda lv: (get_type(lv).bits_per_weight, str(lv)))
+
+    def compress(self, weight, H, levels, settings):
+        from .ggml_types import gptq_types, stored_type
+
+        stored = [stored_type(lv, weight.shape[1]) for lv in levels]
+        unique = list(dict.fromkeys(stored))
+        made = dict(zip(unique, gptq_types(weight, H, unique, damp=settings["damp"],
+                                           fit_iters=settings["fit_iters"])))
+        return [made[s] for s in stored]
+
+    def encode(self, result):
+        from .ggml_types import pack
+
+        return {"data": pack(result)}
+
+    def decode(self, tensors, shape, level, settings):
+        from .ggml_types import dequantize, stored_type
+
+        return dequantize(tensors["data"], stored_type(level, shape[1]), tuple(shape))
+
+
 _CODECS: dict = {}
 
 
@@ -256,3 +290,4 @@ def get_codec(kind) -> LevelCodec:
 
 register_codec(QuantizedLevelCodec())
 register_codec(SparseLevelCodec())
+register_codec(GGUFLevelCodec())

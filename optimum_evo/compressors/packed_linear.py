@@ -348,7 +348,7 @@ class EvoPressQuantLinear(nn.Linear):
 
 def set_dequantized_cache(model: nn.Module, enabled: bool = True) -> int:
     """Keep (``enabled``) or stop keeping the dequantized weight of every
-    `EvoPressQuantLinear` of ``model`` between forwards: ``generate()`` then unpacks each
+    `EvoPressQuantLinear` (and `EvoPressGGUFLinear`) of ``model`` between forwards: ``generate()`` then unpacks each
     layer once instead of at every token, at the memory cost of dense weights. Returns the number
     of layers changed.
 
@@ -356,12 +356,19 @@ def set_dequantized_cache(model: nn.Module, enabled: bool = True) -> int:
         >>> set_dequantized_cache(model)          # doctest: +SKIP
         >>> model.generate(ids, max_new_tokens=64)  # doctest: +SKIP
     """
+    from .gguf_linear import EvoPressGGUFLinear
+
     n = 0
     for module in model.modules():
         if isinstance(module, EvoPressQuantLinear):
             module.cache_dequantized = enabled
             if not enabled:
                 module._cache = None
+            n += 1
+        elif isinstance(module, EvoPressGGUFLinear):
+            module.cache_dequantized = enabled
+            if not enabled:
+                module._cached = None
             n += 1
     return n
 

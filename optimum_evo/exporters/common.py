@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..compressors.gguf_linear import EvoPressGGUFLinear
 from ..compressors.packed_linear import EvoPressQuantLinear
 from ..decoder import DroppedAttention, DroppedMLP
 
@@ -36,6 +37,14 @@ class ModelContents:
 
     quantized: dict = field(default_factory=dict)  # name -> EvoPressQuantLinear
     dropped: dict = field(default_factory=dict)  # name -> "attention" | "mlp" (stand-in modules)
+    gguf: dict = field(default_factory=dict)  # name -> EvoPressGGUFLinear (GGUF tensor types)
+
+    def refuse_gguf(self, format: str) -> None:
+        """`ExportError` when the model holds GGUF-type linears, which ``format`` cannot store."""
+        if self.gguf:
+            types = sorted({m.qtype for m in self.gguf.values()})
+            raise ExportError(f"{len(self.gguf)} linears hold GGUF tensor types ({', '.join(types)}), which {format} "
+                              "cannot store; export with 'gguf' (llama.cpp, the exact bytes) or 'dense'.")
 
 
 def model_contents(model: nn.Module) -> ModelContents:
@@ -43,6 +52,8 @@ def model_contents(model: nn.Module) -> ModelContents:
     for name, module in model.named_modules():
         if isinstance(module, EvoPressQuantLinear):
             contents.quantized[name] = module
+        elif isinstance(module, EvoPressGGUFLinear):
+            contents.gguf[name] = module
         elif isinstance(module, DroppedAttention):
             contents.dropped[name] = "attention"
         elif isinstance(module, DroppedMLP):
@@ -68,7 +79,7 @@ def dense_state_dict(model: nn.Module, contents: ModelContents, dtype: torch.dty
     """``model``'s state dict with every packed linear replaced by its dequantized ``weight`` (or,
     with ``skip_quantized``, left out entirely), floating tensors cast to ``dtype``."""
     sd = model.state_dict()
-    for name, module in contents.quantized.items():
+    for name, module in {**contents.quantized, **contents.gguf}.items():
         for key in ("qweight", "scales", "qzeros", "g_idx", "weight"):
             sd.pop(f"{name}.{key}", None)
         if not skip_quantized:
@@ -123,7 +134,7 @@ def build_plain_model(model: nn.Module, dtype: torch.dtype | None = None, partia
         if name in source_buffers and source_buffers[name].shape == buf.shape:
             buf.copy_(source_buffers[name])
     allowed = tuple(f"{prefix}." for prefix in contents.dropped)
-    quantized = tuple(f"{name}.weight" for name in contents.quantized) if keep_quantized else ()
+    quantized = tuple(f"{name}.weight" for name in {**contents.quantized, **contents.gguf}) if keep_quantized else ()
     tied = set(_tied_keys(plain))
     left = [k for k in missing if not k.startswith(allowed) and k not in quantized and k not in tied]
     if left:

@@ -76,6 +76,7 @@ def export_compressed_tensors(model, save_dir, tokenizer=None, dtype: torch.dtyp
         ExportError: no quantized modules, act-order layers, or groups that do not tile the input.
     """
     contents = model_contents(model)
+    contents.refuse_gguf("compressed-tensors")
     if not contents.quantized:
         raise ExportError("The model has no EvoPressQuantLinear layers: compressed-tensors export needs a model "
                           "compressed with compression='quantization' (use export_dense for depth / sparsity).")

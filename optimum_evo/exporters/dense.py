@@ -44,7 +44,7 @@ def export_dense(model, save_dir, tokenizer=None, dtype: torch.dtype | None = No
     plain.save_pretrained(save_dir, max_shard_size=max_shard_size)
     save_tokenizer(tokenizer if tokenizer is not None else source_tokenizer(model), save_dir)
     return {"format": "dense", "path": str(save_dir), "zeroed_sub_blocks": sorted(contents.dropped),
-            "dequantized_modules": len(contents.quantized)}
+            "dequantized_modules": len(contents.quantized) + len(contents.gguf)}
 
 
 class DenseExporter(Exporter):

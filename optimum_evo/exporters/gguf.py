@@ -225,13 +225,36 @@ def _tokenizer(writer, tokenizer, vocab_size: int) -> bool:
         return False
     tokens, types = _token_types(tok, vocab_size, byte_tokens=False)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre_tokenizer_name(spec.get("pre_tokenizer")))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     merges = model.get("merges", [])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     _special_ids(writer, tok)
     return True
+
+
+def pre_tokenizer_name(pre: dict | None) -> str:
+    """llama.cpp's name (``tokenizer.ggml.pre``) of a byte-level BPE ``pre_tokenizer`` of
+    ``tokenizer.json`` whose splitting it runs exactly: GPT-2's regex (``gpt-2``), or single digits
+    first and then GPT-2's regex (``smollm``: SmolLM, SmolLM2). Others get ``default`` (llama.cpp's
+    generic rules, which split some punctuation differently).
+
+    Examples:
+        >>> pre_tokenizer_name({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True})
+        'gpt-2'
+    """
+    def byte_level(node) -> bool:
+        return isinstance(node, dict) and node.get("type") == "ByteLevel" and node.get("use_regex", True) \
+            and not node.get("add_prefix_space", False)
+
+    if byte_level(pre):
+        return "gpt-2"
+    steps = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else []
+    if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits") \
+            and byte_level(steps[1]):
+        return "smollm"
+    return "default"
 
 
 def _token_types(tok, vocab_size: int, byte_tokens: bool) -> tuple:
@@ -406,7 +429,7 @@ def export_gguf(model, save_dir, tokenizer=None, dense_type: str = "F16", fallba
     state = plain.state_dict()
     for key, value in state.items():
         module = key.rsplit(".", 1)[0]
-        if module in contents.quantized or (tied and key == "lm_head.weight"):
+        if module in contents.quantized or module in contents.gguf or (tied and key == "lm_head.weight"):
             continue
         order = rows_order(module, value.shape[0]) if key.endswith((".weight", ".bias")) else None
         tensor = value[order] if order is not None else value
@@ -441,11 +464,21 @@ def export_gguf(model, save_dir, tokenizer=None, dense_type: str = "F16", fallba
             bias = layer.bias.detach()
             writer.add_tensor(target(f"{module}.bias"), (bias[order] if order is not None else bias).float().numpy())
             types["F32"] += 1
+    for module, layer in sorted(contents.gguf.items()):  # GGUF-type levels: their bytes, as the search scored them
+        order = rows_order(module, layer.out_features)
+        data = layer.qweight if order is None else layer.qweight[order]  # rows are independent blocks
+        writer.add_tensor(target(f"{module}.weight"), data.cpu().numpy(),
+                          raw_dtype=getattr(gguf.GGMLQuantizationType, layer.qtype))
+        exact.append(module)
+        types[layer.qtype] += 1
+        if layer.bias is not None:
+            bias = layer.bias.detach()
+            writer.add_tensor(target(f"{module}.bias"), (bias[order] if order is not None else bias).float().numpy())
+            types["F32"] += 1
     main = Counter({k: v for k, v in types.items() if k not in ("F32",)}).most_common(1)
-    file_type = {"F16": gguf.LlamaFileType.MOSTLY_F16, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-                 "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
-                 "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                 "BF16": gguf.LlamaFileType.MOSTLY_BF16}.get(main[0][0] if main else "F16", gguf.LlamaFileType.GUESSED)
+    main_type = main[0][0] if main else "F16"
+    file_type = next((getattr(gguf.LlamaFileType, f"MOSTLY_{main_type}{suffix}") for suffix in ("", "_M")
+                      if hasattr(gguf.LlamaFileType, f"MOSTLY_{main_type}{suffix}")), gguf.LlamaFileType.GUESSED)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.write_header_to_file()

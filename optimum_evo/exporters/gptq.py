@@ -114,6 +114,7 @@ def export_gptq(model, save_dir, tokenizer=None, checkpoint_format: str = "auto"
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}.")
     contents = model_contents(model)
+    contents.refuse_gguf("GPTQ")
     if not contents.quantized:
         raise ExportError("The model has no EvoPressQuantLinear layers: GPTQ export needs a model compressed with "
                           "compression='quantization' (use export_dense for depth / sparsity).")

@@ -102,6 +102,8 @@ class CompressionMethod(ABC):
         merge_rule: how `merge_correction` merges an adapter into
             the method's compressed linears (`MERGE_MASKED` or `MERGE_REFUSED`).
         presets: ``{"fast" | "paper" | "superfast": SearchConfig keyword arguments}``.
+        export_formats: the export formats that can hold this method's models (``None``: every
+            format whose other conditions it meets).
     """
 
     name: ClassVar[str]
@@ -112,6 +114,7 @@ class CompressionMethod(ABC):
     refinable: ClassVar[bool] = False
     merge_rule: ClassVar[str | None] = None
     presets: ClassVar[dict]
+    export_formats: ClassVar[tuple | None] = None
 
     # ------------------------------------------------------------------ settings
     @abstractmethod

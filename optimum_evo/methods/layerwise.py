@@ -30,6 +30,12 @@ from ..search import LevelSpace, Stage
 from .base import CompressionMethod
 
 
+def set_submodule(model, name: str, module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model`` (a compressed layer in place of a linear)."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def _levels_identity(db, unit_levels) -> str:
     """Hash of the level values and of the database's identity (model, calibration, settings)."""
     manifest = getattr(db, "manifest", None) or {}

@@ -27,7 +27,7 @@ from ..decoder import shared_input_groups
 from .registry import register_method
 from .base import MERGE_REFUSED, CompressedModelError
 from ..search import LevelSpace
-from .layerwise import DatabaseMethod, DatabaseSpace, _stages
+from .layerwise import DatabaseMethod, DatabaseSpace, _stages, set_submodule
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 
@@ -240,11 +240,6 @@ def profile_level(bits: int, group_size: int, reference_group: int):
     return quant_level_name(bits, group_size, reference_group)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 class QuantizationMethod(DatabaseMethod):
     """Mixed-bitwidth GPTQ quantization (see the module docstring)."""
 
@@ -388,7 +383,7 @@ class QuantizationMethod(DatabaseMethod):
                 raise CompressedModelError(f"The EvoPress profile names {name!r}, a {type(linear).__name__}, not a "
                                            "linear.")
             dtype = linear.weight.dtype if linear.weight is not None else None
-            _set_submodule(model, name, EvoPressQuantLinear(
+            set_submodule(model, name, EvoPressQuantLinear(
                 linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None,
                 act_order=act_order, device="meta", dtype=dtype, layout=profile.get("qweight_layout", "planes")))
 
@@ -481,7 +476,7 @@ def apply_levels(model, levels: dict, db, tensors: dict | None = None) -> dict:
         bits, group_size = quant_level(level, reference)
         linear = model.get_submodule(name)
         bias = linear.bias.detach() if linear.bias is not None else None
-        _set_submodule(model, name, EvoPressQuantLinear.from_packed(
+        set_submodule(model, name, EvoPressQuantLinear.from_packed(
             (tensors or {}).get(name) or db.tensors(name, level), linear.in_features, linear.out_features, bits, group_size,
             bias=bias, act_order=act_order, device=linear.weight.device, dtype=linear.weight.dtype))
         modules[name] = profile_level(bits, group_size, reference)
