@@ -244,6 +244,6 @@ def test_the_dequantized_cache_keeps_the_decoded_weight_of_gguf_layers():
     assert set_dequantized_cache(model) == 1
     x = torch.randn(2, 256)
     first = model(x)
-    assert model[0]._cached is not None and torch.equal(model(x), first)
+    assert model[0]._cache is not None and torch.equal(model(x), first)
     set_dequantized_cache(model, False)
-    assert model[0]._cached is None and torch.equal(model(x), first)
+    assert model[0]._cache is None and torch.equal(model(x), first)

@@ -54,7 +54,7 @@ class EvoPressGGUFLinear(nn.Linear):
         else:
             self.register_parameter("bias", None)
         self.cache_dequantized = False
-        self._cached = None
+        self._cache = None
 
     @classmethod
     def from_gguf_weight(cls, q: GGUFWeight, bias: torch.Tensor | None = None, device=None, dtype=None):
@@ -82,11 +82,11 @@ class EvoPressGGUFLinear(nn.Linear):
         return w.to(device=self.qweight.device, dtype=dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._cached is not None and self._cached.dtype == x.dtype:
-            weight = self._cached
+        if self._cache is not None and self._cache.dtype == x.dtype:
+            weight = self._cache
         else:
             weight = self.dequantize_weight(x.dtype)
-            self._cached = weight if self.cache_dequantized else None
+            self._cache = weight if self.cache_dequantized else None
         return F.linear(x, weight, self.bias.to(x.dtype) if self.bias is not None else None)
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
@@ -105,7 +105,7 @@ class EvoPressGGUFLinear(nn.Linear):
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
     def _apply(self, fn, recurse=True):
-        self._cached = None
+        self._cache = None
         out = super()._apply(fn, recurse)
         if self.bias is not None:
             self.compute_dtype = self.bias.dtype

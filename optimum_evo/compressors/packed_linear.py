@@ -360,15 +360,10 @@ def set_dequantized_cache(model: nn.Module, enabled: bool = True) -> int:
 
     n = 0
     for module in model.modules():
-        if isinstance(module, EvoPressQuantLinear):
+        if isinstance(module, (EvoPressQuantLinear, EvoPressGGUFLinear)):
             module.cache_dequantized = enabled
             if not enabled:
                 module._cache = None
-            n += 1
-        elif isinstance(module, EvoPressGGUFLinear):
-            module.cache_dequantized = enabled
-            if not enabled:
-                module._cached = None
             n += 1
     return n
 

@@ -27,19 +27,16 @@ class Exporter(ABC):
 
     def refusal(self, method) -> str | None:
         """Why a model compressed by ``method`` cannot be written in this format (``None``: it can):
-        the format needs packed weights the method does not make, or it is not among the method's
-        ``export_formats`` (for several kinds, of any of them)."""
+        it is not among the method's ``export_formats``, or the format needs packed weights the
+        method does not make."""
         from ..methods.registry import available_methods, get_method
 
         def takes(m) -> bool:
-            kinds = [get_method(k) for k in getattr(m, "kinds", ())] or [m]
-            return all(getattr(k, "export_formats", None) is None or self.name in k.export_formats for k in kinds)
+            return m.export_formats is None or self.name in m.export_formats
 
         if not takes(method):
-            formats = [k.export_formats for k in [get_method(k) for k in getattr(method, "kinds", ())] or [method]
-                       if getattr(k, "export_formats", None) is not None][0]
             return (f"--export {self.name} cannot hold {method.name} results; export them with "
-                    f"{' or '.join(f'--export {f}' for f in formats)}.")
+                    f"{' or '.join(f'--export {f}' for f in method.export_formats)}.")
         if self.needs_packed_weights and not method.packs_weights:
             packing = " or ".join(f"--compression {m}" for m in available_methods()
                                   if get_method(m).packs_weights and takes(get_method(m)))

@@ -22,12 +22,11 @@ Examples:
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..compressors.ggml_types import TYPES, get_type, stored_type, type_bytes
 from ..compressors.gguf_linear import EvoPressGGUFLinear
 from .base import MERGE_REFUSED, CompressedModelError
-from .layerwise import DatabaseMethod, set_submodule
+from .layerwise import DatabaseMethod, profile_linear, set_submodule
 from .registry import register_method
 
 #: the types a search chooses from by default: llama.cpp's K-quants, its 4-bit non-linear grid and Q8_0
@@ -81,14 +80,7 @@ class GGUFMethod(DatabaseMethod):
     # ------------------------------------------------------------------ the compressed model
     def build_skeleton(self, model, profile: dict) -> None:
         for name, qtype in profile.get("types", {}).items():
-            try:
-                linear = model.get_submodule(name)
-            except AttributeError:
-                raise CompressedModelError(f"The EvoPress profile names {name!r}, which this model does not have.") \
-                    from None
-            if not isinstance(linear, nn.Linear):
-                raise CompressedModelError(f"The EvoPress profile names {name!r}, a {type(linear).__name__}, not a "
-                                           "linear.")
+            linear = profile_linear(model, name)
             dtype = linear.weight.dtype if linear.weight is not None else None
             set_submodule(model, name, EvoPressGGUFLinear(linear.in_features, linear.out_features, qtype,
                                                            bias=linear.bias is not None, device="meta", dtype=dtype))

@@ -611,6 +611,8 @@ class JointMethod(CompressionMethod):
         if unknown:
             raise ValueError(f"{unknown[0]} cannot be searched jointly with other kinds.")
         self.packs_weights = any(m.packs_weights for m in linears)
+        limits = [m.export_formats for m in map(get_method, self.kinds) if m.export_formats is not None]
+        self.export_formats = tuple(f for f in limits[0] if all(f in x for x in limits)) if limits else None
         self.correctable = False
 
     # ------------------------------------------------------------------ settings

@@ -30,6 +30,20 @@ from ..search import LevelSpace, Stage
 from .base import CompressionMethod
 
 
+def profile_linear(model, name: str):
+    """The ``nn.Linear`` at ``name`` of ``model`` that a checkpoint's profile names, or
+    `CompressedModelError` saying the model has none there."""
+    from .base import CompressedModelError
+
+    try:
+        linear = model.get_submodule(name)
+    except AttributeError:
+        raise CompressedModelError(f"The EvoPress profile names {name!r}, which this model does not have.") from None
+    if not isinstance(linear, torch.nn.Linear):
+        raise CompressedModelError(f"The EvoPress profile names {name!r}, a {type(linear).__name__}, not a linear.")
+    return linear
+
+
 def set_submodule(model, name: str, module) -> None:
     """Put ``module`` at the dotted ``name`` of ``model`` (a compressed layer in place of a linear)."""
     parent, _, child = name.rpartition(".")

@@ -18,7 +18,6 @@ import math
 import warnings
 
 import torch
-from torch import nn
 
 from ..compressors.builders import available_builders, get_builder
 from ..compressors.codecs import quant_level, quant_level_name, stored_bits
@@ -27,7 +26,7 @@ from ..decoder import shared_input_groups
 from .registry import register_method
 from .base import MERGE_REFUSED, CompressedModelError
 from ..search import LevelSpace
-from .layerwise import DatabaseMethod, DatabaseSpace, _stages, set_submodule
+from .layerwise import DatabaseMethod, DatabaseSpace, _stages, profile_linear, set_submodule
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 
@@ -374,14 +373,7 @@ class QuantizationMethod(DatabaseMethod):
         reference, act_order = profile["group_size"], profile.get("act_order", False)
         for name, level in profile["modules"].items():
             bits, group_size = quant_level(level, reference)
-            try:
-                linear = model.get_submodule(name)
-            except AttributeError:
-                raise CompressedModelError(f"The EvoPress profile names {name!r}, which this model does not have.") \
-                    from None
-            if not isinstance(linear, nn.Linear):
-                raise CompressedModelError(f"The EvoPress profile names {name!r}, a {type(linear).__name__}, not a "
-                                           "linear.")
+            linear = profile_linear(model, name)
             dtype = linear.weight.dtype if linear.weight is not None else None
             set_submodule(model, name, EvoPressQuantLinear(
                 linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None,
