@@ -296,6 +296,21 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+
+    def record(label: str, note: str, model, file: Path, types: dict, start: float) -> None:
+        """One row: ``model`` evaluated by us and its GGUF ``file`` by llama.cpp, on the same windows;
+        printed and appended to OUTPUT/gguf.jsonl."""
+        ours = evaluate(model, windows, progress=False)["perplexity"]
+        theirs = llamacpp_perplexity(file, windows, ns.threads)["perplexity"]
+        row = {"model": label, "note": note, "types": types, "gguf_mb": file.stat().st_size / 1e6,
+               "same_tokens": tokenizer_agrees(file, tok, sample), "ours": ours, "llama_cpp": theirs,
+               "ratio": theirs / ours, "seconds": time.perf_counter() - start, "command": command,
+               "date": datetime.date.today().isoformat()}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(out / "gguf.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
     for name in [n for n in ns.rows.split(",") if n]:  # --rows "": only the table, from OUTPUT/gguf.jsonl
         if name.upper().startswith("Q") and "_K" in name.upper():  # llama.cpp's own quantization of the dense file
             from transformers import AutoModelForCausalLM
@@ -311,19 +326,9 @@ def main(argv=None) -> int:
             else:
                 llamacpp_quantize(dense_file, target, ftype, ns.threads)
             model = AutoModelForCausalLM.from_pretrained(target.parent, gguf_file=target.name, dtype=torch.float32).eval()
-            ours = evaluate(model, windows, progress=False)["perplexity"]
-            theirs = llamacpp_perplexity(target, windows, ns.threads)["perplexity"]
             how = (f"llama-quantize with an imatrix of {ns.num_samples} x 512 Brown calibration tokens" if imatrix
                    else "llama_model_quantize of the dense file, no imatrix")
-            row = {"model": f"llama.cpp {name.upper()}", "note": how,
-                   "same_tokens": tokenizer_agrees(target, tok, sample),
-                   "types": gguf_types(target), "gguf_mb": target.stat().st_size / 1e6, "ours": ours,
-                   "llama_cpp": theirs, "ratio": theirs / ours, "seconds": time.perf_counter() - start,
-                   "command": command, "date": datetime.date.today().isoformat()}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            with open(out / "gguf.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            record(f"llama.cpp {name.upper()}", how, model, target, gguf_types(target), start)
             continue
         note = ""
         if name.startswith("gguf@"):
@@ -348,16 +353,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         dense_type = "Q8_0" if name.startswith(("evopress@", "gguf@")) else ("F32" if name != "depth" else "F16")
         summary = export(model, out / name, "gguf", tokenizer=path, dense_type=dense_type)
-        ours = evaluate(model, windows, progress=False)["perplexity"]
-        theirs = llamacpp_perplexity(out / name / summary["file"], windows, ns.threads)["perplexity"]
-        row = {"model": name, "note": note, "types": summary["types"], "gguf_mb": summary["bytes"] / 1e6,
-               "same_tokens": tokenizer_agrees(out / name / summary["file"], tok, sample),
-               "ours": ours, "llama_cpp": theirs, "ratio": theirs / ours, "seconds": time.perf_counter() - start, "command": command,
-               "date": datetime.date.today().isoformat()}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        with open(out / "gguf.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        record(name, note, model, out / name / summary["file"], summary["types"], start)
     if ns.doc:
         import llama_cpp
 

@@ -40,6 +40,29 @@ def tiny_model(arch: str, seed: int = 0, **overrides):
 
 ARCHS = ["llama", "qwen3", "mistral", "gemma3"]
 
+#: calibration text of the command-line tests (``--calibration-file``)
+CALIB = ("The committee met on Tuesday to discuss the new budget for the school district. " * 40 + "\n") * 20
+
+
+def save_tiny_llama(path, hidden_size: int, intermediate_size: int, num_hidden_layers: int, scale: float):
+    """Save a tiny random Llama with SmolLM2's tokenizer in ``path`` for command-line runs: its decoder
+    weights times ``scale`` (so candidates differ clearly), ``CALIB`` in ``path.parent / "calib.txt"``."""
+    from transformers import AutoTokenizer
+
+    from optimum_evo.embedded_models import embedded_model_path
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                                         num_hidden_layers=num_hidden_layers, num_attention_heads=4,
+                                         num_key_value_heads=2, tie_word_embeddings=True))
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            p.mul_(scale)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(embedded_model_path("smollm2")).save_pretrained(path)
+    (path.parent / "calib.txt").write_text(CALIB)
+    return path
+
 
 @pytest.fixture(params=ARCHS)
 def arch(request):

@@ -12,6 +12,8 @@ import torch
 
 pytest.importorskip("gguf")
 
+from conftest import save_tiny_llama  # noqa: E402
+
 from optimum_evo import SearchArguments  # noqa: E402
 from optimum_evo.compressors.ggml_types import (TYPES, dequantize, gptq_types, pack, stored_type,  # noqa: E402
                                                 type_bytes)
@@ -65,8 +67,46 @@ def test_fitting_each_blocks_grid_lowers_the_error_of_the_min_max_grids():
     w, H = problem()
     for name in ("Q2_K", "Q3_K", "IQ4_NL", "Q4_K", "Q6_K"):
         fitted = gptq_types(w, H, [name])[0].dequantize()
-        min_max = gptq_types(w, H, [name], fit_iters=0)[0].dequantize()  # llama.cpp's reference grids
+        min_max = gptq_types(w, H, [name], fit_iters=0)[0].dequantize()
         assert h_error(w, fitted, H) < h_error(w, min_max, H), name
+
+
+def llamacpp_quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
+    """``w`` quantized by llama.cpp's own quantizer (``ggml_quantize_chunk`` of the libggml that
+    llama-cpp-python ships, no importance matrix) and decoded by gguf-py."""
+    import ctypes
+    from pathlib import Path
+
+    import gguf
+    import numpy as np
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    libs = sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))
+    if not libs:
+        pytest.skip("llama-cpp-python ships no libggml-base")
+    lib = ctypes.CDLL(str(libs[0]))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    qt = gguf.GGMLQuantizationType[qtype]
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    src = np.ascontiguousarray(w.numpy(), dtype=np.float32)
+    dst = np.zeros((w.shape[0], w.shape[1] // block * size), dtype=np.uint8)
+    assert lib.ggml_quantize_chunk(int(qt), src.ctypes.data, dst.ctypes.data, 0, w.shape[0], w.shape[1], None) == dst.size
+    return torch.from_numpy(gguf.quants.dequantize(dst, qt).copy()).float()
+
+
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "IQ4_NL", "Q4_K", "Q6_K"])
+def test_the_grid_search_finds_again_a_tensor_llamacpp_quantized(qtype):
+    """A checkpoint dequantized from a GGUF file lies on its types' grids: re-quantizing it in the
+    same type must be lossless, as llama.cpp's own quantizer is (the min-max start alone is not)."""
+    w, H = problem(rows=32)
+    source = llamacpp_quantize(w, qtype)
+    found = gptq_types(source, H, [qtype])[0].dequantize()
+    min_max = gptq_types(source, H, [qtype], fit_iters=0)[0].dequantize()
+    exact_rows = ((found - source).abs().amax(1) <= 1e-6 * source.abs().amax(1)).float().mean()
+    assert exact_rows >= 0.95, (qtype, float(exact_rows))
+    assert h_error(source, found, H) < 0.1 * h_error(source, min_max, H)  # the min-max start alone
 
 
 def test_one_sweep_equals_separate_sweeps_and_row_groups_use_their_own_hessian():
@@ -120,28 +160,10 @@ def test_bad_gguf_settings_fail_early(settings, message):
 
 
 # --------------------------------------------------------------------------- a whole run
-CALIB = ("The committee met on Tuesday to discuss the new budget for the school district. " * 40 + "\n") * 20
-
-
 @pytest.fixture(scope="module")
 def wide_dir(tmp_path_factory):
     """A tiny llama whose 256 / 512 input features hold K-quants, with SmolLM2's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from optimum_evo.embedded_models import embedded_model_path
-
-    path = tmp_path_factory.mktemp("tiny-gguf")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512,
-                                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                         tie_word_embeddings=True))
-    with torch.no_grad():
-        for p in model.model.layers.parameters():
-            p.mul_(3.0)
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(embedded_model_path("smollm2")).save_pretrained(path)
-    (path.parent / "calib.txt").write_text(CALIB)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-gguf"), 256, 512, 3, scale=3.0)
 
 
 def test_gguf_search_saves_reloads_and_exports_the_bytes_it_scored(wide_dir, tmp_path):

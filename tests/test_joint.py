@@ -10,15 +10,13 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
+
+from conftest import save_tiny_llama
 
 from optimum_evo import SearchArguments
-from optimum_evo.embedded_models import embedded_model_path
 from optimum_evo.methods.joint import parse_size
 from optimum_evo.search import BudgetSpace, EvolutionarySearch, SearchConfig, Stage
-
-CALIB = ("The committee met on Tuesday to discuss the new budget for the school district. " * 40 + "\n") * 20
-
 
 # --------------------------------------------------------------------------- the engine's space
 def toy_space(budget=60):
@@ -111,18 +109,7 @@ def test_compression_lists_and_config():
 # --------------------------------------------------------------------------- whole runs
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-joint")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.model.layers.parameters():
-            p.mul_(6.0)
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(embedded_model_path("smollm2")).save_pretrained(path)
-    (path.parent / "calib.txt").write_text(CALIB)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-joint"), 32, 64, 6, scale=6.0)
 
 
 def run_cli(*args):

@@ -20,9 +20,11 @@ a sub-block is only known once the whole super-block's scales are chosen.
 `gptq_types` quantizes a linear to several types in one GPTQ column sweep: at the first column of
 every block a type chooses its (quantized) scales from the error-compensated weights of the block,
 then every column is rounded to the nearest grid value and its error spread over the columns not yet
-quantized. A block's grid starts as llama.cpp's reference quantizers choose it (min-max ranges, the
-extreme weight on the extreme code) and is then fitted by least squares on its codes, each column
-weighted by the Hessian's diagonal (what llama.cpp's importance matrix holds). `pack` writes the codes in ggml's byte layout, so a level is exactly what llama.cpp
+quantized. A block's grid is searched as llama.cpp's quantizers search it: from the min-max range
+(the extreme weight on the extreme code), each start with the scale stretched by -1 to +1 code
+steps is refitted by least squares on the codes it gives, each column weighted by the Hessian's
+diagonal (what llama.cpp's importance matrix holds), and the best is refitted ``fit_iters`` more
+times. The search finds again, exactly, the grid of a tensor that was dequantized from the same type. `pack` writes the codes in ggml's byte layout, so a level is exactly what llama.cpp
 reads; `dequantize` reads them back with the ``gguf`` package's own decoder.
 
 A row whose length is not a multiple of 256 cannot hold a K-quant. Such a level is stored in a
@@ -43,6 +45,7 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -74,10 +77,15 @@ class GGMLType:
     def bits_per_weight(self) -> float:
         return self.type_size * 8 / self.block
 
-    @property
+    @cached_property
     def uniform(self) -> bool:
         v = self.values
         return all(b - a == 1 for a, b in zip(v, v[1:]))
+
+    @cached_property
+    def zero_code(self) -> int:
+        """The code of the grid value nearest 0 (what a zero scale stores)."""
+        return int(np.argmin(np.abs(np.array(self.values))))
 
 
 def _range(lo, hi):
@@ -159,30 +167,50 @@ def _extreme(w: torch.Tensor) -> torch.Tensor:
     return torch.gather(w, -1, w.abs().argmax(-1, keepdim=True))[..., 0]
 
 
+#: start shifts of the grid search, in code steps (llama.cpp's quantizers try such a range of scales)
+START_SHIFTS = tuple(round(0.1 * k, 1) for k in range(-10, 11) if k)
+
+
 def _fit(t: GGMLType, subs: torch.Tensor, h: torch.Tensor, iters: int) -> tuple:
-    """Unquantized ``(a, b)`` per sub-block (``subs``: ``[rows, n, sub]``) for the grid of ``t``: the
-    min-max (offset types) or extreme-weight (symmetric types) start, then ``iters`` rounds of
-    weighted least squares on the codes the grid gives (weights ``h`` per column, e.g. the
-    Hessian's diagonal), keeping per sub-block the grid of least weighted error."""
+    """Unquantized ``(a, b)`` per sub-block (``subs``: ``[rows, n, sub]``) for the grid of ``t``,
+    of least weighted error (weights ``h`` per column, e.g. the Hessian's diagonal). Starts: the
+    min-max (offset types) or extreme-weight (symmetric types) grid, and that grid with its scale
+    stretched by each of `START_SHIFTS` code steps (as llama.cpp's reference quantizers search
+    scales), each refitted once by weighted least squares on the codes it gives; then ``iters``
+    more rounds of least squares from the best. The scale search finds a grid a tensor already
+    lies on (a checkpoint dequantized from this type) exactly; ``iters=0`` keeps the min-max grid."""
     lo, hi = t.values[0], t.values[-1]
     if t.offset:  # w = a * q + b with q >= 0: b the sub-block's minimum (at most 0), a its range
         mn = subs.min(-1).values.clamp(max=0)
         a, b = (subs.max(-1).values - mn) / hi, mn
+        span = hi
     elif t.name == "Q8_0":  # symmetric int8: the largest magnitude on +-127
         a, b = subs.abs().max(-1).values / hi, torch.zeros(subs.shape[:2])
+        span = hi
     else:  # the extreme weight on the code of the grid's extreme value lo
         a, b = _extreme(subs) / lo, torch.zeros(subs.shape[:2])
+        span = -lo
     values = torch.tensor(t.values, dtype=torch.float32)
+    step = (hi - lo) / (len(t.values) - 1)
+
+    def codes(a, b):  # the values of the nearest codes
+        if t.uniform:
+            safe = torch.where(a == 0, torch.ones_like(a), a)[..., None]
+            v = torch.round((subs - b[..., None]) / safe).clamp(lo, hi)
+            return torch.where((a == 0)[..., None], torch.zeros_like(v), v)
+        return values[nearest(t, subs, a[..., None], b[..., None])]
 
     def error(a, b):
-        q = nearest(t, subs, a[..., None], b[..., None])
-        return (h * (subs - a[..., None] * values[q] - b[..., None]) ** 2).sum(-1), values[q]
+        v = codes(a, b)
+        return (h * (subs - a[..., None] * v - b[..., None]) ** 2).sum(-1), v
 
-    best, v = error(a, b)
-    for _ in range(iters):
+    S, Sw, Sww = h.sum(-1), (h * subs).sum(-1), (h * subs * subs).sum(-1)
+
+    def refit(v, a, b):
+        """Weighted least squares of (a, b) on the code values v, and its error on those codes (an upper
+        bound of the grid's error: its nearest codes can only do better)."""
+        Sv, Svv, Svw = (h * v).sum(-1), (h * v * v).sum(-1), (h * v * subs).sum(-1)
         if t.offset:
-            S, Sv, Svv = h.sum(-1), (h * v).sum(-1), (h * v * v).sum(-1)
-            Sw, Svw = (h * subs).sum(-1), (h * v * subs).sum(-1)
             det = S * Svv - Sv * Sv
             ok = det > 1e-12 * S * Svv.clamp(min=1e-30)
             safe = torch.where(ok, det, torch.ones_like(det))
@@ -191,14 +219,30 @@ def _fit(t: GGMLType, subs: torch.Tensor, h: torch.Tensor, iters: int) -> tuple:
             if t.scale_bits:  # the K-quants store a >= 0 and b <= 0 (a scale and a minimum)
                 na, nb = na.clamp(min=0), nb.clamp(max=0)
         else:
-            Svv = (h * v * v).sum(-1)
-            na = torch.where(Svv > 0, (h * v * subs).sum(-1) / Svv.clamp(min=1e-30), a)
-            nb = b
-        err, nv = error(na, nb)
+            na, nb = torch.where(Svv > 0, Svw / Svv.clamp(min=1e-30), a), b
+        err = Sww - 2 * na * Svw - 2 * nb * Sw + na * na * Svv + 2 * na * nb * Sv + nb * nb * S
+        return na, nb, err
+
+    best, v = error(a, b)
+
+    def keep(na, nb, err, nv):
+        nonlocal a, b, v, best
         better = err < best
         a, b = torch.where(better, na, a), torch.where(better, nb, b)
         v = torch.where(better[..., None], nv, v)
         best = torch.where(better, err, best)
+
+    if iters:  # the scale search: each start's codes refitted, scored on those codes
+        # a grid not symmetric about 0 (IQ4_NL) is tried both ways round: the extreme weight on lo or on hi
+        starts = [(a, span)] if t.offset or t.uniform else [(a, span), (a * lo / hi, hi)]
+        for a0, n in starts:
+            for shift in START_SHIFTS:
+                cv = codes(a0 * n / (n + shift * step), b)
+                keep(*refit(cv, a0, b), cv)
+        keep(a, b, *error(a, b))  # the best grid's own nearest codes
+    for _ in range(iters):
+        na, nb, _ = refit(v, a, b)
+        keep(na, nb, *error(na, nb))
     return a, b
 
 
@@ -247,8 +291,7 @@ def nearest(t: GGMLType, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> t
     else:
         values = torch.tensor(t.values, dtype=torch.float32)
         q = torch.bucketize(x.contiguous(), (values[1:] + values[:-1]) / 2)  # |w - a v| = |a| |x - v|, any a
-    zero = int(np.argmin(np.abs(np.array(t.values))))
-    return torch.where(a == 0, torch.full_like(q, zero), q).long()
+    return torch.where(a == 0, torch.full_like(q, t.zero_code), q).long()
 
 
 # ============================================================================ GPTQ on the grids
@@ -259,7 +302,7 @@ def gptq_types(weight: torch.Tensor, H: torch.Tensor, types: list, damp: float =
     the types' copies stacked as rows). ``H``: the layer's Hessian, or a ``[groups, in, in]`` stack
     of per-row-group Hessians (attention-aware value projections). ``fit_iters``: rounds of least
     squares, weighted by the Hessian's diagonal, that fit each block's grid to its weights (0: the
-    min-max grid of llama.cpp's reference quantizers). Returns one `GGUFWeight` per type."""
+    min-max grids, without the scale search). Returns one `GGUFWeight` per type."""
     types = [get_type(t) for t in types]
     cols = weight.shape[1]
     for t in types:
