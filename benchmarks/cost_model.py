@@ -118,9 +118,8 @@ def measure(tokens: int = 512) -> dict:
     return rates
 
 
-def candidate_tokens(cfg, num_units: int, num_changed: int) -> int:
-    """Candidate-tokens of a search with ``cfg`` (a `SearchConfig`)."""
-    cfg = cfg.resolve_generations(num_units, num_changed)
+def candidate_tokens(cfg) -> int:
+    """Candidate-tokens of a search with ``cfg`` (a `SearchConfig` with its generations resolved)."""
     per_generation, entering = 0, cfg.offspring
     for stage in cfg.stages:
         per_generation += entering * stage.tokens
@@ -153,34 +152,38 @@ def plan(name: str, kind: str, preset: str, rates: dict, gpu: dict) -> dict:
     params = layers * block + (1 if c.get("tie_word_embeddings") else 2) * vocab * h
     T = args.num_samples * args.seq_len
 
-    def fwd(tokens, n_layers=layers):  # FLOPs of a forward over `tokens` in windows of seq_len
-        return 2 * tokens * (n_layers * block + vocab * h) + 4 * tokens * args.seq_len * h * n_layers
+    def fwd(tokens):  # FLOPs of a forward over `tokens` in windows of seq_len
+        return 2 * tokens * (layers * block + vocab * h) + 4 * tokens * args.seq_len * h * layers
 
-    flops = {"teacher": fwd(T), "evaluation": fwd(40 * 512)}
-    units = {}
-    if kind != "depth":
-        distinct = {(k, tag) for _, k, tag in shapes(c)}
-        flops["calibration walk"] = fwd(T) + layers * sum(2 * T * k ** 2 for k, _ in distinct)
-        sweep = "gptq" if kind == "quantization" else "sparsegpt"
-        features = [sum(col) for col in zip(*(sweep_features(rates[f"{sweep}_levels"] * r, k) for r, k, _ in shapes(c)))]
-        units["database"] = [layers * f for f in features]
-    cfg = SearchConfig.from_preset(preset, method.presets)
     subblocks = 2 * layers
-    n_units = subblocks if kind == "depth" else 7 * layers
-    tokens = candidate_tokens(cfg, n_units, round(KINDS[kind] * subblocks) if kind == "depth" else 1)
-    flops["search"] = fwd(tokens)
-    cpu = {k: v / rates["forward_flops"] for k, v in flops.items()}
-    if "calibration walk" in flops:
-        cpu["calibration walk"] = fwd(T) / rates["forward_flops"] + (flops["calibration walk"] - fwd(T)) / rates["hessian_flops"]
+    n_units, changed = (subblocks, round(KINDS[kind] * subblocks)) if kind == "depth" else (7 * layers, 1)
+    cfg = SearchConfig.from_preset(preset, method.presets).resolve_generations(n_units, changed)
+    tokens = candidate_tokens(cfg)
+    forward = {"teacher": fwd(T), "evaluation": fwd(40 * 512), "search": fwd(tokens)}
     if kind != "depth":
-        sw = "gptq" if kind == "quantization" else "sparsegpt"
-        cpu["database"] = sum(c_ * f for c_, f in zip(rates[f"{sw}_coefficients"], units["database"]))
-    gpu_s = {k: v / gpu["forward"] for k, v in flops.items()}
-    if "calibration walk" in flops:
-        gpu_s["calibration walk"] = fwd(T) / gpu["forward"] + (flops["calibration walk"] - fwd(T)) / gpu["hessian"]
-    if units:
-        flops_like, _, columns = units["database"]
-        gpu_s["database"] = 2 * flops_like / gpu["sweep"] + columns * gpu["column"]
+        forward["calibration walk"] = fwd(T)
+        distinct = {(k, tag) for _, k, tag in shapes(c)}  # one Hessian per distinct input of a block
+        hessians = layers * sum(2 * T * k ** 2 for k, _ in distinct)
+        sweep = "gptq" if kind == "quantization" else "sparsegpt"
+        # the database's sweeps, summed `sweep_features` of every linear
+        features = [layers * sum(col) for col in zip(*(sweep_features(rates[f"{sweep}_levels"] * r, k)
+                                                       for r, k, _ in shapes(c)))]
+
+    def seconds(forward_rate: float, hessian_rate: float, database: float) -> dict:
+        """Seconds per phase at the given forward and Hessian rates, ``database`` the sweeps' seconds."""
+        out = {k: v / forward_rate for k, v in forward.items()}
+        if kind != "depth":
+            out["calibration walk"] += hessians / hessian_rate
+            out["database"] = database
+        return out
+
+    if kind == "depth":
+        cpu_database = gpu_database = 0.0
+    else:
+        cpu_database = sum(c_ * f for c_, f in zip(rates[f"{sweep}_coefficients"], features))
+        gpu_database = 2 * features[0] / gpu["sweep"] + features[2] * gpu["column"]
+    cpu = seconds(rates["forward_flops"], rates["hessian_flops"], cpu_database)
+    gpu_s = seconds(gpu["forward"], gpu["hessian"], gpu_database)
     needs = estimate(args, model, method, torch.bfloat16)
     memory = {x.what: x.bytes for x in needs if x.where == "memory"}
     memory["model weights (bfloat16)"] = 2 * params
@@ -188,8 +191,7 @@ def plan(name: str, kind: str, preset: str, rates: dict, gpu: dict) -> dict:
     # what must sit on the GPUs: weights and teacher cache; the prefix cache and level weights may spill to CPU
     on_gpu = 2 * params + sum(v for k, v in memory.items() if k.startswith("teacher"))
     return {"model": name, "kind": kind, "target": KINDS[kind], "preset": preset, "params": params,
-            "candidate_tokens": tokens, "generations": cfg.resolve_generations(n_units, round(KINDS[kind] * subblocks)
-                                                                                if kind == "depth" else 1).generations,
+            "candidate_tokens": tokens, "generations": cfg.generations,
             "memory_gb": {k: v / 1e9 for k, v in memory.items()}, "disk_gb": {k: v / 1e9 for k, v in disk.items()},
             "gpus": max(1, math.ceil(on_gpu / (0.9 * H200_MEMORY))),
             "cpu_hours": {k: v / 3600 for k, v in cpu.items()}, "gpu_hours": {k: v / 3600 for k, v in gpu_s.items()}}
