@@ -40,7 +40,7 @@ def tiny_model(arch: str, seed: int = 0, **overrides):
 
 ARCHS = ["llama", "qwen3", "mistral", "gemma3"]
 
-#: calibration text of the command-line tests (``--calibration-file``)
+#: calibration text of the command-line tests (their ``--dataset`` file)
 CALIB = ("The committee met on Tuesday to discuss the new budget for the school district. " * 40 + "\n") * 20
 
 
