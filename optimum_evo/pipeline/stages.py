@@ -49,8 +49,18 @@ def fastest_dtype(size: int = 768, repeats: int = 6) -> torch.dtype:
         start = time.perf_counter()
         for _ in range(repeats):
             a @ b
+            if timings and time.perf_counter() - start > min(timings.values()):
+                break  # already slower than a whole run of a faster dtype: without bf16 kernels one product takes seconds
         timings[dtype] = time.perf_counter() - start
     return min(timings, key=timings.get)
+
+
+def local_search_dtype(ctx: RunContext) -> torch.dtype:
+    """This process's search dtype: ``args.search_dtype``, or for ``"auto"`` `fastest_dtype` (timed once
+    per run; the memory check and the search use the same answer)."""
+    if ctx.search_dtype is None:
+        ctx.search_dtype = fastest_dtype() if ctx.args.search_dtype == "auto" else DTYPES[ctx.args.search_dtype]
+    return ctx.search_dtype
 
 
 def _hash_tensor(t: torch.Tensor) -> str:
@@ -114,8 +124,7 @@ def check_memory(ctx: RunContext) -> None:
 
     args = ctx.args
     root = args.database_dir or (default_cache_root().parent / "databases")
-    dtype = fastest_dtype() if args.search_dtype == "auto" else DTYPES[args.search_dtype]
-    ctx.memory_needs = check(args, ctx.model, ctx.method, dtype, database_root=root,
+    ctx.memory_needs = check(args, ctx.model, ctx.method, local_search_dtype(ctx), database_root=root,
                              show=args.progress and distributed.is_main())
 
 
@@ -131,8 +140,7 @@ def prepare(ctx: RunContext) -> None:
     from .. import distributed
 
     eval_dtype = ctx.model.dtype
-    ctx.search_dtype = fastest_dtype() if args.search_dtype == "auto" else DTYPES[args.search_dtype]
-    ctx.search_dtype = distributed.all_gather_objects(ctx.search_dtype)[0]  # every process searches in one dtype
+    ctx.search_dtype = distributed.all_gather_objects(local_search_dtype(ctx))[0]  # every process searches in one dtype
     ctx.search_model = ctx.model if ctx.search_dtype == eval_dtype else copy.deepcopy(ctx.model).to(ctx.search_dtype)
     ctx.identity = run_identity(ctx)
     method.prepare(ctx)
