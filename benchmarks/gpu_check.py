@@ -3,8 +3,8 @@
 Made to finish in about 10 minutes on one H200 (run through ``benchmarks/gpu_check.sh``, which
 installs the carried wheels first). What it does:
 
-1. ``pytest`` on the tests that need a GPU (skipped on a CPU-only machine) and on the
-   device-map tests;
+1. ``pytest`` on the tests that need a GPU (skipped on a CPU-only machine: the level database
+   built on the GPU from a model in host memory, one block at a time) and on the device-map tests;
 2. for model shapes of SmolLM2-135M and Gemma-3-270M (their configs and tokenizers, prepared here
    with ``--prepare``; the weights are random, which is what throughput needs), a search of each
    kind on load, ``from_pretrained(..., quantization_config=EvoPressConfig(...), device_map=DEVICE)``,
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     report = {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
               "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     if not ns.no_tests:
-        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_hf_quantizer.py", "-k",
+        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_hf_quantizer.py", "tests/test_offload.py", "-k",
                                 "cuda or device_map"], cwd=ROOT, capture_output=True, text=True)
         report["tests"] = {"returncode": tests.returncode, "tail": tests.stdout[-3000:]}
         print(tests.stdout[-3000:], flush=True)

@@ -219,9 +219,16 @@ class KLObjective:
         teacher: teacher cache of the same windows.
         space: a model search space with ``apply(model, candidate)`` and ``layer_of_unit``.
         reuse_prefix: turn the prefix reuse off (for measurements).
+        cache_bytes: the most bytes of cached layer inputs kept on the model's device (``None``: no
+            limit). Past it, inputs go to host memory, up to ``spill_bytes`` more (on a CPU model
+            both are host memory); past both, a window's cache stops growing (its later layers are
+            recomputed, the scores do not change). `stats` reports the bytes held.
+        spill_bytes: the most bytes of cached inputs kept in host memory when the model is on
+            another device (default 0).
     """
 
-    def __init__(self, model, windows: torch.Tensor, teacher: TeacherCache, space, reuse_prefix: bool = True):
+    def __init__(self, model, windows: torch.Tensor, teacher: TeacherCache, space, reuse_prefix: bool = True,
+                 cache_bytes: int | None = None, spill_bytes: int = 0):
         if teacher.num_windows != windows.shape[0]:
             raise ValueError("The teacher cache must cover the same windows as the objective.")
         self.model, self.windows, self.teacher, self.space = unwrap(model), windows, teacher, space
@@ -232,7 +239,41 @@ class KLObjective:
         self.parent = None
         self.states: dict = {}  # window -> list of layer inputs under the parent (prefix)
         self.parent_scores: dict = {}
+        self.cache_bytes, self.spill_bytes = cache_bytes, int(spill_bytes or 0)
+        first = next(p for p in self.model.parameters())
+        self.device = first.device
+        hidden = getattr(self.model.config.get_text_config(), "hidden_size", None)
+        # one cached entry: one window's input to one layer, in the dtype the layers run in
+        self.entry_bytes = self.tokens_per_sample * (hidden or 1) * first.element_size()
+        self.held = {"device": 0, "host": 0}
+        self.peak_bytes = 0
         self.reset_stats()
+
+    # -- the cache's memory
+    def _tier(self, t: torch.Tensor) -> str:
+        return "host" if t.device.type == "cpu" and self.device.type != "cpu" else "device"
+
+    def _room(self) -> int:
+        """How many more entries the budgets allow (on the device first, then spilled)."""
+        if self.cache_bytes is None:
+            return self.num_layers * self.num_samples
+        device = max(0, self.cache_bytes - self.held["device"]) // self.entry_bytes
+        host = max(0, self.spill_bytes - self.held["host"]) // self.entry_bytes if self.device.type != "cpu" else 0
+        return int(device + host)
+
+    def _keep(self, entries: list) -> None:
+        """Account for new entries, moving those past the device budget to host memory."""
+        for i, t in enumerate(entries):
+            size = t.numel() * t.element_size()
+            if self.cache_bytes is not None and self.device.type != "cpu" and \
+                    self.held["device"] + size > self.cache_bytes:
+                t = entries[i] = t.to("cpu")
+            self.held[self._tier(t)] += size
+        self.peak_bytes = max(self.peak_bytes, self.held["device"] + self.held["host"])
+
+    def _drop(self, entries: list) -> None:
+        for t in entries:
+            self.held[self._tier(t)] -= t.numel() * t.element_size()
 
     # -- prefix bookkeeping
     def first_changed_layer(self, a, b) -> int:
@@ -244,6 +285,7 @@ class KLObjective:
         if self.parent is not None:
             d = self.first_changed_layer(self.parent, candidate)
             for w in self.states:
+                self._drop(self.states[w][d + 1 :])
                 del self.states[w][d + 1 :]
         self.parent = candidate
         self.parent_scores = {}
@@ -286,10 +328,16 @@ class KLObjective:
             d = self.first_changed_layer(cand, self.parent)
             have = len(cached) - 1  # inputs of layers 0..have are cached
             start = min(d, have) if have >= 0 else 0
-            plan = dict(start=start, inject=cached[start] if have >= 0 else None,
-                        record=range(max(start, have + 1), min(d, self.num_layers - 1) + 1), sink=cached)
+            record = range(max(start, have + 1), min(d, self.num_layers - 1) + 1)
+            inject = cached[start].to(self.device) if have >= 0 else None
+            plan = dict(start=start, inject=inject, record=record[: self._room()], sink=cached)
+        before = len(plan["sink"])
         with _run_from_layer(self.layers, **plan):
             value = window_kl(self.model, self.windows[w], self.teacher, w)
+        if len(plan["sink"]) > before:
+            new = plan["sink"][before:]
+            self._keep(new)
+            plan["sink"][before:] = new
         self.layers_run += self.num_layers - plan["start"]
         if is_parent:
             self.parent_scores[w] = value
@@ -309,6 +357,11 @@ class KLObjective:
             "decoder_layer_forwards": self.layers_run,
             "decoder_layer_forwards_without_reuse": naive,
             "compute_saved": round(1 - self.layers_run / naive, 4) if naive else 0.0,
+            "prefix_cache_bytes": self.held["device"] + self.held["host"],
+            "prefix_cache_spilled_bytes": self.held["host"],
+            "prefix_cache_peak_bytes": self.peak_bytes,
+            "prefix_cache_budget_bytes": None if self.cache_bytes is None else self.cache_bytes + (
+                self.spill_bytes if self.device.type != "cpu" else 0),
         }
 
 

@@ -199,6 +199,9 @@ class SearchArguments:
               "transformers (comma-separated on the command line)")
     database_dir: Annotated[Optional[str], Option("compression", record=False)] = _setting(
         None, "level database folder (default: a shared cache keyed by model, data and settings)")
+    database_device: Annotated[Optional[str], Option("compression", record=False)] = _setting(
+        None, "device the level database is built on, one decoder block at a time (default: the model's; "
+              "e.g. cuda for a model held in host memory)")
 
     # -- search
     preset: Annotated[str, Option("search")] = _setting(
@@ -233,6 +236,9 @@ class SearchArguments:
         "auto", "dtype of the model scored during the search (auto: the faster one on this machine)")
     reuse_prefix: Annotated[bool, Option("calibration", negate="--no-prefix-reuse")] = _setting(
         True, "reuse the parent's activations of the unchanged prefix of a child")
+    prefix_cache_size: Annotated[Optional[str], Option("calibration", record=False)] = _setting(
+        None, "memory the prefix reuse may hold: a size (8GB) or a fraction of the free memory of the model's "
+              "device (default 0.5; on a GPU, what does not fit spills to host memory, up to half of its free memory)")
 
     # -- evaluation
     eval_dataset: Annotated[Optional[str], Option("evaluation")] = _setting(
@@ -327,6 +333,21 @@ class SearchArguments:
                 self.eval_windows, int) or self.eval_windows < 0):
             raise ValueError(f"eval_windows must be a non-negative integer (0 = no evaluation, None = the whole "
                              f"evaluation text), got {self.eval_windows!r}.")
+        if self.prefix_cache_size is not None:
+            from .utils import parse_size
+
+            parse_size(self.prefix_cache_size, "prefix_cache_size", "the free memory")
+        if self.database_device is not None:
+            import torch
+
+            try:
+                device = torch.device(self.database_device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"database_device={self.database_device!r} is not a torch device (cpu, cuda, "
+                                 "cuda:1, xpu, mps).") from e
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"database_device={self.database_device!r} but torch sees no CUDA device here; "
+                                 "leave database_device unset to build on the model's device.")
         for name, allowed in (("fitness", ("topk", "full")), ("init", ("baselines", "random")),
                               ("mode", ("separate", "block")), ("search_dtype", ("auto", "float32", "bfloat16")),
                               ("eval_dtype", ("float32", "bfloat16"))):

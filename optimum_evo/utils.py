@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 
@@ -96,3 +97,42 @@ def publish_folder(tmp, folder, last: str = "config.json") -> Path:
         os.replace(src, dst)
     shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30}
+
+
+def parse_size(value, name: str = "target_size", whole: str = "the dense size") -> tuple:
+    """``("bytes", n)`` or ``("fraction", f)`` of a size budget: a size with a unit (``"60MB"``,
+    ``"1.5 GiB"``), a number of bytes (above 1), or a fraction of ``whole`` (``0.25``, ``"25%"``).
+    ``name`` is the setting the errors name.
+
+    Examples:
+        >>> parse_size("60MB"), parse_size("1.5 GiB"), parse_size("25%"), parse_size(0.3), parse_size(123456)
+        (('bytes', 60000000), ('bytes', 1610612736), ('fraction', 0.25), ('fraction', 0.3), ('bytes', 123456))
+    """
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{name} must be a size such as '60MB', a number of bytes or a fraction of {whole} "
+                         f"such as 0.25, got {value!r}.")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        if text.endswith("%"):
+            try:
+                fraction = float(text[:-1]) / 100
+            except ValueError:
+                fraction = -1.0
+            if not 0 < fraction <= 1:
+                raise ValueError(f"{name} {value!r}: a percentage must be in (0, 100].")
+            return "fraction", fraction
+        match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([a-z]*)", text)
+        if match is None or match.group(2) not in _UNITS:
+            raise ValueError(f"{name} must be a size such as '60MB', '57MiB', '1.2GB', a number of bytes or a "
+                             f"fraction of {whole} such as 0.25 or '25%', got {value!r}.")
+        number, unit = float(match.group(1)), match.group(2)
+    if number <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}.")
+    if unit == "" and number <= 1:
+        return "fraction", number
+    return "bytes", int(round(number * _UNITS[unit]))

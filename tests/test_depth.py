@@ -140,6 +140,33 @@ def test_baselines_are_feasible(arch):
     assert blocks["attention"] == blocks["mlp"] and blocks["attention"][1] == blocks["attention"][0] + 1
 
 
+def test_prefix_cache_budget_keeps_scores_and_bounds_the_bytes_held():
+    model = tiny_model("llama")
+    windows = torch.randint(0, 128, (6, 24))
+    space = DepthSpace(model, 0.34)
+    teacher = TeacherCache.build(model, windows, "topk", 32, progress=False)
+    entry = 24 * model.config.hidden_size * 4  # one window's input to one layer, float32
+    free = KLObjective(model, windows, teacher, space)
+    tight = KLObjective(model, windows, teacher, space, cache_bytes=5 * entry + entry // 2)
+    none = KLObjective(model, windows, teacher, space, cache_bytes=0)
+    parent = space.candidate(attention=[3, 4], mlp=[4, 5])
+    rng = random.Random(0)
+    for gen in range(4):
+        for obj in (free, tight, none):
+            obj.set_parent(parent)
+        kids = [mutate(parent, space.level_space, rng) for _ in range(5)]
+        ids = rng.sample(range(6), 3)
+        scores = [obj.score(kids + [parent], ids) for obj in (free, tight, none)]
+        assert scores[0] == scores[1] == scores[2]
+        assert tight.stats()["prefix_cache_bytes"] <= 5 * entry
+        parent = kids[min(range(5), key=lambda i: scores[0][i])]
+    stats = {name: obj.stats() for name, obj in (("free", free), ("tight", tight), ("none", none))}
+    assert stats["free"]["prefix_cache_peak_bytes"] > 5 * entry >= stats["tight"]["prefix_cache_peak_bytes"] > 0
+    assert stats["none"]["prefix_cache_peak_bytes"] == 0 and stats["tight"]["prefix_cache_budget_bytes"] == 5 * entry + entry // 2
+    assert free.layers_run < tight.layers_run < none.layers_run  # a smaller cache recomputes more
+    assert stats["tight"]["prefix_cache_spilled_bytes"] == 0  # a CPU model has no second tier
+
+
 def test_prefix_reuse_gives_identical_scores_with_fewer_layers(arch):
     model = tiny_model(arch)
     windows = torch.randint(0, 128, (6, 24))

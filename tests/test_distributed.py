@@ -62,6 +62,14 @@ def test_two_processes_find_what_one_process_finds(tiny, tmp_path, kind):
     single = json.loads((tmp_path / "one" / "result.json").read_text())
     assert report["search"]["work"]["window_scores"] == single["search"]["work"]["window_scores"]
     assert outcome(tmp_path / "two") == outcome(tmp_path / "one")  # same candidate, trajectory, metrics, files
+    if kind == "quantization":  # the level database was built by both processes, each half of the linears
+        one_db = json.loads((tmp_path / "db-one" / "manifest.json").read_text())
+        two_db = json.loads((tmp_path / "db-two" / "manifest.json").read_text())
+        assert (one_db["build_processes"], two_db["build_processes"]) == (1, 2)
+        assert list(two_db["modules"]) == list(one_db["modules"])
+        assert {n: e["sha256"] for n, e in two_db["modules"].items()} == {
+            n: e["sha256"] for n, e in one_db["modules"].items()}
+        assert two_db["bytes_per_weight"] == one_db["bytes_per_weight"]
 
 
 def test_killed_multi_process_search_resumes_with_any_number_of_processes(tiny, tmp_path):

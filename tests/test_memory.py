@@ -71,3 +71,24 @@ def test_the_report_records_the_estimate(tmp_path):
                                         output_dir=str(tmp_path / "out")))
     estimate = {x["what"].split(" (")[0]: x["bytes"] for x in report["resources_estimate"]}
     assert estimate["teacher cache"] == 2 * 16 * (8 * 8 + 4)
+
+
+def test_the_prefix_cache_keeps_to_its_budget_in_a_run(tmp_path):
+    from test_hf_quantizer import CALIB, save_tiny
+
+    from optimum_evo.pipeline import run_search
+
+    path = save_tiny(tmp_path / "tiny")
+    common = dict(model=str(path), compression="depth", target=0.25, dataset=[CALIB[0]], generations=3, offspring=4,
+                  num_samples=4, seq_len=16, eval_windows=0, top_k=8, search_dtype="float32", progress=False,
+                  save_model=False)
+    free = run_search(SearchArguments(**common, output_dir=str(tmp_path / "a")))
+    entry = 16 * 64 * 4  # one window's input to one layer of the tiny model (hidden 64, float32)
+    tight = run_search(SearchArguments(**common, prefix_cache_size=str(3 * entry), output_dir=str(tmp_path / "b")))
+    assert tight["search"]["work"]["prefix_cache_budget_bytes"] == 3 * entry
+    assert 0 < tight["search"]["work"]["prefix_cache_peak_bytes"] <= 3 * entry < free["search"]["work"]["prefix_cache_peak_bytes"]
+    assert tight["search"]["work"]["decoder_layer_forwards"] > free["search"]["work"]["decoder_layer_forwards"]
+    assert tight["profile"] == free["profile"]  # the same search: only the recomputation differs
+    assert any("budget" in x["what"] for x in tight["resources_estimate"] if x["what"].startswith("prefix cache"))
+    with pytest.raises(ValueError, match="prefix_cache_size must be a size"):
+        SearchArguments(**common, prefix_cache_size="lots")

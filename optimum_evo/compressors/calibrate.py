@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..decoder import find_decoder_layout
 from .obs import HessianAccumulator
+from .offload import BlockOnloader
 
 
 class _Stop(Exception):
@@ -50,36 +51,68 @@ def linear_modules(block: nn.Module) -> dict:
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
+def _to(value, device):
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
 @torch.no_grad()
-def _capture(model, windows: torch.Tensor, layout):
-    """Inputs of block 0 for every window, and the keyword arguments each block is called with."""
+def _capture(model, windows: torch.Tensor, layout, onloader=None):
+    """Inputs of block 0 for every window, and the keyword arguments each block is called with
+    (on the ``onloader``'s device; each block is onloaded while window 0 runs through it)."""
     layers = layout.layers
     kwargs_per_layer: dict = {}
     first_inputs = []
     handles = []
+    device = onloader.device if onloader is not None else None
+    onloaded: dict = {}
 
     def make(i):
         def pre_hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
             if i == 0:
-                first_inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
+                first_inputs.append(_to(hidden.detach(), device))
             if i not in kwargs_per_layer:
-                kwargs_per_layer[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                kwargs_per_layer[i] = _to({k: v for k, v in kwargs.items() if k != "hidden_states"}, device)
             if len(kwargs_per_layer) == len(layers):  # window 0 ran to the last block; others stop at 0
                 raise _Stop
+            if onloader is None:
+                return None
+            onloaded[i] = onloader.onloaded(i)
+            onloaded[i].__enter__()
+            return _to(args, onloader.device), _to(kwargs, onloader.device)
 
         return pre_hook
 
+    def make_post(i):
+        def hook(module, args, output):
+            if i in onloaded:
+                onloaded.pop(i).__exit__(None, None, None)
+
+        return hook
+
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(make(i), with_kwargs=True))
+        handles.append(layer.register_forward_hook(make_post(i)))
+    embed = next((p.device for p in model.base_model.parameters() if not p.is_meta), windows.device)
     try:
         for w in range(windows.shape[0]):
             try:
-                model.base_model(input_ids=windows[w : w + 1], use_cache=False)
+                model.base_model(input_ids=windows[w : w + 1].to(embed), use_cache=False)
             except _Stop:
                 pass
     finally:
         for h in handles:
             h.remove()
+        for ctx in onloaded.values():
+            ctx.__exit__(None, None, None)
     for kw in kwargs_per_layer.values():
         kw["use_cache"] = False
         kw.pop("cache", None)
@@ -117,7 +150,8 @@ class _ValueHessian:
 
     def __init__(self, in_features: int, kv_heads: int):
         self.kv_heads = kv_heads
-        self.H = torch.zeros(kv_heads, in_features, in_features, dtype=torch.float32)
+        self.in_features = in_features
+        self.H = None  # allocated on the device of the first inputs
         self.n = 0
         self._x = None
 
@@ -130,6 +164,8 @@ class _ValueHessian:
         b, heads, t, _ = probs.shape
         group = heads // self.kv_heads
         m = b * t
+        if self.H is None:
+            self.H = torch.zeros(self.kv_heads, self.in_features, self.in_features, dtype=torch.float32, device=x.device)
         self.H *= self.n / (self.n + m)
         self.n += m
         y = torch.einsum("bhst,bti->hbsi", probs.float(), x)  # attention-mixed inputs per query head
@@ -259,15 +295,24 @@ class walk_blocks:
     value projections (the blocks then run with eager attention). ``streams=True`` also carries
     one input stream per compression level (`Block.stream_inputs`, `Block.set_stream_outputs`):
     a level's stream holds the calibration activations of the model compressed at that level up
-    to the current block (quantized-input propagation, one stream per level)."""
+    to the current block (quantized-input propagation, one stream per level).
+
+    ``device``: where the walked block and the activations live (default: the model's device);
+    blocks elsewhere are onloaded one at a time. ``weights``: the checkpoint folder of a model
+    made by `optimum_evo.compressors.offload.offloaded_model`, whose blocks are read from disk at
+    their turn (for walks that do not write the weights)."""
 
     def __init__(self, model, windows: torch.Tensor, progress: bool = True, desc: str = "Blocks",
-                 attention_aware: bool = False, streams: bool = False):
+                 attention_aware: bool = False, streams: bool = False, device=None, weights=None):
         self.model, self.windows, self.progress, self.desc = model, windows, progress, desc
         self.layout = find_decoder_layout(model)
         self.attention_aware = attention_aware
         self.streams = streams
         self._streams: dict = {}
+        # Sequential onloading (`optimum_evo.compressors.offload`): the block being walked and the
+        # activations live on ``device``; the other blocks stay where they are (host memory, or the
+        # checkpoint ``weights`` for a model made by `offloaded_model`).
+        self.onloader = BlockOnloader(model, device, weights)
 
     def __iter__(self):
         # Eager attention for the whole walk: the captured masks must match what the blocks run.
@@ -275,11 +320,12 @@ class walk_blocks:
             yield from self._blocks()
 
     def _blocks(self):
-        self._inputs, kwargs = _capture(self.model, self.windows, self.layout)
+        self._inputs, kwargs = _capture(self.model, self.windows, self.layout, self.onloader)
         for i in tqdm(range(len(self.layout)), desc=self.desc, disable=not self.progress, dynamic_ncols=True):
-            block = Block(i, f"{self.layout.path}.{i}", self.layout.layers[i], self._inputs, kwargs[i], self)
-            yield block
-            if self.streams:  # before the dense inputs move on (a stream not set yet starts from them)
-                block._advance_streams()
-            if self._inputs is block.inputs:
-                block.advance()
+            with self.onloader.onloaded(i) as layer:
+                block = Block(i, f"{self.layout.path}.{i}", layer, self._inputs, kwargs[i], self)
+                yield block
+                if self.streams:  # before the dense inputs move on (a stream not set yet starts from them)
+                    block._advance_streams()
+                if self._inputs is block.inputs:
+                    block.advance()

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from ..search.checkpoint import atomic_write_json
 from ..utils import sha256_file
 from .calibrate import linear_modules, walk_blocks
+from .. import distributed
 from ..faults import fault_point
 from .codecs import LevelCodec, get_codec, level_key
 
@@ -161,7 +162,8 @@ class LevelDatabase:
     # ----------------------------------------------------------------- building
     @classmethod
     def build(cls, model, windows: torch.Tensor, kind: str, levels, root, settings: dict | None = None,
-              identity: dict | None = None, modules=None, progress: bool = True) -> "LevelDatabase":
+              identity: dict | None = None, modules=None, progress: bool = True, device=None,
+              weights=None) -> "LevelDatabase":
         """Compress every linear of every decoder block at every level and write the database.
 
         Args:
@@ -187,23 +189,44 @@ class LevelDatabase:
         The manifest's ``level_builders`` records what made each level (quantization: the
         ``builder`` setting, `optimum_evo.compressors.builders`).
             modules: optional predicate ``name -> bool`` selecting the linears to compress.
+            device: where each block is compressed (default: the model's device); the model's
+                other blocks stay where they are and are onloaded one at a time
+                (`optimum_evo.compressors.offload`), e.g. a model in host memory built on a GPU.
+            weights: the checkpoint folder of a model made by
+                `optimum_evo.compressors.offload.offloaded_model` (blocks read from disk one at a
+                time: host memory holds one block, not the model).
         """
         codec = get_codec(kind)
         settings = codec.full_settings(settings)
         per_module = callable(levels)
         level_fn = levels if per_module else (lambda name, shape, _lv=codec.sort_levels(levels): _lv)
         root = Path(root)
-        build_dir = root.with_name(f".{root.name}.build-{os.getpid()}")
-        shutil.rmtree(build_dir, ignore_errors=True)
-        _remove_orphan_builds(root)
-        (build_dir / "layers").mkdir(parents=True)
+        # In a multi-process run (`optimum_evo.distributed`) every process calls build: the linears
+        # are dealt out round-robin (process r compresses linears r, r + world, ...; every process
+        # walks all blocks for the calibration activations), each writes its files into process 0's
+        # build folder, and process 0 writes the manifest of all of them. Builders that carry
+        # calibration streams through the compressed blocks need every linear: process 0 builds alone.
+        world, rank = distributed.world_size(), distributed.rank()
+        shard = world > 1 and not codec.needs_streams(settings)
+        owner = distributed.all_gather_objects(os.getpid())[0]
+        build_dir = root.with_name(f".{root.name}.build-{owner}")
+        if rank == 0:
+            shutil.rmtree(build_dir, ignore_errors=True)
+            _remove_orphan_builds(root)
+            (build_dir / "layers").mkdir(parents=True)
+        distributed.barrier()
+        mine = (lambda k: k % world == rank) if shard else (lambda k: rank == 0)
         start = time.perf_counter()
         entries, totals = {}, {}  # module entries; level key -> [bytes, weights]
         walk = walk_blocks(model, windows, progress=progress, desc=f"Building {codec.kind} database",
-                           attention_aware=settings["attention_aware"], streams=codec.needs_streams(settings))
+                           attention_aware=settings["attention_aware"], streams=codec.needs_streams(settings),
+                           device=device, weights=weights)
         # The selected linears of every block; the walk stops after the last block that has one.
         selected = {i: [n for n in linear_modules(layer) if modules is None or modules(f"{walk.layout.path}.{i}.{n}")]
                     for i, layer in enumerate(walk.layout.layers)}
+        order = [(i, n) for i in sorted(selected) for n in selected[i]]
+        mine_of = {key for k, key in enumerate(order) if mine(k)}
+        selected = {i: [n for n in names if (i, n) in mine_of] for i, names in selected.items()}
         last = max((i for i, names in selected.items() if names), default=-1)
         for block in walk:
             if block.index > last:
@@ -223,8 +246,8 @@ class LevelDatabase:
             for name in names:
                 linear = linears[name]
                 full = f"{block.prefix}.{name}"
-                H = hessians[name]
-                dense = linear.weight.detach().float()
+                H = hessians[name].cpu()  # the bookkeeping runs on the CPU, the compression on the device
+                dense = linear.weight.detach().float().cpu()
                 diag = torch.diagonal(H, dim1=-2, dim2=-1)
                 diag = diag.sum(0) if diag.dim() == 2 else diag
                 tensors = {"stats::act_norm": torch.sqrt(diag.clamp(min=0)).contiguous()}
@@ -232,7 +255,7 @@ class LevelDatabase:
                 module_levels = levels_of[name]
                 compressed = compressed_of[name]
                 for lv, c in zip(module_levels, compressed):
-                    enc = codec.encode(c)
+                    enc = {k: t.cpu() for k, t in codec.encode(c).items()}
                     decoded = codec.decode(enc, tuple(dense.shape), lv, settings)
                     errors[level_key(lv)] = relative_error(dense, decoded, H)
                     for k, t in enc.items():
@@ -247,6 +270,17 @@ class LevelDatabase:
                 entries[full] = {"shape": list(linear.weight.shape), "file": rel, "sha256": sha256_file(build_dir / rel),
                                  "levels": module_levels, "errors": errors}
             block.advance()
+        if world > 1:  # every process's entries and byte counts, in one manifest
+            parts = distributed.all_gather_objects((entries, totals))
+            entries, totals = {}, {}
+            for part_entries, part_totals in parts:
+                entries.update(part_entries)
+                for k, (b, n) in part_totals.items():
+                    acc = totals.setdefault(k, [0, 0])
+                    acc[0] += b
+                    acc[1] += n
+            position = {f"{walk.layout.path}.{i}.{n}": k for k, (i, n) in enumerate(order)}
+            entries = {key: entries[key] for key in sorted(entries, key=position.__getitem__)}  # one process's order
         manifest = {
             "format": FORMAT_VERSION,
             "kind": codec.kind,
@@ -258,17 +292,20 @@ class LevelDatabase:
             "modules": entries,
             "bytes_per_weight": {k: b / max(n, 1) for k, (b, n) in totals.items()},
             "build_seconds": round(time.perf_counter() - start, 1),
+            "build_processes": world if shard else 1,
         }
-        atomic_write_json(build_dir / "manifest.json", manifest)
-        fault_point("database.manifest")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(build_dir, root)
+        if rank == 0:
+            atomic_write_json(build_dir / "manifest.json", manifest)
+            fault_point("database.manifest")
+            if root.exists():
+                shutil.rmtree(root)
+            os.replace(build_dir, root)
+        distributed.barrier()
         return cls(root, manifest, codec)
 
     @classmethod
     def open_or_build(cls, root, model, windows, kind, levels, settings=None, identity=None, modules=None,
-                      progress=True) -> "LevelDatabase":
+                      progress=True, device=None, weights=None) -> "LevelDatabase":
         """Reuse the database at ``root`` when it matches the request, else (re)build it. Processes
         asking for the same folder at once take turns (a file lock beside it): one builds, the
         others wait and reuse its result."""
@@ -279,6 +316,9 @@ class LevelDatabase:
                     "settings": codec.full_settings(settings), **(identity or {})}
         root = Path(root)
         root.parent.mkdir(parents=True, exist_ok=True)
+        if distributed.world_size() > 1:  # the processes of one run build together (see `build`)
+            return cls._open_or_build_together(root, expected, model, windows, codec, levels, settings, identity,
+                                               modules, progress, device, weights)
         with FileLock(str(root.with_name(f".{root.name}.lock"))):
             _remove_orphan_builds(root)
             try:
@@ -288,6 +328,38 @@ class LevelDatabase:
             except StaleDatabaseError as e:
                 if root.exists():
                     logger.warning("%s Rebuilding it.", e)
-            db = cls.build(model, windows, codec, levels, root, settings, identity, modules, progress)
+            db = cls.build(model, windows, codec, levels, root, settings, identity, modules, progress, device, weights)
             db.reused = False
             return db
+
+    @classmethod
+    def _open_or_build_together(cls, root, expected, model, windows, codec, levels, settings, identity, modules,
+                                progress, device, weights) -> "LevelDatabase":
+        """`open_or_build` for the processes of one multi-process run: process 0 decides (under the
+        folder's lock, held until the database is in place), all build together, all open it."""
+        from filelock import FileLock
+
+        lock = FileLock(str(root.with_name(f".{root.name}.lock"))) if distributed.is_main() else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            reuse = None
+            if lock is not None:
+                _remove_orphan_builds(root)
+                try:
+                    cls.open(root, expected)
+                    reuse = True
+                except StaleDatabaseError as e:
+                    if root.exists():
+                        logger.warning("%s Rebuilding it.", e)
+                    reuse = False
+            reuse = distributed.all_gather_objects(reuse)[0]
+            if not reuse:
+                cls.build(model, windows, codec, levels, root, settings, identity, modules, progress, device, weights)
+            distributed.barrier()
+        finally:
+            if lock is not None:
+                lock.release()
+        db = cls.open(root, expected)
+        db.reused = reuse
+        return db

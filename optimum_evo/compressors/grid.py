@@ -43,7 +43,7 @@ def find_params(w: torch.Tensor, bits: int, sym: bool = False, mse: bool = False
 
     scale, zero = params(xmin, xmax)
     if mse:
-        best = torch.full((w.shape[0], 1), float("inf"))
+        best = torch.full((w.shape[0], 1), float("inf"), device=w.device)
         for i in range(int(max_shrink * grid)):
             p = 1 - i / grid
             s, z = params(p * xmin, p * xmax)

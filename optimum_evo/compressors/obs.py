@@ -25,12 +25,15 @@ class HessianAccumulator:
     """Running ``H = 2/n * sum x x^T`` over the rows of the inputs of a linear layer."""
 
     def __init__(self, in_features: int):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self.in_features = in_features
+        self.H = None  # allocated on the device of the first inputs
         self.n = 0
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
+        if self.H is None:
+            self.H = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
         m = x.shape[0]
         self.H *= self.n / (self.n + m)
         self.n += m
@@ -48,7 +51,7 @@ def _inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple:
     H = H.clone().float()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0])
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device)
     L = torch.linalg.cholesky(H)
     Hinv = torch.cholesky_inverse(L)
     return torch.linalg.cholesky(Hinv, upper=True), dead
@@ -111,7 +114,7 @@ def gptq_levels(weight: torch.Tensor, H: torch.Tensor, bits: list, group_size: i
     slices = _row_groups(weight, H) if H.dim() == 3 else [slice(None)]
     hessians = H if H.dim() == 3 else H[None]
     rows = weight[slices[0]].shape[0]
-    per_row_bits = torch.tensor([int(b) for b in bits]).repeat_interleave(rows)[:, None]
+    per_row_bits = torch.tensor([int(b) for b in bits], device=weight.device).repeat_interleave(rows)[:, None]
     parts = [_gptq(torch.cat([weight[sl]] * len(bits)), hessians[g], per_row_bits, group_size, sym, mse, perm, damp,
                    block_size) for g, sl in enumerate(slices)]
     out = []
@@ -135,9 +138,9 @@ def _gptq(weight, H, bits, group_size, sym, mse, perm, damp, block_size) -> tupl
     WT = W.t().contiguous()  # [cols, rows]
     Hinv, _ = _inverse_hessian_cholesky(H, damp)
     n_groups = math.ceil(cols / gs)
-    scales = torch.zeros(rows, n_groups)
-    zeros = torch.zeros(rows, n_groups)
-    QT = torch.zeros(cols, rows)
+    scales = W.new_zeros(rows, n_groups)
+    zeros = W.new_zeros(rows, n_groups)
+    QT = W.new_zeros(cols, rows)
     scale = zero = None
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -160,7 +163,7 @@ def _gptq(weight, H, bits, group_size, sym, mse, perm, damp, block_size) -> tupl
             Err1[i] = err
         WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
     Q = QT.t()
-    g_idx = torch.arange(cols) // gs
+    g_idx = torch.arange(cols, device=W.device) // gs
     if act_order:
         inv = torch.argsort(perm)
         Q = Q[:, inv]
@@ -273,7 +276,7 @@ def _quantease(W, H, codes, scale, zero, bits, iters, damp) -> torch.Tensor:
     H = H.clone().float()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0])
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device)
     W = W.clone()
     W[:, dead] = 0
     maxq = 2**bits - 1

@@ -43,6 +43,7 @@ import torch
 
 from ..decoder import find_decoder_layout
 from ..search import BudgetSpace, SearchConfig, Stage
+from ..utils import parse_size
 from .base import CompressionMethod
 from .registry import get_method, register_combiner
 
@@ -52,43 +53,8 @@ __all__ = ["JointMethod", "JointSpace", "parse_size", "stored_bytes"]
 
 #: the option of a linear left dense (its kind and level)
 DENSE = "dense"
-_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30}
 #: DROP_FRACTIONS: the sub-block fractions of the "depth + uniform" baselines
 DROP_FRACTIONS = (0.1, 0.2, 0.3)
-
-
-def parse_size(value) -> tuple:
-    """``("bytes", n)`` or ``("fraction", f)`` of a size budget.
-
-    Examples:
-        >>> parse_size("60MB"), parse_size("1.5 GiB"), parse_size("25%"), parse_size(0.3), parse_size(123456)
-        (('bytes', 60000000), ('bytes', 1610612736), ('fraction', 0.25), ('fraction', 0.3), ('bytes', 123456))
-    """
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"target_size must be a size such as '60MB', a number of bytes or a fraction of the dense "
-                         f"size such as 0.25, got {value!r}.")
-    if isinstance(value, (int, float)):
-        number, unit = float(value), ""
-    else:
-        text = str(value).strip().lower().replace(" ", "")
-        if text.endswith("%"):
-            try:
-                fraction = float(text[:-1]) / 100
-            except ValueError:
-                fraction = -1.0
-            if not 0 < fraction <= 1:
-                raise ValueError(f"target_size {value!r}: a percentage must be in (0, 100].")
-            return "fraction", fraction
-        match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([a-z]*)", text)
-        if match is None or match.group(2) not in _UNITS:
-            raise ValueError(f"target_size must be a size such as '60MB', '57MiB', '1.2GB', a number of bytes or a "
-                             f"fraction of the dense size such as 0.25 or '25%', got {value!r}.")
-        number, unit = float(match.group(1)), match.group(2)
-    if number <= 0:
-        raise ValueError(f"target_size must be positive, got {value!r}.")
-    if unit == "" and number <= 1:
-        return "fraction", number
-    return "bytes", int(round(number * _UNITS[unit]))
 
 
 def stored_bytes(tensors) -> int:

@@ -338,7 +338,8 @@ class DatabaseMethod(CompressionMethod):
             **identity, "kind": codec.kind, "levels": str(args.levels), "settings": codec.full_settings(settings)})
         start = time.perf_counter()
         db = LevelDatabase.open_or_build(root, model, run.calibration, codec, levels, settings, identity,
-                                         modules=self.selected(args), progress=args.progress)
+                                         modules=self.selected(args), progress=args.progress,
+                                         device=args.database_device)
         if not db.modules:
             raise ValueError(f"modules={args.modules!r} / modules_to_not_convert={args.modules_to_not_convert!r} "
                              "select none of the decoder blocks' linear layers.")

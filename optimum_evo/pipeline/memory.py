@@ -26,7 +26,7 @@ import torch
 
 from ..methods.base import Need
 
-__all__ = ["HEADROOM", "InsufficientMemoryError", "Need", "available_memory", "check", "estimate",
+__all__ = ["HEADROOM", "InsufficientMemoryError", "Need", "available_memory", "check", "estimate", "prefix_cache_budget",
            "format_needs", "free_disk", "model_bytes"]
 
 logger = logging.getLogger(__name__)
@@ -65,11 +65,39 @@ def estimate(args, model, method, search_dtype: torch.dtype | None = None) -> li
         needs.append(Need(f"teacher cache (top-{k})", n * t * (k * 8 + 4), fix="num_samples, seq_len or top_k"))
     else:
         needs.append(Need("teacher cache (full vocabulary)", n * t * vocab * 2, fix="fitness='topk', num_samples"))
-    if args.reuse_prefix:
-        needs.append(Need("prefix cache (worst case: every window's input to every layer)",
-                          n * t * hidden * item * len(layout.layers), fix="num_samples, seq_len or reuse_prefix=False"))
     needs += list(method.resource_needs(args, model, item))
+    if args.reuse_prefix:
+        worst = n * t * hidden * item * len(layout.layers)
+        others = sum(x.bytes for x in needs if x.where == "memory")
+        budget, _ = prefix_cache_budget(args.prefix_cache_size, next(p for p in model.parameters()).device, others)
+        if budget is None or worst <= budget:
+            needs.append(Need("prefix cache (worst case: every window's input to every layer)", worst,
+                              fix="num_samples, seq_len, prefix_cache_size or reuse_prefix=False"))
+        else:
+            needs.append(Need(f"prefix cache (its budget; every window's input to every layer would take "
+                              f"{_gb(worst)})", budget, fix="prefix_cache_size or reuse_prefix=False"))
     return needs
+
+
+def prefix_cache_budget(value, device: torch.device, others: int = 0) -> tuple:
+    """``(device bytes, spilled bytes)`` the KL objective's prefix cache may hold for the setting
+    ``prefix_cache_size`` (`optimum_evo.fitness.KLObjective`): a size, or a fraction (default
+    0.5) of the memory free on ``device`` after ``others`` bytes; on an accelerator, what does not
+    fit spills to host memory, up to half of what is free there. ``None``: no limit (the free
+    memory cannot be known)."""
+    from ..utils import parse_size
+
+    unit, amount = parse_size(0.5 if value is None else value, "prefix_cache_size", "the free memory")
+    if unit == "bytes":
+        budget = amount
+    else:
+        free = available_memory(device)
+        budget = None if free is None else int(amount * max(0, free - others))
+    spill = 0
+    if device.type != "cpu" and budget is not None:
+        host = available_memory(torch.device("cpu"))
+        spill = int(0.5 * host) if host else 0
+    return budget, spill
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -32,6 +32,7 @@ from ..fitness import KLObjective, TeacherCache, best_by_kl, evaluate as evaluat
 from ..search import EvolutionarySearch
 from ..search.checkpoint import atomic_write_json
 from .context import RunContext
+from .memory import prefix_cache_budget
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +179,10 @@ def fitness(ctx: RunContext) -> None:
             teacher.save(out / "cache" / "teacher", manifest)
     ctx.teacher = teacher
     ctx.timings["teacher_seconds"] = time.perf_counter() - start
-    ctx.objective = KLObjective(ctx.search_model, ctx.calibration, teacher, ctx.space, reuse_prefix=args.reuse_prefix)
+    device = next(p for p in ctx.search_model.parameters()).device
+    cache_bytes, spill_bytes = prefix_cache_budget(args.prefix_cache_size, device)
+    ctx.objective = KLObjective(ctx.search_model, ctx.calibration, teacher, ctx.space, reuse_prefix=args.reuse_prefix,
+                                cache_bytes=cache_bytes, spill_bytes=spill_bytes)
 
 
 def random_candidates(space, reference, n: int, seed: int) -> list:
@@ -229,7 +233,10 @@ def search(ctx: RunContext) -> None:
                                                   "decoder_layer_forwards_without_reuse")}
     naive = work["decoder_layer_forwards_without_reuse"]
     ctx.report["search_work"] = {**work, "compute_saved": round(1 - work["decoder_layer_forwards"] / naive, 4)
-                                 if naive else 0.0, "processes": len(parts)}
+                                 if naive else 0.0, "processes": len(parts),
+                                 # per process: each holds its own prefix cache
+                                 "prefix_cache_peak_bytes": max(p["prefix_cache_peak_bytes"] for p in parts),
+                                 "prefix_cache_budget_bytes": parts[0]["prefix_cache_budget_bytes"]}
     ctx.space.restore(ctx.search_model)
     ctx.objective = None  # frees the prefix cache
     if not ctx.args.lora_correction:
