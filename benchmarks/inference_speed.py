@@ -41,6 +41,7 @@ import optimum_evo  # noqa: E402,F401  (registers the EvoPress quantizer)
 from optimum_evo.checkpoint import save_checkpoint  # noqa: E402
 from optimum_evo.compressors import EvoPressQuantLinear, kernels, set_dequantized_cache  # noqa: E402
 from optimum_evo.compressors.obs import magnitude_prune  # noqa: E402
+from optimum_evo.compressors.offload import resident_bytes  # noqa: E402
 from optimum_evo.embedded_models import resolve_model  # noqa: E402
 from optimum_evo.record import checkpoint_record  # noqa: E402
 from optimum_evo.settings import SearchArguments  # noqa: E402
@@ -121,11 +122,6 @@ def build(variant: str, path: str, folder: Path):
             export_gptq(model, folder, tokenizer=tokenizer)
             return
     save_checkpoint(model, folder, checkpoint_record(args, profile, {"model": path}), tokenizer=tokenizer)
-
-
-def resident_bytes(model) -> int:
-    tensors = {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 MEASURE_GPTQMODEL = """

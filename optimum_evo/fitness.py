@@ -261,9 +261,11 @@ class KLObjective:
         host = max(0, self.spill_bytes - self.held["host"]) // self.entry_bytes if self.device.type != "cpu" else 0
         return int(device + host)
 
-    def _keep(self, entries: list) -> None:
-        """Account for new entries, moving those past the device budget to host memory."""
-        for i, t in enumerate(entries):
+    def _keep(self, entries: list, start: int) -> None:
+        """Account for the new entries ``entries[start:]``, moving those past the device budget to
+        host memory (in place)."""
+        for i in range(start, len(entries)):
+            t = entries[i]
             size = t.numel() * t.element_size()
             if self.cache_bytes is not None and self.device.type != "cpu" and \
                     self.held["device"] + size > self.cache_bytes:
@@ -334,10 +336,7 @@ class KLObjective:
         before = len(plan["sink"])
         with _run_from_layer(self.layers, **plan):
             value = window_kl(self.model, self.windows[w], self.teacher, w)
-        if len(plan["sink"]) > before:
-            new = plan["sink"][before:]
-            self._keep(new)
-            plan["sink"][before:] = new
+        self._keep(plan["sink"], before)
         self.layers_run += self.num_layers - plan["start"]
         if is_parent:
             self.parent_scores[w] = value

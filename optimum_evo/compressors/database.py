@@ -320,17 +320,25 @@ class LevelDatabase:
             return cls._open_or_build_together(root, expected, model, windows, codec, levels, settings, identity,
                                                modules, progress, device, weights)
         with FileLock(str(root.with_name(f".{root.name}.lock"))):
-            _remove_orphan_builds(root)
-            try:
-                db = cls.open(root, expected)
+            db = cls._current(root, expected)
+            if db is not None:
                 db.reused = True
                 return db
-            except StaleDatabaseError as e:
-                if root.exists():
-                    logger.warning("%s Rebuilding it.", e)
             db = cls.build(model, windows, codec, levels, root, settings, identity, modules, progress, device, weights)
             db.reused = False
             return db
+
+    @classmethod
+    def _current(cls, root: Path, expected: dict) -> "LevelDatabase | None":
+        """The database at ``root`` when it matches ``expected``, else ``None`` (a stale one is
+        warned about); run under the folder's lock, after removing orphaned build folders."""
+        _remove_orphan_builds(root)
+        try:
+            return cls.open(root, expected)
+        except StaleDatabaseError as e:
+            if root.exists():
+                logger.warning("%s Rebuilding it.", e)
+            return None
 
     @classmethod
     def _open_or_build_together(cls, root, expected, model, windows, codec, levels, settings, identity, modules,
@@ -343,16 +351,7 @@ class LevelDatabase:
         if lock is not None:
             lock.acquire()
         try:
-            reuse = None
-            if lock is not None:
-                _remove_orphan_builds(root)
-                try:
-                    cls.open(root, expected)
-                    reuse = True
-                except StaleDatabaseError as e:
-                    if root.exists():
-                        logger.warning("%s Rebuilding it.", e)
-                    reuse = False
+            reuse = cls._current(root, expected) is not None if lock is not None else None
             reuse = distributed.all_gather_objects(reuse)[0]
             if not reuse:
                 cls.build(model, windows, codec, levels, root, settings, identity, modules, progress, device, weights)

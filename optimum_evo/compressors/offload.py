@@ -83,12 +83,10 @@ def _is_meta(module: nn.Module) -> bool:
 
 
 def resident_bytes(module: nn.Module) -> int:
-    """Bytes of the parameters and buffers of ``module`` that are materialised (not meta)."""
-    seen = {}
-    for t in [*module.parameters(), *module.buffers()]:
-        if not t.is_meta:
-            seen[t.data_ptr()] = t.numel() * t.element_size()
-    return sum(seen.values())
+    """Bytes of the parameters and buffers of ``module`` that are materialised (not meta; tensors
+    sharing storage once)."""
+    tensors = {t.data_ptr(): t for t in [*module.parameters(), *module.buffers()] if not t.is_meta}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 class BlockOnloader:

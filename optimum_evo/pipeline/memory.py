@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..compressors.offload import resident_bytes
 from ..methods.base import Need
 
 __all__ = ["HEADROOM", "InsufficientMemoryError", "Need", "available_memory", "check", "estimate", "prefix_cache_budget",
@@ -36,9 +37,8 @@ HEADROOM = 0.9
 
 
 def model_bytes(model) -> int:
-    """Bytes of the parameters and buffers of ``model`` (shared tensors once)."""
-    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta"}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Bytes of the parameters and buffers of ``model`` (shared tensors once, meta tensors not at all)."""
+    return resident_bytes(model)
 
 
 def estimate(args, model, method, search_dtype: torch.dtype | None = None) -> list:
