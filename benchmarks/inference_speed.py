@@ -232,7 +232,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="smollm2,gemma3")
     p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--variants", default=";".join(VARIANTS), help="';'-separated, from: " + "; ".join(VARIANTS))
+    p.add_argument("--variants", default=";".join(VARIANTS), help=("';'-separated, from: " + "; ".join(VARIANTS)).replace("%", "%%"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default="outputs/inference-speed", help="results.json and the checkpoints' folder")
     p.add_argument("--doc", default="docs/benchmarks/inference-speed.md", help="markdown table to write; '' = none")
