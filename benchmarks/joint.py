@@ -225,25 +225,35 @@ def main(argv=None) -> int:
 
 
 def write_doc(doc: Path, ns, command: str, table: list, speeds: dict, dense_ppl, notes: list) -> None:
+    """Write this run's sections of ``doc``: ``## MODEL`` for the size budgets and ``## MODEL, speed
+    budgets`` for the speed budgets. Sections of other models, or of the budget kind this run did
+    not measure, are kept as they are."""
     name = Path(ns.model).name
-    lines = [f"## {name}", "",
-             f"- Command: `{command}`; {datetime.date.today().isoformat()}; {machine()}; torch threads "
-             f"{ns.threads or 'default'}.",
-             f"- Calibration {ns.num_samples} x {ns.seq_len} tokens of `brown`; preset `{ns.preset}` with "
-             f"{ns.generations} generations for every search; WikiText-2 test, {ns.eval_windows} windows of 512 "
-             f"tokens (dense perplexity {dense_ppl:.2f}).", "",
-             "| budget | model | WikiText-2 ppl | KL | size / speed |", "|---|---|---|---|---|"]
+    head_lines = [f"- Command: `{command}`; {datetime.date.today().isoformat()}; {machine()}; torch threads "
+                  f"{ns.threads or 'default'}.",
+                  f"- Calibration {ns.num_samples} x {ns.seq_len} tokens of `brown`; preset `{ns.preset}` with "
+                  f"{ns.generations} generations for every search; WikiText-2 test, {ns.eval_windows} windows of "
+                  f"512 tokens (dense perplexity {dense_ppl:.2f}).", ""]
     best = {}
     for label, model, ppl, kl, b in table:
         best[label] = min(best.get(label, math.inf), ppl)
-    for label, model, ppl, kl, b in table:
-        text = f"**{ppl:.2f}**" if ppl == best[label] else f"{ppl:.2f}"
-        lines.append(f"| {label} | {model} | {text} | {kl:.4f} | {b} |")
-    if speeds:
-        lines += ["", "Measured decode step (one token after 128, median of 7 x 8 steps, float32, in one process):",
-                  "", "| model | ms per token | vs dense |", "|---|---|---|"]
-        lines += [f"| {k} | {v['ms']:.1f} | {v['speedup']:.2f}x |" for k, v in speeds.items()]
-    lines += [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
+    written = {}
+    for title, is_speed in ((f"## {name}", False), (f"## {name}, speed budgets", True)):
+        part = [row for row in table if row[0].endswith(" decode") == is_speed]
+        if not part:
+            continue
+        lines = [title, "", *head_lines, "| budget | model | WikiText-2 ppl | KL | size / speed |",
+                 "|---|---|---|---|---|"]
+        for label, model, ppl, kl, b in part:
+            text = f"**{ppl:.2f}**" if ppl == best[label] else f"{ppl:.2f}"
+            lines.append(f"| {label} | {model} | {text} | {kl:.4f} | {b} |")
+        if is_speed and speeds:
+            lines += ["", "Measured decode step (one token after 128, median of 7 x 8 steps, float32, in one "
+                      "process):", "", "| model | ms per token | vs dense |", "|---|---|---|"]
+            lines += [f"| {k} | {v['ms']:.1f} | {v['speedup']:.2f}x |" for k, v in speeds.items()]
+        mine = [n for n in notes if (" decode" in n.split(",")[0]) == is_speed]
+        lines += [""] + [f"- {n}" for n in mine] + ([""] if mine else [])
+        written[title] = lines
     text = doc.read_text() if doc.exists() else f"# Joint search benchmark\n\n{MARK_START}\n{MARK_END}\n"
     head, _, rest = text.partition(MARK_START)
     tables, _, tail = rest.partition(MARK_END)
@@ -255,7 +265,7 @@ def write_doc(doc: Path, ns, command: str, table: list, speeds: dict, dense_ppl,
             sections[current] = []
         if current is not None:
             sections[current].append(line)
-    sections[f"## {name}"] = lines
+    sections.update(written)
     body = "\n".join("\n".join(v).rstrip() + "\n" for _, v in sorted(sections.items()))
     doc.write_text(f"{head}{MARK_START}\n\n{body}\n{MARK_END}{tail}")
 
