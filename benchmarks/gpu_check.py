@@ -10,7 +10,11 @@ installs the carried wheels first). What it does:
    kind on load, ``from_pretrained(..., quantization_config=EvoPressConfig(...), device_map=DEVICE)``,
    timed on the GPU and, for the first shape, on the CPU of the same machine;
 3. writes ``OUT/gpu-check.json`` and a markdown table ``OUT/gpu-check.md`` (seconds per search,
-   candidate tokens per second, GPU over CPU).
+   candidate tokens per second, GPU over CPU);
+4. inference speed on the GPU (``benchmarks/inference_speed.py --device cuda``, bfloat16, both
+   shapes): decode tokens/s and 512-token prefill of the packed 3-bit and 2.5-bit checkpoints (the
+   Triton kernels), the dequantized cache and depth 25% against the dense model, into
+   ``OUT/inference-speed-gpu.md``.
 
 Usage::
 
@@ -113,14 +117,17 @@ def main(argv=None) -> int:
     report = {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
               "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     if not ns.no_tests:
-        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_hf_quantizer.py", "tests/test_offload.py", "-k",
-                                "cuda or device_map"], cwd=ROOT, capture_output=True, text=True)
+        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_hf_quantizer.py",
+                                "tests/test_offload.py", "tests/test_triton_kernels.py", "-k",
+                                "cuda or device_map or gpu or chosen_by_device"], cwd=ROOT, capture_output=True,
+                               text=True)
         report["tests"] = {"returncode": tests.returncode, "tail": tests.stdout[-3000:]}
         print(tests.stdout[-3000:], flush=True)
-    rows = []
+    rows, paths = [], []
     shapes = sorted((d for d in ns.shapes.iterdir() if d.is_dir()), key=lambda d: (d.name != "smollm2", d.name))
     for i, shape in enumerate(shapes):  # the CPU reference on the first (smallest) shape only
         path = random_model(shape, ns.out / "models", ns.layers)
+        paths.append(path)
         for kind in KINDS:
             devices = [ns.device] + (["cpu"] if i == 0 and ns.device != "cpu" and not ns.no_cpu else [])
             for device in devices:
@@ -140,7 +147,16 @@ def main(argv=None) -> int:
                      f"{r.get('seconds', float('nan')):.1f} | {ratio or r.get('error', '')[:80]} |")
     (ns.out / "gpu-check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0 if all("error" not in r for r in rows) and report.get("tests", {}).get("returncode", 0) == 0 else 1
+    speed = subprocess.run([sys.executable, "benchmarks/inference_speed.py", "--models", ",".join(map(str, paths)),
+                            "--dtypes", "bfloat16", "--device", ns.device, "--threads", "8", "--variants",
+                            "dense;quantization 3.0 bits;quantization 2.5 bits;3.0 bits + dequantized cache;depth 25%",
+                            "--output", str(ns.out / "inference-speed"), "--doc",
+                            str(ns.out / "inference-speed-gpu.md")], cwd=ROOT, capture_output=True, text=True)
+    report["inference_speed"] = {"returncode": speed.returncode, "tail": (speed.stdout + speed.stderr)[-3000:]}
+    print(report["inference_speed"]["tail"], flush=True)
+    (ns.out / "gpu-check.json").write_text(json.dumps({**report, "rows": rows}, indent=1, default=str))
+    ok = all("error" not in r for r in rows) and speed.returncode == 0
+    return 0 if ok and report.get("tests", {}).get("returncode", 0) == 0 else 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ for speed, so the weights are round-to-nearest (a search would pick other levels
 format). Ratios are against the dense model in the same dtype, measured in the same run.
 
     python benchmarks/inference_speed.py --threads 2 --doc docs/benchmarks/inference-speed.md
-    python benchmarks/inference_speed.py --models smollm2 --dtypes float32 --variants "dense;quantization 3.0 bits" --doc 
+    python benchmarks/inference_speed.py --models smollm2 --dtypes float32 --variants "dense;quantization 3.0 bits" --doc ''
+    python benchmarks/inference_speed.py --models PATH --dtypes bfloat16 --device cuda --doc gpu.md   # on a GPU
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ VARIANTS = ("dense", "quantization 3.0 bits", "quantization 2.5 bits", "3.0 bits
             "depth 25%", "sparsity 70%", "plain-transformers export of 3.0 bits", GPTQ)
 ROUNDS = 5  # every variant of a model and dtype is timed once per round, rounds interleaved
 GPTQMODEL = Path(__file__).resolve().parents[1] / ".venv" / "gptqmodel-cpu"  # `make setup` puts it there
+DEVICE = torch.device("cpu")  # --device: where the loaded variants run
 
 
 def machine() -> str:
@@ -62,7 +64,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}, kernels {kernels.isa()}"
+    text = f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}, kernels {kernels.isa()}"
+    if DEVICE.type == "cuda":
+        text = f"{torch.cuda.get_device_name(DEVICE)} (Triton kernels), host {text}"
+    return text
 
 
 def decoder_linears(model):
@@ -161,8 +166,9 @@ class Timed:
         self.model, self.folder = model, Path(folder)
         tokenizer = AutoTokenizer.from_pretrained(self.folder)
         self.prompt = tokenizer("The old lighthouse keeper climbed the winding stairs",
-                                return_tensors="pt").input_ids[:, :10]
-        self.window = torch.randint(0, model.config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
+                                return_tensors="pt").input_ids[:, :10].to(DEVICE)
+        self.window = torch.randint(0, model.config.vocab_size, (1, 512),
+                                    generator=torch.Generator().manual_seed(0)).to(DEVICE)
         model.generate(self.prompt, max_new_tokens=4, do_sample=False)  # warm-up
         self.decode, self.prefill = math.inf, math.inf
 
@@ -182,7 +188,7 @@ class Timed:
 def load(folder: Path, dtype: torch.dtype, cache: bool):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(DEVICE).eval()
     if cache:
         set_dequantized_cache(model)
     return model
@@ -197,8 +203,12 @@ def timings(model, folder, rounds: int = ROUNDS) -> dict:
 
 
 def _time(fn) -> float:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
     start = time.perf_counter()
     fn()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
     return time.perf_counter() - start
 
 
@@ -234,10 +244,16 @@ def main(argv=None):
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--variants", default=";".join(VARIANTS), help=("';'-separated, from: " + "; ".join(VARIANTS)).replace("%", "%%"))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where the variants run: cpu, or cuda (the Triton kernels; "
+                   "the GPTQ export row is CPU-only and skipped)")
     p.add_argument("--output", default="outputs/inference-speed", help="results.json and the checkpoints' folder")
     p.add_argument("--doc", default="docs/benchmarks/inference-speed.md", help="markdown table to write; '' = none")
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
+    global DEVICE
+    DEVICE = torch.device(ns.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
     kernels.load()
     out = Path(ns.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -267,6 +283,8 @@ def main(argv=None):
                     print(model, dtype, f"round {r + 1}/{ROUNDS}", flush=True)
                 for v in variants:
                     if v == GPTQ:
+                        if DEVICE.type != "cpu":
+                            continue
                         try:
                             rows[v] = measure_in_gptqmodel(folders[v], getattr(torch, dtype))
                         except RuntimeError as e:

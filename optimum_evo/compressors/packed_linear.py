@@ -19,8 +19,10 @@ Layouts of ``qweight`` (both exactly ``bits`` bits per weight):
   columns are first put in group order (``argsort(g_idx)``). The CPU kernels
   (`optimum_evo.compressors.kernels`) multiply with this layout directly: decoding a token reads
   ``bits / 8`` bytes per weight and never expands the weight, which makes a packed model decode
-  faster than the dense one. Batched inputs (prefill) dequantize the layer once per call into a
-  transient buffer and use the dense matrix product.
+  faster than the dense one. On a CUDA device the Triton kernels
+  (`optimum_evo.compressors.kernels.triton_planes`) do the same from the same buffers. Batched
+  inputs (prefill) dequantize the layer once per call into a transient buffer and use the dense
+  matrix product.
 * ``"stream"``: the codes row-major, back to back, LSB first (`pack_codes`; the level database's
   format), read by dequantizing in PyTorch; layers whose shape the kernels do not take, and
   checkpoints written before the bit-plane layout.
@@ -88,7 +90,7 @@ class EvoPressQuantLinear(nn.Linear):
         device, dtype: of the buffers / bias (``dtype`` is the bias's and the default compute dtype;
             the scales are always float16).
         cache_dequantized: keep the dequantized weight between forwards (dense-size memory).
-        layout: ``"planes"`` (the default, when the shape allows it: the fast CPU kernels) or
+        layout: ``"planes"`` (the default, when the shape allows it: the fast kernels) or
             ``"stream"`` (see the module docstring); ``"auto"`` picks planes where it fits.
 
     The buffers are empty after construction (this is how the model skeleton is built before a
@@ -249,12 +251,13 @@ class EvoPressQuantLinear(nn.Linear):
         return (dtype, self.qweight.device, *((t.data_ptr(), t._version) for t in tensors))
 
     def _kernels(self):
-        """The CPU kernels when they serve this layer (planes layout, CPU tensors), else ``None``."""
-        if self.layout != "planes" or self.qweight.device.type != "cpu":
+        """The kernels of this layer's device when they serve it (planes layout; the C++ kernels on the
+        CPU, the Triton ones on CUDA), else ``None`` (dequantize in PyTorch)."""
+        if self.layout != "planes":
             return None
         from . import kernels
 
-        return kernels if kernels.available() else None
+        return kernels.for_device(self.qweight.device.type)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight ``[out, in]`` in the original column order (computed in float32, returned
@@ -292,7 +295,7 @@ class EvoPressQuantLinear(nn.Linear):
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         # the kernels have no backward: inputs that need a gradient (training adapters on top) take the
         # differentiable dense product
-        fast = not self.cache_dequantized and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+        fast = not self.cache_dequantized and not (x.requires_grad and torch.is_grad_enabled())
         kernels = self._kernels() if fast else None
         if kernels is None:
             return F.linear(x, self.dequantize_weight(x.dtype), bias)

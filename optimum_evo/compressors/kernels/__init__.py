@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -32,10 +33,11 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("planes.cpp")
 ENV_VAR = "OPTIMUM_EVO_KERNELS"
 
-__all__ = ["available", "dequantize", "gemv", "isa", "load"]
+__all__ = ["available", "dequantize", "for_device", "gemv", "isa", "load"]
 
 _lock = threading.Lock()
 _state: dict = {}
+_by_device: dict = {}
 
 
 def load():
@@ -87,3 +89,26 @@ def dequantize(planes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     """The float32 weight ``[out, in]`` of a bit-plane layer."""
     load()
     return torch.ops.evopress_planes.dequantize(planes, scales, zeros, bits, in_features, group_size)
+
+
+def for_device(device_type: str):
+    """The kernels for tensors on ``device_type``: this module (the C++ kernels) on ``"cpu"``,
+    `optimum_evo.compressors.kernels.triton_planes` on ``"cuda"``; ``None`` where neither serves (no
+    compiler, no Triton, turned off with ``OPTIMUM_EVO_KERNELS=0``). Both offer ``gemv`` and
+    ``dequantize`` with the same arguments.
+
+    Examples:
+        >>> from optimum_evo.compressors import kernels
+        >>> kernels.for_device("meta") is None
+        True
+    """
+    if device_type not in _by_device:  # decided once per process: every forward of every layer asks
+        found = None
+        if device_type == "cpu":
+            found = sys.modules[__name__] if available() else None
+        elif device_type == "cuda" and os.environ.get(ENV_VAR, "1") not in ("0", "false", "off"):
+            from . import triton_planes
+
+            found = triton_planes if triton_planes.available("cuda") else None
+        _by_device[device_type] = found
+    return _by_device[device_type]
