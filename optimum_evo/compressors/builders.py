@@ -133,7 +133,7 @@ def _propagate(block, key, linears: dict, results: dict) -> None:
     """Set level ``key``'s stream to the outputs of the block quantized with ``results``."""
     inputs = block.stream_inputs(key)
     with _weights(linears, results), torch.no_grad():
-        block.set_stream_outputs(key, [block._call(x) for x in inputs])
+        block.set_stream_outputs(key, block.run(inputs))
 
 
 class GPTQBuilder(LevelBuilder):

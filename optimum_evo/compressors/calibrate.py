@@ -63,13 +63,44 @@ def _to(value, device):
     return value
 
 
+class _Windows:
+    """Per-window activations of one block, written into one tensor allocated for all windows.
+
+    Each window's output is copied into its row and the block's own output freed at once, so the
+    activations kept between blocks are one large allocation (returned to the system when the
+    walk moves on) instead of many window-sized ones interleaved with the block's temporaries:
+    with glibc's heap those pin the freed temporaries around them, which roughly doubled the
+    build's working memory. Windows of another shape than the first keep their own tensor."""
+
+    def __init__(self, count: int):
+        self.count, self.buffer, self.rows = count, None, []
+
+    def add(self, value: torch.Tensor) -> None:
+        if self.buffer is None and self.count > 1:
+            self.buffer = torch.empty((self.count, *value.shape), dtype=value.dtype, device=value.device)
+        if self.buffer is not None and len(self.rows) < self.count and value.shape == self.buffer.shape[1:] \
+                and value.dtype == self.buffer.dtype and value.device == self.buffer.device:
+            row = self.buffer[len(self.rows)]
+            row.copy_(value)
+            value = row
+        self.rows.append(value)
+
+
+def _run_windows(call, inputs: list) -> list:
+    """``[call(x) for x in inputs]``, the outputs held in one tensor (see `_Windows`)."""
+    out = _Windows(len(inputs))
+    for x in inputs:
+        out.add(call(x))
+    return out.rows
+
+
 @torch.no_grad()
 def _capture(model, windows: torch.Tensor, layout, onloader=None):
     """Inputs of block 0 for every window, and the keyword arguments each block is called with
     (on the ``onloader``'s device; each block is onloaded while window 0 runs through it)."""
     layers = layout.layers
     kwargs_per_layer: dict = {}
-    first_inputs = []
+    first_inputs = _Windows(windows.shape[0])
     handles = []
     device = onloader.device if onloader is not None else None
     onloaded: dict = {}
@@ -78,7 +109,7 @@ def _capture(model, windows: torch.Tensor, layout, onloader=None):
         def pre_hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             if i == 0:
-                first_inputs.append(_to(hidden.detach(), device))
+                first_inputs.add(_to(hidden.detach(), device))
             if i not in kwargs_per_layer:
                 kwargs_per_layer[i] = _to({k: v for k, v in kwargs.items() if k != "hidden_states"}, device)
             if len(kwargs_per_layer) == len(layers):  # window 0 ran to the last block; others stop at 0
@@ -117,7 +148,7 @@ def _capture(model, windows: torch.Tensor, layout, onloader=None):
         kw["use_cache"] = False
         kw.pop("cache", None)
         kw.pop("past_key_values", None)
-    return first_inputs, kwargs_per_layer
+    return first_inputs.rows, kwargs_per_layer
 
 
 def value_projection(attention: nn.Module):
@@ -223,7 +254,7 @@ class Block:
 
             handles.append(attention.register_forward_hook(on_attention))
         try:
-            outputs = [self._call(x) for x in (self.inputs if inputs is None else inputs)]
+            outputs = _run_windows(self._call, self.inputs if inputs is None else inputs)
             if inputs is None:
                 self._outputs = outputs
         finally:
@@ -240,11 +271,16 @@ class Block:
         out = self.module(x, **self.kwargs)
         return out[0] if isinstance(out, tuple) else out
 
+    def run(self, inputs: list) -> list:
+        """The block as it is now on every window of ``inputs`` (one output per window, kept in one
+        tensor for all windows)."""
+        return _run_windows(self._call, inputs)
+
     def dense_outputs(self) -> list:
         """The dense block's outputs on the dense inputs (computed once)."""
         if getattr(self, "_outputs", None) is None:
             with torch.no_grad():
-                self._outputs = [self._call(x) for x in self.inputs]
+                self._outputs = _run_windows(self._call, self.inputs)
         return self._outputs
 
     # ------------------------------------------------------------- level streams
@@ -270,7 +306,7 @@ class Block:
         nxt = dict(self._next_streams)
         for key, inputs in walker._streams.items():
             if key not in nxt:
-                nxt[key] = [self._call(x) for x in inputs]
+                nxt[key] = _run_windows(self._call, inputs)
         walker._streams = nxt
 
     def set_outputs(self, outputs: list) -> None:
@@ -284,7 +320,7 @@ class Block:
     def advance(self) -> None:
         outputs = getattr(self, "_outputs", None)
         if outputs is None:
-            outputs = [self._call(x) for x in self.inputs]
+            outputs = _run_windows(self._call, self.inputs)
         self._walker._inputs = outputs
 
 

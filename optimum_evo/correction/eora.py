@@ -428,7 +428,7 @@ def _compressed_input_adapters(compressed, dense, windows, layout, ranks, adapte
                                                         weight=dl[n].weight.detach())
                 adapters[f"{bd.prefix}.{n}"] = block_adapters[n]
         with _added_corrections(cl, block_adapters):  # the next block sees this block's corrected outputs
-            bc.set_outputs([bc._call(x) for x in bc.inputs])
+            bc.set_outputs(bc.run(bc.inputs))
         bc.advance()
         bd.advance()
 
