@@ -32,6 +32,19 @@ def test_the_estimate_matches_the_allocations():
     # the database: codes plus a float16 scale and a packed zero per group of 32, per level
     assert needs["level database"].where == "disk"
     assert needs["level database"].bytes == int(numel * sum(b / 8 + (2 + b / 8) / 32 for b in (2, 3, 4)))
+    # the database build: one block at a time; its activations (in and out, one tensor each) grow with the windows
+    build = needs["database build"]
+    assert build.where == "memory" and build.device is None
+    more = needs_by_name(memory.estimate(SearchArguments(**{**args.to_dict(), "num_samples": 16}), model,
+                                         get_method("quantization")))
+    activations = 8 * 32 * 64 * 4  # 8 more windows x tokens x hidden x float32
+    assert more["database build"].bytes - build.bytes == 2 * activations
+    block = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    assert build.bytes > block + 2 * activations
+    # builders that carry one calibration stream per level hold those too
+    streams = needs_by_name(memory.estimate(SearchArguments(**{**args.to_dict(), "builder": "gptq-sequential"}), model,
+                                            get_method("quantization")))
+    assert streams["database build"].bytes - build.bytes == 3 * 8 * 32 * 64 * 4
     # bfloat16 search of a float32 model: a copy of the model; no prefix reuse: no prefix cache
     args = SearchArguments(compression="depth", target=0.25, reuse_prefix=False, **{**ARGS, "search_dtype": "bfloat16"})
     needs = needs_by_name(memory.estimate(args, model, get_method("depth")))
@@ -92,3 +105,21 @@ def test_the_prefix_cache_keeps_to_its_budget_in_a_run(tmp_path):
     assert any("budget" in x["what"] for x in tight["resources_estimate"] if x["what"].startswith("prefix cache"))
     with pytest.raises(ValueError, match="prefix_cache_size must be a size"):
         SearchArguments(**common, prefix_cache_size="lots")
+
+
+def test_a_database_build_on_another_device_is_checked_against_that_device(monkeypatch):
+    """``database_device``: the build's working memory is counted on that device, and a build that
+    does not fit there stops the run early, naming the device and the setting."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    args = SearchArguments(compression="quantization", target=3.0, levels=[2, 3, 4], group_size=32, **ARGS)
+    args.database_device = "cuda:0"  # as validated on a machine with a GPU
+    needs = memory.estimate(args, model, get_method("quantization"))
+    build = needs_by_name(needs)["database build"]
+    assert build.device == "cuda:0"
+    assert "memory (cuda:0)" in memory.format_needs(needs)
+    free = {"cpu": 2**40, "cuda": build.bytes // 2}
+    monkeypatch.setattr(memory, "available_memory", lambda device: free[device.type])
+    with pytest.raises(memory.InsufficientMemoryError, match=r"on cuda:0 .*database build .*num_samples or seq_len"):
+        memory.check(args, model, get_method("quantization"))
+    free["cuda"] = 2**40
+    assert memory.check(args, model, get_method("quantization")) == needs

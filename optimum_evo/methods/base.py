@@ -84,6 +84,7 @@ class Need:
     bytes: int
     where: str = "memory"
     fix: str = ""
+    device: str | None = None  # memory on another device than the model's (e.g. ``database_device``)
 
 
 class CompressionMethod(ABC):

@@ -280,10 +280,45 @@ class DatabaseMethod(CompressionMethod):
         numel = sum(m.weight.numel() for layer in find_decoder_layout(model).layers for m in layer.modules()
                     if isinstance(m, torch.nn.Linear))
         per_level = self.database_level_bytes(args)
+        device = None
+        if args.database_device is not None:
+            build_on = torch.device(args.database_device)
+            model_on = next(p for p in model.parameters()).device
+            if (build_on.type, build_on.index or 0) != (model_on.type, model_on.index or 0):
+                device = str(build_on)
         return [Need("dense copies of the searched linears", numel * itemsize),
                 Need(f"level weights (worst case: all {len(per_level)} levels of every linear)",
                      numel * itemsize * len(per_level), fix="fewer levels"),
+                Need("database build (one block, its activations, one window's temporaries)",
+                     self.database_build_bytes(args, model, len(per_level)), device=device,
+                     fix="num_samples or seq_len (or a database already built)"),
                 Need("level database", int(numel * sum(per_level)), where="disk", fix="database_dir")]
+
+    def database_build_bytes(self, args, model, levels: int) -> int:
+        """Working memory of building this run's level database (`LevelDatabase.build` walks one
+        block at a time): the largest block's weights, its calibration activations in and out (one
+        tensor each for all windows, plus one stream per level for builders that carry them), one
+        window's temporaries (attention probabilities, MLP intermediates), the block's Hessians and
+        its levels as decoded for the errors."""
+        layout = find_decoder_layout(model)
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        item = next(p for p in model.parameters()).element_size()
+        n, t, heads = args.num_samples, args.seq_len, int(getattr(config, "num_attention_heads", 1) or 1)
+        activations = n * t * int(config.hidden_size) * item
+        _, settings, _ = self.database_request(args, model)
+        streams = levels if LevelDatabase.codec_for(self.codec).needs_streams(
+            LevelDatabase.codec_for(self.codec).full_settings(settings)) else 0
+        worst = 0
+        for layer in layout.layers:
+            linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+            weights = sum(p.numel() * p.element_size() for p in layer.parameters())
+            numel = sum(m.weight.numel() for m in linears)
+            widest = max((m.out_features for m in linears), default=0)
+            hessians = sum(m.in_features ** 2 for m in linears) * 4
+            temporaries = t * (3 * heads * t + 3 * widest) * 4
+            worst = max(worst, weights + (2 + streams) * activations + temporaries + hessians
+                        + numel * 4 * (levels + 1))
+        return worst
 
     def database_request(self, args, model) -> tuple:
         """``(levels, settings, identity)`` of the database this run needs: ``levels`` a list or a

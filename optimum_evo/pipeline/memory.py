@@ -138,8 +138,9 @@ def format_needs(needs: list, available: int | None = None) -> str:
     """The estimate as a small table."""
     width = max(len(x.what) for x in needs) if needs else 10
     lines = [f"{'estimated need':<{width}}  {'size':>10}  where"]
-    lines += [f"{x.what:<{width}}  {_gb(x.bytes):>10}  {x.where}" for x in needs]
-    total = sum(x.bytes for x in needs if x.where == "memory")
+    lines += [f"{x.what:<{width}}  {_gb(x.bytes):>10}  {x.where}" + (f" ({x.device})" if x.device else "")
+              for x in needs]
+    total = sum(x.bytes for x in needs if x.where == "memory" and not x.device)
     lines.append(f"{'memory to allocate':<{width}}  {_gb(total):>10}" +
                  (f"  (available {_gb(available)})" if available is not None else ""))
     return "\n".join(lines)
@@ -158,14 +159,18 @@ def check(args, model, method, search_dtype: torch.dtype | None = None, database
     available = available_memory(device)
     if show:
         print(format_needs(needs, available), file=sys.stderr, flush=True)
-    memory = [x for x in needs if x.where == "memory"]
-    total = sum(x.bytes for x in memory)
-    if available is not None and total > HEADROOM * available:
-        big = sorted(memory, key=lambda x: -x.bytes)
-        parts = "; ".join(f"{x.what} {_gb(x.bytes)} (lower: {x.fix})" for x in big if x.fix)
-        raise InsufficientMemoryError(
-            f"This run would allocate about {_gb(total)} on {device.type} but only {_gb(available)} is free: {parts}. "
-            "Lower those settings, or run on a device with more memory.")
+    on = {None: device}  # needs on another device (``Need.device``) are checked against that device
+    on.update({x.device: torch.device(x.device) for x in needs if x.device})
+    for key, where in on.items():
+        memory = [x for x in needs if x.where == "memory" and x.device == key]
+        free = available if key is None else available_memory(where)
+        total = sum(x.bytes for x in memory)
+        if free is not None and total > HEADROOM * free:
+            big = sorted(memory, key=lambda x: -x.bytes)
+            parts = "; ".join(f"{x.what} {_gb(x.bytes)} (lower: {x.fix})" for x in big if x.fix)
+            raise InsufficientMemoryError(
+                f"This run would allocate about {_gb(total)} on {where} but only {_gb(free)} is free: {parts}. "
+                "Lower those settings, or run on a device with more memory.")
     disk = sum(x.bytes for x in needs if x.where == "disk")
     if disk and database_root is not None:
         free = free_disk(database_root)
