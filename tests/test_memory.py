@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from optimum_evo import SearchArguments
 from optimum_evo.fitness import TeacherCache
-from optimum_evo.methods import get_method
+from optimum_evo.methods import get_method, layerwise
 from optimum_evo.pipeline import memory
 
 ARGS = dict(num_samples=8, seq_len=32, top_k=16, search_dtype="float32")
@@ -38,13 +38,14 @@ def test_the_estimate_matches_the_allocations():
     more = needs_by_name(memory.estimate(SearchArguments(**{**args.to_dict(), "num_samples": 16}), model,
                                          get_method("quantization")))
     activations = 8 * 32 * 64 * 4  # 8 more windows x tokens x hidden x float32
-    assert more["database build"].bytes - build.bytes == 2 * activations
+    overhead = layerwise.BUILD_OVERHEAD
+    assert more["database build"].bytes - build.bytes == pytest.approx(overhead * 2 * activations, abs=2)
     block = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
-    assert build.bytes > block + 2 * activations
+    assert build.bytes > overhead * (block + 2 * activations)
     # builders that carry one calibration stream per level hold those too
     streams = needs_by_name(memory.estimate(SearchArguments(**{**args.to_dict(), "builder": "gptq-sequential"}), model,
                                             get_method("quantization")))
-    assert streams["database build"].bytes - build.bytes == 3 * 8 * 32 * 64 * 4
+    assert streams["database build"].bytes - build.bytes == pytest.approx(overhead * 3 * activations, abs=2)
     # bfloat16 search of a float32 model: a copy of the model; no prefix reuse: no prefix cache
     args = SearchArguments(compression="depth", target=0.25, reuse_prefix=False, **{**ARGS, "search_dtype": "bfloat16"})
     needs = needs_by_name(memory.estimate(args, model, get_method("depth")))

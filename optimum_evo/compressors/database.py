@@ -35,6 +35,7 @@ from .calibrate import linear_modules, walk_blocks
 from .. import distributed
 from ..faults import fault_point
 from .codecs import LevelCodec, get_codec, level_key
+from .offload import release_host_memory
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +267,11 @@ class LevelDatabase:
                     acc[1] += linear.weight.numel()
                 rel = f"layers/{full}.safetensors"
                 save_file(tensors, str(build_dir / rel))
+                del tensors, compressed
+                compressed_of[name] = None
+                # the levels' work space and write buffers, freed: back to the system at once, else
+                # glibc's heap keeps them and the build's peak grew with every block
+                release_host_memory()
                 fault_point("database.layer")
                 entries[full] = {"shape": list(linear.weight.shape), "file": rel, "sha256": sha256_file(build_dir / rel),
                                  "levels": module_levels, "errors": errors}

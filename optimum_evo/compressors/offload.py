@@ -34,7 +34,7 @@ from torch import nn
 
 from ..decoder import find_decoder_layout
 
-__all__ = ["CheckpointWeights", "BlockOnloader", "offloaded_model", "resident_bytes"]
+__all__ = ["CheckpointWeights", "BlockOnloader", "offloaded_model", "release_host_memory", "resident_bytes"]
 
 
 class CheckpointWeights:
@@ -118,7 +118,7 @@ class BlockOnloader:
                 for name, _ in list(layer.named_parameters()):
                     _set_tensor(layer, name, None)
                 self.weights.close()  # the block's pages of the memory-mapped checkpoint leave with it
-                _release_host_memory()
+                release_host_memory()
             return
         homes = {p.device for p in layer.parameters()}
         if homes <= {self.device}:
@@ -141,10 +141,11 @@ class BlockOnloader:
             _set_tensor(layer, name, t.to(device=self.device, dtype=p.dtype))
 
 
-def _release_host_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``). Without it the
-    freed buffers of each block (Hessians, GPTQ work space) stay in the process: measured on
-    SmolLM2-135M, the walk's resident memory grew by 5 MB per block, and not at all with it."""
+def release_host_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere).
+    Without it the freed buffers of each block (Hessians, GPTQ work space) stay in the process:
+    measured on SmolLM2-135M, the walk's resident memory grew by 5 MB per block, and not at all
+    with it. The database build also calls it after each linear's levels are written."""
     global _TRIM
     if _TRIM is None:
         import ctypes

@@ -29,6 +29,10 @@ from ..decoder import find_decoder_layout
 from ..search import LevelSpace, Stage
 from .base import CompressionMethod
 
+#: The database build's measured working memory over the sum of what it holds (heap the allocator
+#: keeps after the block's temporaries are freed): 1.46 on SmolLM2-135M at 32 x 512 tokens.
+BUILD_OVERHEAD = 1.5
+
 
 def profile_linear(model, name: str):
     """The ``nn.Linear`` at ``name`` of ``model`` that a checkpoint's profile names, or
@@ -296,29 +300,37 @@ class DatabaseMethod(CompressionMethod):
 
     def database_build_bytes(self, args, model, levels: int) -> int:
         """Working memory of building this run's level database (`LevelDatabase.build` walks one
-        block at a time): the largest block's weights, its calibration activations in and out (one
-        tensor each for all windows, plus one stream per level for builders that carry them), one
-        window's temporaries (attention probabilities, MLP intermediates), the block's Hessians and
-        its levels as decoded for the errors."""
+        block at a time): the largest block's weights; its calibration activations in and out (one
+        tensor each for all windows, plus one stream per level for builders that carry them); one
+        window's temporaries (eager attention probabilities and their copies, the value Hessian's
+        mixed inputs, MLP intermediates); the block's Hessians; its levels as decoded for the
+        errors, with the codes; and the largest linear's GPTQ work space (inverse Hessian and
+        factors, weight and error copies); times `BUILD_OVERHEAD` for what the allocator keeps of
+        freed temporaries. Measured against a build: `docs/benchmarks/offload.md`."""
         layout = find_decoder_layout(model)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         item = next(p for p in model.parameters()).element_size()
-        n, t, heads = args.num_samples, args.seq_len, int(getattr(config, "num_attention_heads", 1) or 1)
-        activations = n * t * int(config.hidden_size) * item
+        n, t, hidden = args.num_samples, args.seq_len, int(config.hidden_size)
+        heads = int(getattr(config, "num_attention_heads", 1) or 1)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        activations = n * t * hidden * item
         _, settings, _ = self.database_request(args, model)
-        streams = levels if LevelDatabase.codec_for(self.codec).needs_streams(
-            LevelDatabase.codec_for(self.codec).full_settings(settings)) else 0
+        codec = LevelDatabase.codec_for(self.codec)
+        streams = levels if codec.needs_streams(codec.full_settings(settings)) else 0
         worst = 0
         for layer in layout.layers:
             linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+            if not linears:
+                continue
             weights = sum(p.numel() * p.element_size() for p in layer.parameters())
             numel = sum(m.weight.numel() for m in linears)
-            widest = max((m.out_features for m in linears), default=0)
-            hessians = sum(m.in_features ** 2 for m in linears) * 4
-            temporaries = t * (3 * heads * t + 3 * widest) * 4
-            worst = max(worst, weights + (2 + streams) * activations + temporaries + hessians
-                        + numel * 4 * (levels + 1))
-        return worst
+            widest = max(m.out_features for m in linears)
+            temporaries = t * (4 * heads * t + 4 * widest + 2 * heads * hidden) * 4
+            hessians = (sum(m.in_features ** 2 for m in linears) + kv_heads * hidden ** 2) * 4
+            decoded = numel * (4 + 1) * levels  # float32 weights and uint8 codes per level
+            gptq = max(3 * m.in_features ** 2 + 2 * m.weight.numel() for m in linears) * 4
+            worst = max(worst, weights + (2 + streams) * activations + temporaries + hessians + decoded + gptq)
+        return int(BUILD_OVERHEAD * worst)
 
     def database_request(self, args, model) -> tuple:
         """``(levels, settings, identity)`` of the database this run needs: ``levels`` a list or a
