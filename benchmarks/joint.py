@@ -115,11 +115,13 @@ def try_search(ns, name: str, **settings):
 
 def depth_fraction_for(report: dict, speedup: float) -> float:
     """The fewest dropped sub-blocks (as many attention as MLP) that the joint run's latency table
-    predicts reach ``speedup``: dropping the pair of a layer saves its overheads and dense linears."""
+    predicts reach ``speedup``: dropping both sub-blocks of a layer saves everything the table
+    charges per layer (its overheads, attention over the cache and dense linears), as in the joint
+    search's own cost model."""
     table = json.loads(Path(report["latency_table"]).read_text())
     n = report["num_layers"]
     dense = report["latency"]["predicted_dense_ms"] * 1e6
-    pair = (dense - table["fixed_ns"] - n * table["layer_ns"]) / n
+    pair = (dense - table["fixed_ns"]) / n
     k = math.ceil((dense - dense / speedup) / pair)
     return min(0.99, k / n)
 

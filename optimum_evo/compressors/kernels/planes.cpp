@@ -9,7 +9,8 @@
 //
 // y[m, n] = sum_g scale[n, g] * (sum_{k in g} q[n, k] x[m, k] - zero[n, g] * sum_{k in g} x[m, k]),
 // and sum_k q x = sum_j 2^j * (sum of x over the columns whose bit j is set): with AVX-512 the inner
-// sum is one masked add per 16 columns and bit, the plane word itself being the mask.
+// sum is one masked add per 16 columns and bit, the plane word itself being the mask; with AVX2
+// one shift, one blend and one add per 8 columns and bit (the shift puts the column's bit in the sign).
 //
 // Built on first use by torch.utils.cpp_extension (optimum_evo/compressors/kernels/__init__.py) with
 // -O3 -march=native; AVX-512, AVX2 and portable paths are chosen at compile time.
@@ -66,6 +67,35 @@ struct Layer {
   }
 };
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// The 8 lanes of sum_k q[k] x[k] over the blocks [t0, t1) of one row (x: the row's input). Lane i of
+// chunk c holds column 8c + i: shifting a plane's word left by 31 - (8c + i) puts that column's bit in
+// the sign, which selects x for the sum (one shift, one blend and one add per 8 weights and bit).
+template <int B>
+inline __m256 avx2_codes_dot(const uint32_t* row, int64_t t0, int64_t t1, const float* x) {
+  const __m256i lanes = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+  __m256i shift[4];
+  for (int c = 0; c < 4; ++c) shift[c] = _mm256_sub_epi32(lanes, _mm256_set1_epi32(8 * c));
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 acc[B];
+  for (int j = 0; j < B; ++j) acc[j] = zero;
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint32_t* w = row + t * B;
+    __m256 xs[4];
+    for (int c = 0; c < 4; ++c) xs[c] = _mm256_loadu_ps(x + t * 32 + 8 * c);
+    for (int j = 0; j < B; ++j) {
+      const __m256i word = _mm256_set1_epi32((int)w[j]);
+      for (int c = 0; c < 4; ++c)
+        acc[j] = _mm256_add_ps(acc[j], _mm256_blendv_ps(zero, xs[c],
+                               _mm256_castsi256_ps(_mm256_sllv_epi32(word, shift[c]))));
+    }
+  }
+  __m256 q = acc[0];
+  for (int j = 1; j < B; ++j) q = _mm256_fmadd_ps(acc[j], _mm256_set1_ps(float(1 << j)), q);
+  return q;
+}
+#endif
+
 // sum over the blocks [t0, t1) of row n of  sum_k q[k] x[k]  (x: the row's input, float32)
 template <int B>
 inline float dot_codes(const Layer& L, int64_t n, int64_t t0, int64_t t1, const float* x) {
@@ -85,23 +115,7 @@ inline float dot_codes(const Layer& L, int64_t n, int64_t t0, int64_t t1, const 
   for (int j = 1; j < B; ++j) q = _mm512_fmadd_ps(acc[j], _mm512_set1_ps(float(1 << j)), q);
   return _mm512_reduce_add_ps(q);
 #elif defined(__AVX2__)
-  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  __m256 acc[B];
-  for (int j = 0; j < B; ++j) acc[j] = _mm256_setzero_ps();
-  for (int64_t t = t0; t < t1; ++t) {
-    const uint32_t* w = row + t * B;
-    __m256 xs[4];
-    for (int c = 0; c < 4; ++c) xs[c] = _mm256_loadu_ps(x + t * 32 + 8 * c);
-    for (int j = 0; j < B; ++j) {
-      for (int c = 0; c < 4; ++c) {
-        const __m256i byte = _mm256_set1_epi32((int)((w[j] >> (8 * c)) & 0xFFu));
-        const __m256i mask = _mm256_cmpeq_epi32(_mm256_and_si256(byte, sel), sel);
-        acc[j] = _mm256_add_ps(acc[j], _mm256_and_ps(_mm256_castsi256_ps(mask), xs[c]));
-      }
-    }
-  }
-  __m256 q = acc[0];
-  for (int j = 1; j < B; ++j) q = _mm256_fmadd_ps(acc[j], _mm256_set1_ps(float(1 << j)), q);
+  const __m256 q = avx2_codes_dot<B>(row, t0, t1, x);
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1));
   s = _mm_hadd_ps(s, s);
   s = _mm_hadd_ps(s, s);
@@ -153,6 +167,19 @@ void gemv_rows(const Layer& L, const float* X, const float* XS, int64_t M, float
         y -= s * L.zero(n, g) * xs[g];
       }
       y += _mm512_reduce_add_ps(ytot);
+#elif defined(__AVX2__)
+      const uint32_t* row = L.planes + n * L.nblk * B;
+      __m256 ytot = _mm256_setzero_ps();
+      for (int64_t g = 0; g < L.G; ++g) {
+        const int64_t t0 = g * L.bpg, t1 = std::min(L.nblk, t0 + L.bpg);
+        const float s = half_to_float(sc[g]);
+        ytot = _mm256_fmadd_ps(avx2_codes_dot<B>(row, t0, t1, x), _mm256_set1_ps(s), ytot);
+        y -= s * L.zero(n, g) * xs[g];
+      }
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(ytot), _mm256_extractf128_ps(ytot, 1));
+      h = _mm_hadd_ps(h, h);
+      h = _mm_hadd_ps(h, h);
+      y += _mm_cvtss_f32(h);
 #else
       for (int64_t g = 0; g < L.G; ++g) {
         const int64_t t0 = g * L.bpg, t1 = std::min(L.nblk, t0 + L.bpg);
