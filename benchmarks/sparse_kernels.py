@@ -24,7 +24,6 @@ import argparse
 import datetime
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,28 +32,13 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from doc_sections import write_section  # noqa: E402
 
+from optimum_evo.compressors.obs import magnitude_prune  # noqa: E402
+from optimum_evo.latency import time_call  # noqa: E402
+
 #: (model, linear, out_features, in_features)
 SHAPES = [("smollm2", "q_proj / o_proj", 576, 576), ("smollm2", "gate_proj / up_proj", 1536, 576),
           ("smollm2", "down_proj", 576, 1536), ("gemma3", "q_proj", 1024, 640),
           ("gemma3", "gate_proj / up_proj", 2048, 640), ("gemma3", "down_proj", 640, 2048)]
-
-
-def pruned(out_features: int, in_features: int, sparsity: float) -> torch.Tensor:
-    w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0))
-    k = int(sparsity * w.numel())
-    threshold = w.abs().flatten().kthvalue(k).values
-    return torch.where(w.abs() > threshold, w, torch.zeros(()))
-
-
-def best(fn, rounds: int, inner: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        times.append((time.perf_counter() - start) / inner)
-    return min(times)
 
 
 def main(argv=None) -> int:
@@ -69,9 +53,10 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         for model, name, out_f, in_f in SHAPES:
             for sparsity in (float(s) for s in ns.sparsities.split(",")):
-                w = pruned(out_f, in_f, sparsity)
+                w = magnitude_prune(torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0)),
+                                    sparsity)
                 csr = w.to_sparse_csr()
-                for tokens, inner in ((1, 100), (512, 2)):
+                for tokens in (1, 512):
                     x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(1))
                     exact = F.linear(x, w)
                     assert torch.allclose(torch.sparse.mm(csr, x.t()).t(), exact, rtol=1e-4, atol=1e-4)
@@ -79,7 +64,7 @@ def main(argv=None) -> int:
                     t = {k: math.inf for k in fns}
                     for _ in range(ns.rounds):  # interleaved: drifts of the machine hit all alike
                         for k, fn in fns.items():
-                            t[k] = min(t[k], best(fn, 1, inner))
+                            t[k] = min(t[k], time_call(fn, min_seconds=0.02, repeats=1) / 1e9)
                     rows.append((model, name, out_f, in_f, sparsity, tokens, t))
                     print(model, name, sparsity, tokens, {k: f"{v * 1e6:.0f} us" for k, v in t.items()}, flush=True)
     lines = [f"- Command: `python benchmarks/sparse_kernels.py {' '.join(argv if argv is not None else sys.argv[1:])}`",

@@ -40,6 +40,10 @@ _state: dict = {}
 _by_device: dict = {}
 
 
+def _turned_off() -> bool:
+    return os.environ.get(ENV_VAR, "1") in ("0", "false", "off")
+
+
 def load():
     """Build (first time) and load the kernels; ``None`` when they cannot be built (the reason is
     logged once) or are turned off with ``OPTIMUM_EVO_KERNELS=0``."""
@@ -49,7 +53,7 @@ def load():
         if "module" in _state:
             return _state["module"]
         module = None
-        if os.environ.get(ENV_VAR, "1") in ("0", "false", "off"):
+        if _turned_off():
             _state["reason"] = f"turned off by {ENV_VAR}=0"
         else:
             try:
@@ -106,7 +110,7 @@ def for_device(device_type: str):
         found = None
         if device_type == "cpu":
             found = sys.modules[__name__] if available() else None
-        elif device_type == "cuda" and os.environ.get(ENV_VAR, "1") not in ("0", "false", "off"):
+        elif device_type == "cuda" and not _turned_off():
             from . import triton_planes
 
             found = triton_planes if triton_planes.available("cuda") else None

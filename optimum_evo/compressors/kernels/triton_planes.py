@@ -76,33 +76,35 @@ def _check(planes, scales, zeros, bits: int, in_features: int, group_size: int) 
                          f"{out * in_features * bits // 8}.")
 
 
+#: output rows and input columns of a kernel's tile
+BLOCK_N, BLOCK_K = 32, 128
+
+
+def _launch(name: str, grid_k: int, planes, scales, zeros, first, out, n_in: int, bits: int, group_size: int):
+    """Run kernel ``name`` over the output rows (axis 0) and ``grid_k`` programs on axis 1, with
+    ``first`` (if any) before the layer's buffers and ``out`` after them, as the kernels take them."""
+    jit = _kernels()
+    n_out, n_groups = scales.shape
+    buffers = (planes.contiguous().view(torch.int32), scales.contiguous(), zeros.contiguous())
+    getattr(jit, name)[(jit.triton.cdiv(n_out, BLOCK_N), grid_k)](
+        *first, *buffers, out, n_out, n_in, n_groups, BITS=bits, GROUP=group_size, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return out
+
+
 def gemv(x: torch.Tensor, planes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
          group_size: int) -> torch.Tensor:
     """``x @ W.T`` for float32 ``x`` ``[M, in]`` and a bit-plane weight; float32 ``[M, out]``."""
     x = x.float().contiguous()
     rows, n_in = x.shape
     _check(planes, scales, zeros, bits, n_in, group_size)
-    jit = _kernels()
-    triton, kernel = jit.triton, jit.gemv_kernel
-    n_out, n_groups = scales.shape
-    y = torch.empty(rows, n_out, dtype=torch.float32, device=x.device)
-    block_n, block_k = 32, 128
-    kernel[(triton.cdiv(n_out, block_n), rows)](
-        x, planes.contiguous().view(torch.int32), scales.contiguous(), zeros.contiguous(), y, n_out, n_in, n_groups,
-        BITS=bits, GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k)
-    return y
+    y = torch.empty(rows, scales.shape[0], dtype=torch.float32, device=x.device)
+    return _launch("gemv_kernel", rows, planes, scales, zeros, (x,), y, n_in, bits, group_size)
 
 
 def dequantize(planes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, in_features: int,
                group_size: int) -> torch.Tensor:
     """The float32 weight ``[out, in]`` of a bit-plane layer."""
     _check(planes, scales, zeros, bits, in_features, group_size)
-    jit = _kernels()
-    triton, kernel = jit.triton, jit.dequantize_kernel
-    n_out, n_groups = scales.shape
-    out = torch.empty(n_out, in_features, dtype=torch.float32, device=planes.device)
-    block_n, block_k = 32, 128
-    kernel[(triton.cdiv(n_out, block_n), triton.cdiv(in_features, block_k))](
-        planes.contiguous().view(torch.int32), scales.contiguous(), zeros.contiguous(), out, n_out, in_features,
-        n_groups, BITS=bits, GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k)
-    return out
+    out = torch.empty(scales.shape[0], in_features, dtype=torch.float32, device=planes.device)
+    return _launch("dequantize_kernel", -(-in_features // BLOCK_K), planes, scales, zeros, (), out, in_features,
+                   bits, group_size)
