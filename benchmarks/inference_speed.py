@@ -3,8 +3,8 @@
 For each model and dtype, every variant is saved as a checkpoint and loaded back the way users load
 it (EvoPress checkpoints with ``import optimum_evo``, exports in their own runtime), then measured:
 
-* decode tokens/s: greedy ``generate`` of 64 new tokens after a 10-token prompt (best of 2);
-* prefill: one forward of 512 tokens (best of 2), seconds;
+* decode tokens/s: greedy ``generate`` of 64 new tokens after a 10-token prompt (best of 5);
+* prefill: one forward of 512 tokens (best of 5), seconds;
 * resident weight memory: bytes of every parameter and buffer of the loaded model;
 * on-disk size of the weight files.
 
@@ -14,7 +14,9 @@ dequantized-weight cache; depth pruning of 25% of the blocks; 70% unstructured s
 bitmask + values); the 3-bit model's plain-transformers export, and its GPTQ export run by
 gptqmodel's torch CPU kernel. Only the storage format matters
 for speed, so the weights are round-to-nearest (a search would pick other levels of the same
-format). Ratios are against the dense model in the same dtype, measured in the same run.
+format). Ratios are against the dense model in the same dtype, measured in the same run. The doc
+keeps one section per kind of machine (the CPU kernels' instruction set, or CUDA): a run replaces
+its own machine's section and keeps the others.
 
     python benchmarks/inference_speed.py --threads 2 --doc docs/benchmarks/inference-speed.md
     python benchmarks/inference_speed.py --models smollm2 --dtypes float32 --variants "dense;quantization 3.0 bits" --doc ''
@@ -29,6 +31,7 @@ import gc
 import json
 import math
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -46,6 +49,9 @@ from optimum_evo.compressors.offload import resident_bytes  # noqa: E402
 from optimum_evo.embedded_models import resolve_model  # noqa: E402
 from optimum_evo.record import checkpoint_record  # noqa: E402
 from optimum_evo.settings import SearchArguments  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc_sections import write_section  # noqa: E402
 
 GPTQ = "GPTQ export of 3.0 bits, in gptqmodel"
 VARIANTS = ("dense", "quantization 3.0 bits", "quantization 2.5 bits", "3.0 bits + dequantized cache",
@@ -212,8 +218,24 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
+def section_key() -> str:
+    """The doc section of this run: one per kind of machine (``cpu-avx512``, ``cpu-avx2``, ``cuda``)."""
+    return "cuda" if DEVICE.type == "cuda" else f"cpu-{kernels.isa() or 'no-kernels'}"
+
+
+SECTION_TITLES = {"cpu-avx512": "CPU with AVX-512", "cpu-avx2": "CPU with AVX2 (no AVX-512)", "cuda": "GPU"}
+DOC_HEADER = """# Inference speed and size
+
+Decode speed, prefill time and memory of EvoPress checkpoints against the dense model, measured by
+`benchmarks/inference_speed.py`. One section per kind of machine: the CPU kernels take a different
+path with AVX-512 (masked adds on the float inputs) than with AVX2 only, and CUDA runs the Triton
+kernels.
+"""
+
+
 def markdown(results: dict, command: str) -> str:
-    lines = ["# Inference speed and size", "",
+    """The section of this run (a level-2 heading, then one table per model and dtype)."""
+    lines = [f"## {SECTION_TITLES.get(section_key(), section_key())}", "",
              f"- Command: `{command}`",
              f"- Date: {datetime.date.today().isoformat()}; machine: {machine()}.",
              f"- Decode: greedy `generate` of 64 tokens after a 10-token prompt, best of {ROUNDS}. Prefill: one 512-token "
@@ -226,7 +248,7 @@ def markdown(results: dict, command: str) -> str:
     for model, by_dtype in results.items():
         for dtype, rows in by_dtype.items():
             dense = rows["dense"]
-            lines += [f"## {model}, {dtype}", "",
+            lines += [f"### {model}, {dtype}", "",
                       "| variant | decode tok/s | vs dense | prefill 512 (s) | vs dense | resident MB | disk MB |",
                       "|---|---|---|---|---|---|---|"]
             for name, r in rows.items():
@@ -236,6 +258,13 @@ def markdown(results: dict, command: str) -> str:
                              f"{r['resident_bytes'] / 1e6:.0f} | {r['disk_bytes'] / 1e6:.0f} |")
             lines.append("")
     return "\n".join(lines)
+
+
+def write_doc(doc: Path, text: str) -> None:
+    """Put this run's section into ``doc``, keeping the other machines' sections."""
+    if not doc.exists() or "<!-- " not in doc.read_text():
+        doc.write_text(DOC_HEADER)
+    write_section(doc, section_key(), text)
 
 
 def main(argv=None):
@@ -296,11 +325,11 @@ def main(argv=None):
                 del timed
                 gc.collect()
                 (out / "results.json").write_text(json.dumps(results, indent=1))
-    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    command = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     text = markdown(results, command)
     print(text)
     if ns.doc:
-        Path(ns.doc).write_text(text)
+        write_doc(Path(ns.doc), text)
 
 
 if __name__ == "__main__":

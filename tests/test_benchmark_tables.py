@@ -97,3 +97,23 @@ def test_depth_oracle_run_never_writes_the_benchmark_table():
     depth = _benchmark("depth_smollm2")
     with pytest.raises(SystemExit, match="pass --doc ''"):
         depth.main(["--oracle-calibration"])
+
+
+def test_inference_speed_doc_keeps_other_machines_sections(tmp_path, monkeypatch):
+    speed = _benchmark("inference_speed")
+    doc = tmp_path / "speed.md"
+    results = {"smollm2": {"bfloat16": {"dense": {"decode_tokens_per_s": 20.0, "prefill_512_s": 2.0,
+                                                   "resident_bytes": 2e8, "disk_bytes": 5e8},
+                                         "quantization 3.0 bits": {"decode_tokens_per_s": 25.0, "prefill_512_s": 2.0,
+                                                                   "resident_bytes": 1e8, "disk_bytes": 1.5e8}}}}
+    monkeypatch.setattr(speed, "section_key", lambda: "cpu-avx512")
+    speed.write_doc(doc, speed.markdown(results, "python first"))
+    results["smollm2"]["bfloat16"]["quantization 3.0 bits"]["decode_tokens_per_s"] = 30.0
+    monkeypatch.setattr(speed, "section_key", lambda: "cpu-avx2")
+    speed.write_doc(doc, speed.markdown(results, "python second"))
+    text = doc.read_text()
+    assert text.startswith("# Inference speed and size")
+    assert "## CPU with AVX-512" in text and "## CPU with AVX2 (no AVX-512)" in text
+    assert "| quantization 3.0 bits | 25.0 | 1.25x |" in text and "| quantization 3.0 bits | 30.0 | 1.50x |" in text
+    speed.write_doc(doc, speed.markdown(results, "python third"))  # a rerun replaces its own section only
+    assert doc.read_text().count("## CPU with AVX2") == 1 and "python second" not in doc.read_text()

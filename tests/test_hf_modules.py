@@ -73,11 +73,38 @@ def test_kernels_serve_every_width_within_rounding(bits, dtype):
     for rows in (1, 3, 32):
         x = torch.randn(rows, 192).to(dtype)
         exact = x.float() @ weight.t()
-        if dtype == torch.float32:
-            assert torch.allclose(fast(x), slow(x), rtol=1e-5, atol=1e-5), (bits, rows)
+        if dtype == torch.float32:  # float32 rounding of sums as large as the largest output
+            reference = slow(x)
+            assert torch.allclose(fast(x), reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max())), (bits, rows)
         else:  # bfloat16 outputs: the kernels are no further from the exact product than PyTorch's own bf16 path
             assert (fast(x).float() - exact).abs().max() <= 1.5 * (slow(x).float() - exact).abs().max() + 1e-3
     assert torch.equal(fast.stream_tensors()["codes"], enc["codes"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_stay_within_their_int16_rounding(dtype):
+    """Half-precision inputs may be rounded to int16 per block of 32 columns (the AVX2 kernels): each
+    input then moves by at most max|block| / 65534, so an output moves by at most the sum of
+    |weight| times that (and the result's rounding to the input's dtype), for every row count the
+    matrix-vector kernel takes; NaN inputs give NaN."""
+    from optimum_evo.compressors import kernels
+
+    _, q = _gptq_layer(3, out_features=40, in_features=192)
+    layer = EvoPressQuantLinear.from_packed(encode_quantized(q), 192, 40, 3, 64)
+    weight = layer.dequantize_weight(torch.float32)
+    for rows in (1, 2, 3, 5, 7, 8):
+        x = (torch.randn(rows, 192) * torch.linspace(0.01, 10, 192)).to(dtype)
+        y = kernels.gemv(x, layer.qweight, layer.scales, layer.qzeros, 3, 64)
+        assert y.dtype == dtype and y.shape == (rows, 40)
+        exact = x.double() @ weight.double().t()
+        step = x.float().abs().reshape(rows, 6, 32).amax(-1).repeat_interleave(32, -1) / 65534  # [rows, 192]
+        # plus the rounding of the result to the input's dtype
+        bound = step.double() @ weight.abs().double().t() + torch.finfo(dtype).eps * exact.abs() + 1e-5 * exact.abs().max()
+        assert ((y.double() - exact).abs() <= bound).all(), rows
+    x = torch.randn(3, 192).to(dtype)
+    x[1, 70] = float("nan")
+    y = kernels.gemv(x, layer.qweight, layer.scales, layer.qzeros, 3, 64)
+    assert y[1].isnan().all() and not y[[0, 2]].isnan().any()
 
 
 def test_layers_the_kernels_do_not_take_keep_the_stream_layout():

@@ -60,6 +60,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import kernels as _kernels
 from .codecs import encode_quantized
 from .grid import dequantize_codes, find_params, quantize_codes
 from .obs import QuantizedWeight
@@ -255,9 +256,7 @@ class EvoPressQuantLinear(nn.Linear):
         CPU, the Triton ones on CUDA), else ``None`` (dequantize in PyTorch)."""
         if self.layout != "planes":
             return None
-        from . import kernels
-
-        return kernels.for_device(self.qweight.device.type)
+        return _kernels.for_device(self.qweight.device.type)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight ``[out, in]`` in the original column order (computed in float32, returned
@@ -292,25 +291,33 @@ class EvoPressQuantLinear(nn.Linear):
         return dequantize_codes(codes, self.scales.float()[:, g], zeros[:, g])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        # Decoding calls this once per layer and token: the buffers are read from `_buffers` directly
+        # (nn.Module.__getattr__ costs about a microsecond each) and the kernels take half-precision
+        # inputs themselves.
+        buffers = self._buffers
+        qweight = buffers["qweight"]
+        bias = self._parameters["bias"]
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
         # the kernels have no backward: inputs that need a gradient (training adapters on top) take the
         # differentiable dense product
-        fast = not self.cache_dequantized and not (x.requires_grad and torch.is_grad_enabled())
-        kernels = self._kernels() if fast else None
+        fast = self.layout == "planes" and not self.cache_dequantized and \
+            not (x.requires_grad and torch.is_grad_enabled())
+        kernels = _kernels.for_device(qweight.device.type) if fast else None
         if kernels is None:
             return F.linear(x, self.dequantize_weight(x.dtype), bias)
         rows = x.reshape(-1, self.in_features)
-        order = self._column_order()
-        if order is not None:
-            rows = rows[:, order]
+        if buffers["g_idx"] is not None:
+            rows = rows[:, self._column_order()]
         if rows.shape[0] <= GEMV_MAX_ROWS:
-            y = kernels.gemv(rows.float(), self.qweight, self.scales, self.qzeros, self.bits, self.group_size)
-            y = y.to(x.dtype)
+            y = kernels.gemv(rows, qweight, buffers["scales"], buffers["qzeros"], self.bits, self.group_size)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
             if bias is not None:
                 y = y + bias
         else:  # prefill: one transient dense copy of this layer
             y = F.linear(rows, self._dequantize_in_kernel_order().to(x.dtype), bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:

@@ -93,12 +93,15 @@ def _launch(name: str, grid_k: int, planes, scales, zeros, first, out, n_in: int
 
 def gemv(x: torch.Tensor, planes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
          group_size: int) -> torch.Tensor:
-    """``x @ W.T`` for float32 ``x`` ``[M, in]`` and a bit-plane weight; float32 ``[M, out]``."""
+    """``x @ W.T`` for ``x`` ``[M, in]`` and a bit-plane weight, summed in float32; ``[M, out]`` in
+    ``x``'s dtype."""
+    dtype = x.dtype
     x = x.float().contiguous()
     rows, n_in = x.shape
     _check(planes, scales, zeros, bits, n_in, group_size)
     y = torch.empty(rows, scales.shape[0], dtype=torch.float32, device=x.device)
-    return _launch("gemv_kernel", rows, planes, scales, zeros, (x,), y, n_in, bits, group_size)
+    y = _launch("gemv_kernel", rows, planes, scales, zeros, (x,), y, n_in, bits, group_size)
+    return y if dtype == torch.float32 else y.to(dtype)
 
 
 def dequantize(planes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, in_features: int,
