@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -52,15 +53,8 @@ def linear_modules(block: nn.Module) -> dict:
 
 
 def _to(value, device):
-    if device is None:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
+    """``value`` (tensors, nested in tuples, lists and dicts) on ``device``; unchanged for ``None``."""
+    return value if device is None else send_to_device(value, device)
 
 
 class _Windows:
