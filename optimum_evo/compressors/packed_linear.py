@@ -251,12 +251,13 @@ class EvoPressQuantLinear(nn.Linear):
         tensors = [self.qweight, self.scales, self.qzeros] + ([self.g_idx] if self.g_idx is not None else [])
         return (dtype, self.qweight.device, *((t.data_ptr(), t._version) for t in tensors))
 
-    def _kernels(self):
+    def _kernels(self, qweight: torch.Tensor | None = None):
         """The kernels of this layer's device when they serve it (planes layout; the C++ kernels on the
-        CPU, the Triton ones on CUDA), else ``None`` (dequantize in PyTorch)."""
+        CPU, the Triton ones on CUDA), else ``None`` (dequantize in PyTorch). ``qweight``: the buffer,
+        when the caller has it at hand."""
         if self.layout != "planes":
             return None
-        return _kernels.for_device(self.qweight.device.type)
+        return _kernels.for_device((self.qweight if qweight is None else qweight).device.type)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight ``[out, in]`` in the original column order (computed in float32, returned
@@ -301,18 +302,16 @@ class EvoPressQuantLinear(nn.Linear):
             bias = bias.to(x.dtype)
         # the kernels have no backward: inputs that need a gradient (training adapters on top) take the
         # differentiable dense product
-        fast = self.layout == "planes" and not self.cache_dequantized and \
-            not (x.requires_grad and torch.is_grad_enabled())
-        kernels = _kernels.for_device(qweight.device.type) if fast else None
+        fast = not self.cache_dequantized and not (x.requires_grad and torch.is_grad_enabled())
+        kernels = self._kernels(qweight) if fast else None
         if kernels is None:
             return F.linear(x, self.dequantize_weight(x.dtype), bias)
         rows = x.reshape(-1, self.in_features)
         if buffers["g_idx"] is not None:
             rows = rows[:, self._column_order()]
         if rows.shape[0] <= GEMV_MAX_ROWS:
+            # in x's dtype on every backend
             y = kernels.gemv(rows, qweight, buffers["scales"], buffers["qzeros"], self.bits, self.group_size)
-            if y.dtype != x.dtype:
-                y = y.to(x.dtype)
             if bias is not None:
                 y = y + bias
         else:  # prefill: one transient dense copy of this layer

@@ -110,14 +110,13 @@ inline __m256 avx2_codes_dot(const uint32_t* row, int64_t t0, int64_t t1, const 
   }
   return q;
 }
-#endif
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
 // Half-precision inputs on AVX2: each block of 32 inputs is rounded to int16 with its own scale,
 // x ~= d[t] * xi (at most max|x_block| / 65534 off, far below bfloat16's own rounding), which lets
 // the 32 codes of a block be rebuilt as bytes (a shuffle, an and and a compare per bit plane) and
 // multiplied with vpmaddwd: about half the instructions of the float path. xi is stored in the order
 // in which unpacking a block's code bytes yields the columns: [0..7, 16..23], then [8..15, 24..31].
+
 // eight consecutive inputs as float32
 inline __m256 load8(const at::BFloat16* x) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(
@@ -173,8 +172,8 @@ void quantize_x16(const T* x, int64_t K, int64_t group_size, int16_t* xi, float*
 
 // R rows of x against row n of the weight: the codes of a block are rebuilt once for the R rows.
 template <int B, int R, typename T>
-inline void x16_row(const Layer& L, const int16_t* XI, const float* D, const float* XS, int64_t M, T* O,
-                    int64_t n, int64_t m0) {
+inline void x16_row(const Layer& L, const int16_t* XI, const float* D, const float* XS, T* O, int64_t n,
+                    int64_t m0) {
   const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
   const __m256i select = _mm256_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128,
@@ -222,9 +221,9 @@ void gemv_rows_x16(const Layer& L, const int16_t* XI, const float* D, const floa
                    int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) x16_row<B, 4>(L, XI, D, XS, M, O, n, m);
-    if (m + 2 <= M) { x16_row<B, 2>(L, XI, D, XS, M, O, n, m); m += 2; }
-    if (m < M) x16_row<B, 1>(L, XI, D, XS, M, O, n, m);
+    for (; m + 4 <= M; m += 4) x16_row<B, 4>(L, XI, D, XS, O, n, m);
+    if (m + 2 <= M) { x16_row<B, 2>(L, XI, D, XS, O, n, m); m += 2; }
+    if (m < M) x16_row<B, 1>(L, XI, D, XS, O, n, m);
   }
 }
 #endif
