@@ -7,7 +7,10 @@ Models (made directly, without a search, so the script takes minutes):
   drawn per fused group (q/k/v and gate/up share one width), so the file holds ``Q4_0``, ``Q5_0``
   and ``Q8_0`` tensors whose values are exactly ours;
 * ``depth``: the dense model with 3 whole blocks removed (the ones ShortGPT's angular distance
-  rates least important on the calibration text), written in ``F16``.
+  rates least important on the calibration text), written in ``F16``;
+* ``halves``: the attention of those 3 blocks and the MLP of the next 3 dropped (attention-only and
+  MLP-only drops), written in ``F16`` for llama.cpp's ``deci`` graph (per-layer head counts and FFN
+  widths; transformers cannot read such a file, so "ours" is the model in memory).
 
 Rows named after a llama.cpp file type (``Q2_K``, ``Q3_K_M``, ``Q4_K_M``, ...) are llama.cpp's own
 quantization of the dense export (``llama_model_quantize``, no importance matrix, as
@@ -40,6 +43,10 @@ Usage::
 
     pip install llama-cpp-python          # builds llama.cpp (several minutes on 2 cores)
     python benchmarks/gguf_llamacpp.py --windows 10 --threads 2 --doc docs/benchmarks/gguf.md
+    python benchmarks/gguf_llamacpp.py --rows dense,depth,halves,Q4_K_M --speed --threads 1 --doc docs/benchmarks/gguf.md
+
+``--speed`` adds llama.cpp's decode step of every row's file against the dense model in ``F16``,
+timed in the same process (a ratio; run it on a quiet machine).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -73,6 +81,27 @@ def llamacpp_perplexity(path: Path, windows: torch.Tensor, threads: int) -> dict
         nll -= float(logp[np.arange(len(ids) - 1), ids[1:]].sum())
         count += len(ids) - 1
     return {"perplexity": math.exp(nll / count), "tokens": count}
+
+
+def llamacpp_decode_ms(path: Path, threads: int, context: int = 128, steps: int = 16, repeats: int = 5) -> float:
+    """llama.cpp's time for one decode step after ``context`` tokens (ms; median over ``repeats`` runs
+    of ``steps`` single-token evaluations)."""
+    import statistics
+
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=context + steps + 8, n_threads=threads, n_batch=context, verbose=False)
+    prompt = [(7 * i) % 1000 + 10 for i in range(context)]
+    times = []
+    for _ in range(repeats):
+        llm.reset()
+        llm.eval(prompt)
+        start = time.perf_counter()
+        for i in range(steps):
+            llm.eval([prompt[i]])
+        times.append((time.perf_counter() - start) / steps * 1e3)
+    llm.close()
+    return statistics.median(times)
 
 
 def tokenizer_agrees(path: Path, tok, text: str) -> bool:
@@ -160,7 +189,9 @@ def mixed_model(model, seed: int = 0, choices: tuple = (4, 5, 8)):
     return model
 
 
-def depth_model(model, calib: torch.Tensor, drop: int = 3):
+def depth_model(model, calib: torch.Tensor, drop: int = 3, rank: bool = False):
+    """The model with the ``drop`` blocks whose output is most similar to their input removed, and
+    their indices (``rank=True``: the model unchanged and every block, most similar first)."""
     from optimum_evo.compressors.calibrate import walk_blocks
     from optimum_evo.methods.depth import DepthSpace
 
@@ -171,10 +202,26 @@ def depth_model(model, calib: torch.Tensor, drop: int = 3):
             cos = [torch.nn.functional.cosine_similarity(x[0], y[0], dim=-1).clamp(-1, 1).mean()
                    for x, y in zip(block.inputs, out)]
             scores.append(float(torch.stack(cos).mean()))
-    least = sorted(range(len(scores)), key=lambda i: -scores[i])[:drop]  # most similar in and out
+    ranked = sorted(range(len(scores)), key=lambda i: -scores[i])  # most similar in and out first
+    if rank:
+        return model, ranked
+    least = ranked[:drop]
     space = DepthSpace(model, drop / len(scores), "block")
     space.compress(model, space.candidate(blocks=least))
     return model, sorted(least)
+
+
+def halves_model(model, calib: torch.Tensor, drop: int = 3):
+    """``drop`` attention-only and ``drop`` MLP-only drops: the attention of the blocks whose output
+    is most similar to their input (as `depth_model` rates them) and the MLP of the next ``drop``."""
+    from optimum_evo.methods.depth import DepthSpace
+
+    n = len(model.model.layers)
+    _, ranked = depth_model(model, calib, drop=0, rank=True)
+    attention, mlp = sorted(ranked[:drop]), sorted(ranked[drop:2 * drop])
+    space = DepthSpace(model, drop / n, "separate")
+    space.compress(model, space.candidate(attention=attention, mlp=mlp))
+    return model, attention, mlp
 
 
 def evopress_at_size(ns, path, ftype: str, out: Path):
@@ -257,6 +304,28 @@ def gguf_types_at_size(ns, path, ftype: str, out: Path):
     return model, report, bits
 
 
+def earlier_rows(text: str, start: str, end: str, measured: set) -> tuple:
+    """The table rows of ``text`` between ``start`` and ``end`` for models not in ``measured`` (rows
+    of earlier runs, kept as they are when another output folder adds rows), with their commands and
+    dates."""
+    if start not in text:
+        return [], set(), set()
+    block = text.split(start, 1)[1].split(end, 1)[0]
+    kept, commands, dates = [], set(), set()
+    for line in block.splitlines():
+        if line.startswith("- Command"):
+            commands |= set(re.findall(r"`([^`]+)`", line))
+        elif line.startswith("- Machine:") and "dates " in line:
+            dates |= {d.strip().rstrip(".") for d in line.split("dates ", 1)[1].split(",")}
+        elif line.startswith("| ") and not line.startswith(("| model |", "|---")):
+            model = line[2:].split(" | ", 1)[0].split(" (", 1)[0]
+            if model not in measured:
+                kept.append(line if line.count(" | ") >= 7 else line + " - |")  # tables before the decode column
+    if not kept:
+        return [], set(), set()
+    return kept, commands, dates
+
+
 def markers(model: str) -> tuple:
     """The markers of a model's table in the page (SmolLM2's table is the page's first)."""
     name = Path(model).name
@@ -271,8 +340,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default="outputs/bench-gguf")
     p.add_argument("--doc", default=None)
-    p.add_argument("--rows", default="dense,mixed,depth",
-                   help="models, comma-separated: dense, mixed, depth, a llama.cpp file type such as Q4_K_M (Q4_K_M+imatrix: "
+    p.add_argument("--rows", default="dense,mixed,depth,halves",
+                   help="models, comma-separated: dense, mixed, depth, halves, a llama.cpp file type such as Q4_K_M (Q4_K_M+imatrix: "
                         "with an importance matrix), or "
                         "evopress@TYPE (EvoPress on the Q4_0/Q5_0/Q8_0 grids at the file size of TYPE's row), "
                         "gguf@TYPE (EvoPress over GGUF types, K-quants included, at that size)")
@@ -280,6 +349,9 @@ def main(argv=None) -> int:
                    help="folder of llama.cpp's llama-imatrix and llama-quantize (rows TYPE+imatrix)")
     p.add_argument("--generations", type=int, default=15, help="evopress@TYPE / gguf@TYPE rows: search generations")
     p.add_argument("--num-samples", type=int, default=32, help="evopress@TYPE / gguf@TYPE rows: calibration windows")
+    p.add_argument("--speed", action="store_true",
+                   help="also time llama.cpp's decode step of every row's file against the dense model in F16, in "
+                        "this process (run it on a quiet machine)")
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
     from optimum_evo.data import calibration_windows, evaluation_windows, join_corpus, load_texts
@@ -302,7 +374,8 @@ def main(argv=None) -> int:
         printed and appended to OUTPUT/gguf.jsonl."""
         ours = evaluate(model, windows, progress=False)["perplexity"]
         theirs = llamacpp_perplexity(file, windows, ns.threads)["perplexity"]
-        row = {"model": label, "note": note, "types": types, "gguf_mb": file.stat().st_size / 1e6,
+        speed = {"decode_speedup": reference_ms / llamacpp_decode_ms(file, ns.threads)} if ns.speed else {}
+        row = {**speed, "model": label, "note": note, "types": types, "gguf_mb": file.stat().st_size / 1e6,
                "same_tokens": tokenizer_agrees(file, tok, sample), "ours": ours, "llama_cpp": theirs,
                "ratio": theirs / ours, "seconds": time.perf_counter() - start, "command": command,
                "date": datetime.date.today().isoformat()}
@@ -311,6 +384,12 @@ def main(argv=None) -> int:
         with open(out / "gguf.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    reference_ms = None
+    if ns.speed:  # the reference of the decode column: the dense model in F16, as llama.cpp users run it
+        reference = out / "dense-f16" / "model.gguf"
+        if not reference.exists():
+            export(load_model(path, torch.float32), reference.parent, "gguf", tokenizer=path, dense_type="F16")
+        reference_ms = llamacpp_decode_ms(reference, ns.threads)
     for name in [n for n in ns.rows.split(",") if n]:  # --rows "": only the table, from OUTPUT/gguf.jsonl
         if name.upper().startswith("Q") and "_K" in name.upper():  # llama.cpp's own quantization of the dense file
             from transformers import AutoModelForCausalLM
@@ -350,8 +429,11 @@ def main(argv=None) -> int:
         elif name == "depth":
             model, removed = depth_model(model, calibration_windows("brown", tok, 16, 512, 0))
             note = f"blocks {removed} removed"
+        elif name == "halves":
+            model, attention, mlp = halves_model(model, calibration_windows("brown", tok, 16, 512, 0))
+            note = f"attention of blocks {attention} and MLP of blocks {mlp} dropped; llama.cpp's deci graph"
         start = time.perf_counter()
-        dense_type = "Q8_0" if name.startswith(("evopress@", "gguf@")) else ("F32" if name != "depth" else "F16")
+        dense_type = "Q8_0" if name.startswith(("evopress@", "gguf@")) else ("F16" if name in ("depth", "halves") else "F32")
         summary = export(model, out / name, "gguf", tokenizer=path, dense_type=dense_type)
         record(name, note, model, out / name / summary["file"], summary["types"], start)
     if ns.doc:
@@ -362,27 +444,32 @@ def main(argv=None) -> int:
             r = json.loads(line)
             latest[r["model"]] = r
         rows = list(latest.values())
-
-        commands = sorted({r.get("command", command) for r in rows})
         start, end = markers(ns.model)
+        doc = Path(ns.doc)
+        text = doc.read_text() if doc.exists() else "# GGUF in llama.cpp\n"
+        kept, old_commands, old_dates = earlier_rows(text, start, end, set(latest))
+
+        commands = sorted({r.get("command", command) for r in rows} | old_commands)
         lines = [start, "", "- Command" + ("s" if len(commands) > 1 else "") + ": "
                  + "; ".join(f"`{c}`" for c in commands),
                  f"- Machine: {os.cpu_count()} cores, torch {torch.__version__}, llama-cpp-python "
-                 f"{llama_cpp.__version__}; dates {', '.join(sorted({r.get('date') or '-' for r in rows}))}.",
+                 f"{llama_cpp.__version__}; dates {', '.join(sorted({r.get('date') or '-' for r in rows} | old_dates))}.",
                  f"- WikiText-2 test, first {ns.windows} x 512-token windows, no BOS.", "",
                  "- Tokens: whether llama.cpp's tokenizer of the file gives transformers' ids on the first 20,000 "
                  "characters of the test text (- where not checked).", "",
-                 "| model | GGUF tensor types | file (MB) | ppl, ours | ppl, llama.cpp | llama.cpp / ours | tokens |",
-                 "|---|---|---|---|---|---|---|"]
+                 "- Decode: llama.cpp's decode step after 128 tokens against the dense model's in `F16`, timed in the "
+                 "same run on one thread (- where not timed).", "",
+                 "| model | GGUF tensor types | file (MB) | ppl, ours | ppl, llama.cpp | llama.cpp / ours | tokens | "
+                 "decode vs F16 |",
+                 "|---|---|---|---|---|---|---|---|", *kept]
         for r in rows:
             types = ", ".join(f"{k} {v}" for k, v in r["types"].items())
             label = r["model"] + (f" ({r['note']})" if r["note"] else "")
             same = {True: "same", False: "differ"}.get(r.get("same_tokens"), "-")
+            decode = f"{r['decode_speedup']:.2f}x" if "decode_speedup" in r else "-"
             lines.append(f"| {label} | {types} | {r['gguf_mb']:.1f} | {r['ours']:.3f} | {r['llama_cpp']:.3f} | "
-                         f"{r['ratio']:.4f} | {same} |")
+                         f"{r['ratio']:.4f} | {same} | {decode} |")
         lines += ["", end]
-        doc = Path(ns.doc)
-        text = doc.read_text() if doc.exists() else "# GGUF in llama.cpp\n"
         if start not in text:  # a model's first table: a section of its own at the end
             text = text.rstrip("\n") + f"\n\n## {Path(ns.model).name}\n\n{start}\n{end}\n"
         head, rest = text.split(start, 1)

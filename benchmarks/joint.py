@@ -14,7 +14,9 @@ For each budget, in one run of this script:
 * ``Xx`` (a speed budget): decode ``X`` times faster than dense on this machine (latency table).
   Runs joint depth + quantization EvoPress, quantization-only EvoPress under the same speed budget,
   and depth-only EvoPress at the fewest sub-blocks that the latency table says reach ``X``; then
-  times one decode step of every saved model and of the dense one side by side.
+  the joint search seeded with the better of the single-kind results and, as its control at equal
+  search work, that single-kind search continued from its own result for the same generations;
+  then times one decode step of every saved model and of the dense one side by side.
 
 Every search uses the same calibration, fitness, preset and generations; the quantization-only
 searches give every linear its own width (``fused_groups=False``), as the joint search does. Writes
@@ -221,6 +223,22 @@ def main(argv=None) -> int:
                 table += [(label, f"quantization-only {n}", ppl, kl, b) for _, n, ppl, kl, b in
                           rows(quant, label, False)]
                 speed_folders[f"{label}: quantization-only"] = quant["saved_model"]["path"]
+            # equal search work: the joint search seeded with the best single-kind result, against
+            # that single-kind search continued from its own result for the same generations
+            singles = {"depth": (depth, {"target": fraction})}
+            if not isinstance(quant, str):
+                singles["quantization"] = (quant, {"target_speedup": speedup, "levels": levels})
+            kind = min(singles, key=lambda k: singles[k][0]["results"]["evopress"]["perplexity"])
+            best, settings = singles[kind]
+            best_dir = str(Path(best["saved_model"]["path"]).parent)
+            seeded = search(ns, f"joint-{speedup}x-seeded", compression=["depth", "quantization"],
+                            target_speedup=speedup, levels=levels, init_from=best_dir)
+            continued = search(ns, f"{kind}-{speedup}x-continued", compression=kind, init_from=best_dir, **settings)
+            table += [(label, f"seeded {n}", ppl, kl, b) for _, n, ppl, kl, b in rows(seeded, label, False)
+                      if n in ("evopress", "init_from")]
+            table += [(label, f"{kind}-only evopress, continued", ppl, kl, b)
+                      for _, n, ppl, kl, b in rows(continued, label, False) if n == "evopress"]
+            speed_folders[f"{label}: seeded joint"] = seeded["saved_model"]["path"]
     speeds = decode_speeds(speed_folders, ns.model, ns.threads) if speed_folders else {}
     write_doc(Path(ns.doc), ns, command, table, speeds, dense_ppl, notes)
     return 0

@@ -13,7 +13,12 @@ the sum of its pieces:
 | ``layer_ns`` | per decoder layer whose sub-blocks are all stand-ins: its norms, residual adds and call overhead |
 | ``attention_ns`` / ``mlp_ns`` | per kept sub-block, beyond its linears (attention over the cache, activations) |
 
-A decode step is one token after a context of ``context`` tokens, the median of many. The table is
+A decode step is one token after a context of ``context`` tokens, the median of many. The linears
+of one shape (dense and every level) are timed in interleaved rounds, as are the decode steps
+(`time_calls`): a load that comes and goes while the table is built then shifts those entries
+alike instead of pricing one level against another timed under different conditions. When the
+pieces' sum for the dense model still differs from its measured decode step by more than 10%, the
+build warns (the machine was busy or its clock changed: rebuild the table on a quiet machine). The table is
 stored as ``latency.json`` with a manifest (machine, torch, kernels, dtype, threads, model config,
 context); a table whose manifest differs from this process's is stale and rebuilt (`open_or_build`
 says why), like the level database.
@@ -43,10 +48,10 @@ from .search.checkpoint import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LATENCY_FORMAT", "LatencyTable", "machine_identity", "time_call"]
+__all__ = ["LATENCY_FORMAT", "LatencyTable", "machine_identity", "time_call", "time_calls"]
 
-#: version of ``latency.json``; other versions are stale
-LATENCY_FORMAT = 1
+#: version of ``latency.json``; other versions are stale (2: entries timed in interleaved rounds)
+LATENCY_FORMAT = 2
 TABLE_NAME = "latency.json"
 
 
@@ -74,18 +79,31 @@ def machine_identity() -> dict:
 def time_call(fn: Callable[[], object], min_seconds: float = 0.05, repeats: int = 7) -> int:
     """Median wall time of ``fn()`` in nanoseconds (warmed up; each of ``repeats`` samples averages
     enough calls to last ``min_seconds``)."""
-    fn()
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
-    calls = max(1, int(min_seconds / once))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter_ns()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter_ns() - start) / calls)
-    return int(statistics.median(samples))
+    return time_calls({0: fn}, min_seconds, repeats)[0]
+
+
+def time_calls(fns: dict, min_seconds: float = 0.05, rounds: int = 7) -> dict:
+    """Median wall time in nanoseconds of each of ``fns`` (name -> callable), timed in interleaved
+    rounds: every round takes one sample of each (enough calls to last ``min_seconds``), in an order
+    rotated from round to round. A load that comes and goes on the machine (another job, a turbo
+    clock that drops) then lands on every entry alike instead of on whichever was being timed, so
+    the entries stay comparable with one another, which is what a cost model of their sums needs."""
+    names = list(fns)
+    calls = {}
+    for name in names:  # warm up, and how many calls make one sample
+        fns[name]()
+        start = time.perf_counter()
+        fns[name]()
+        calls[name] = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-7)))
+    samples = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, n = fns[name], calls[name]
+            start = time.perf_counter_ns()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter_ns() - start) / n)
+    return {name: int(statistics.median(v)) for name, v in samples.items()}
 
 
 @dataclass

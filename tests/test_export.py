@@ -384,8 +384,8 @@ def test_gguf_export_permutes_dense_q_k_biases_and_counts_the_types_written(tmp_
 
 def test_gguf_export_of_a_depth_result_with_its_tokenizer(tmp_path):
     """Removed blocks are absent (block_count is what is kept); the byte-level BPE tokenizer round-trips
-    through transformers' GGUF tokenizer; attention-/MLP-only drops and unmapped architectures are
-    refused by name."""
+    through transformers' GGUF tokenizer; attention-/MLP-only drops outside the Llama family (whose
+    graphs need both halves of every block) and unmapped architectures are refused by name."""
     pytest.importorskip("gguf")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -411,10 +411,10 @@ def test_gguf_export_of_a_depth_result_with_its_tokenizer(tmp_path):
     with torch.no_grad():
         assert max_diff(reloaded(ids).logits, model(ids).logits) < 1e-4
 
-    partial = tiny_model("llama", num_hidden_layers=4)
+    partial = tiny_model("qwen3", num_hidden_layers=4)
     space = DepthSpace(partial, 0.25, "separate")
     space.compress(partial, space.candidate(attention=[0], mlp=[2]))
-    with pytest.raises(ExportError, match="attention-/MLP-only drops"):
+    with pytest.raises(ExportError, match="attention-/MLP-only drops .* 'qwen3' architecture .* 'deci'"):
         export(partial, tmp_path / "partial", "gguf")
     with pytest.raises(ExportError, match="gemma3 architecture has no layer_types"):
         export(tiny_model("gemma3"), tmp_path / "gemma", "gguf")  # every 3rd layer global: not llama.cpp's graph
@@ -460,6 +460,48 @@ def test_gguf_export_runs_in_llama_cpp(tmp_path):
     kl = float((ours.exp() * (ours - theirs)).sum(-1).mean())
     assert kl < 2e-3
     assert float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()) >= 0.9
+
+
+@pytest.mark.parametrize("attention, mlp, quantized", [([0], [2], False), ([3, 1], [0, 2], True)])
+def test_gguf_export_of_attention_and_mlp_drops_runs_in_llama_cpp_as_deci(attention, mlp, quantized, tmp_path):
+    """Half-block drops of a Llama model are written for llama.cpp's ``deci`` graph: a dropped attention
+    has 0 heads and no tensors (block 0's, whose heads give the head size, a zero output projection), a
+    dropped MLP a width-1 zero FFN; llama.cpp then computes what our model computes."""
+    pytest.importorskip("gguf")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import gguf
+    import numpy as np
+
+    from optimum_evo.embedded_models import embedded_model_path
+    from optimum_evo.methods.depth import DepthSpace
+
+    model = tiny_model("llama", num_hidden_layers=4, vocab_size=49152)  # llama.cpp needs a tokenizer: SmolLM2's
+    if quantized:
+        model = quantized_tiny(bits=(4, 8), group_size=32, sym=True, model=model)
+    space = DepthSpace(model, len(attention) / 4, "separate")
+    space.compress(model, space.candidate(attention=attention, mlp=mlp))
+    summary = export(model, tmp_path, "gguf", tokenizer=embedded_model_path("smollm2"), dense_type="F32")
+    assert summary["architecture"] == "deci"
+    assert summary["dropped_halves"] == {k: v for k, v in (("attention", len(attention)), ("mlp", len(mlp))) if v}
+    assert summary["stand_ins"] == 4 * len(mlp) + (2 if 0 in attention else 0)
+    reader = gguf.GGUFReader(str(tmp_path / summary["file"]))
+    names = {t.name for t in reader.tensors}
+    for i in range(4):
+        assert (f"blk.{i}.attn_q.weight" in names) == (i not in attention)
+        assert (f"blk.{i}.attn_output.weight" in names) == (i not in attention or i == 0)
+        assert f"blk.{i}.ffn_down.weight" in names
+    field = lambda key: list(reader.fields[key].contents())  # noqa: E731
+    assert field("deci.attention.head_count_kv") == [0 if i in attention else 2 for i in range(4)]
+    assert field("deci.feed_forward_length") == [1 if i in mlp else 96 for i in range(4)]
+    ids = list(range(3, 40))
+    llm = llama_cpp.Llama(model_path=str(tmp_path / summary["file"]), n_ctx=64, logits_all=True, n_threads=1,
+                          verbose=False)
+    llm.eval(ids)
+    theirs = torch.log_softmax(torch.from_numpy(np.asarray(llm.scores[: len(ids)], dtype=np.float32)), -1)
+    with torch.no_grad():
+        ours = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    kl = float((ours.exp() * (ours - theirs)).sum(-1).mean())
+    assert kl < (2e-3 if quantized else 1e-5)
 
 
 def _gpt2_tiny():

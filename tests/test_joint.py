@@ -192,6 +192,27 @@ def test_joint_speed_budget_builds_reuses_and_rebuilds_the_latency_table(tiny_di
     assert json.loads((latency / "latency.json").read_text())["manifest"]["torch"] == torch.__version__
 
 
+def test_latency_entries_are_timed_in_interleaved_rounds_so_a_passing_load_hits_them_alike():
+    """A load that starts part-way through the timing (here every call past the 45th costs twice as
+    much) would make the entry timed last look twice as slow if entries were timed one after the
+    other; timed in interleaved rounds, two equal calls get equal medians."""
+    import time
+
+    from optimum_evo.latency import time_calls
+
+    calls = [0]
+
+    def work():
+        calls[0] += 1
+        end = time.perf_counter() + (4e-4 if calls[0] > 45 else 2e-4)
+        while time.perf_counter() < end:
+            pass
+
+    times = time_calls({"a": work, "b": work}, min_seconds=0.002, rounds=7)
+    assert calls[0] > 60  # the load came: warm-up, then 7 rounds of about 9 calls each
+    assert max(times.values()) / min(times.values()) < 1.3
+
+
 def test_single_kind_under_a_size_budget_saves_that_kinds_checkpoint(tiny_dir, tmp_path):
     import optimum_evo
 

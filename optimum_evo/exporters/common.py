@@ -100,12 +100,13 @@ def build_plain_model(model: nn.Module, dtype: torch.dtype | None = None, partia
     ``partial_drops="zero"`` the sub-block is kept with **all its parameters zero**, which adds
     exactly nothing to the residual stream (attention: zero values and output projection; MLP: zero
     down projection), so the outputs are unchanged but those sub-blocks take their full size. With
-    ``partial_drops="error"`` such a model is refused.
+    ``partial_drops="error"`` such a model is refused; ``"omit"`` zeroes them as ``"zero"`` does,
+    without its warning, for a caller that leaves them out of what it writes (GGUF's per-layer shapes).
 
     Returns ``(plain_model, state_dict_keys_skipped)``.
     """
-    if partial_drops not in ("zero", "error"):
-        raise ValueError(f"partial_drops must be 'zero' or 'error', got {partial_drops!r}.")
+    if partial_drops not in ("zero", "error", "omit"):
+        raise ValueError(f"partial_drops must be 'zero', 'error' or 'omit', got {partial_drops!r}.")
     from transformers.initialization import no_init_weights
 
     contents = contents or model_contents(model)
@@ -116,7 +117,7 @@ def build_plain_model(model: nn.Module, dtype: torch.dtype | None = None, partia
             "class can skip only the attention or only the MLP of a block). Export with partial_drops='zero' "
             "(exact outputs; those sub-blocks keep their size, as zeros), search with mode='block' (whole blocks "
             "only), or keep the EvoPress format (save_pretrained, loads with `import optimum_evo`).")
-    if contents.dropped:
+    if contents.dropped and partial_drops == "zero":
         logger.warning("Exporting %d attention-/MLP-only drops as zeroed sub-blocks (exact outputs, no size saving "
                        "for them): plain transformers cannot skip half a block.", len(contents.dropped))
     dtype = dtype or _model_dtype(model)

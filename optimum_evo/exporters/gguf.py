@@ -61,6 +61,9 @@ ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": 
                  "qwen3": ("qwen3", False), "gemma3_text": ("gemma3", False), "gemma3": ("gemma3", False)}
 #: llama.cpp's gemma3 graph: every 6th layer global, local layers' rotary base 10000
 GEMMA3_SWA_PATTERN, GEMMA3_LOCAL_THETA = 6, 10000.0
+#: llama.cpp architecture -> the one of its graphs that reads per-layer head counts and FFN widths, 0
+#: meaning "no attention" / "no FFN" (``deci``, made for Nemotron-NAS models, is Llama's graph otherwise)
+PARTIAL_DROPS = {"llama": "deci"}
 DENSE_TYPES = ("F16", "BF16", "F32", "Q8_0")
 FILE_NAME = "model.gguf"
 
@@ -185,14 +188,24 @@ def _check_gemma3(config) -> None:
                           "instead.")
 
 
-def _metadata(writer, config, arch: str, blocks: int) -> None:
+def _metadata(writer, config, arch: str, blocks: int, kept: dict) -> None:
+    """The hyper-parameters; with ``kept`` (per block, whether its attention / FFN is written) not all
+    true, head counts and FFN widths per layer, 0 where that half is dropped."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(int(blocks))
-    writer.add_feed_forward_length(int(config.intermediate_size))
-    writer.add_head_count(int(config.num_attention_heads))
-    writer.add_head_count_kv(int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads))
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    ffn = int(config.intermediate_size)
+    if all(kept["attn"]) and all(kept["ffn"]):
+        writer.add_feed_forward_length(ffn)
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(kv_heads)
+    else:  # see `_partial_drop_stand_ins` for the width-1 FFNs and block 0's heads
+        writer.add_feed_forward_length([ffn if k else 1 for k in kept["ffn"]])
+        writer.add_head_count([heads if k or i == 0 else 0 for i, k in enumerate(kept["attn"])])
+        writer.add_head_count_kv([kv_heads if k else 0 for k in kept["attn"]])
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_rope_dimension_count(int(head_dim))
@@ -202,6 +215,32 @@ def _metadata(writer, config, arch: str, blocks: int) -> None:
         writer.add_key_length(int(head_dim))
         writer.add_value_length(int(head_dim))
     writer.add_vocab_size(int(config.vocab_size))
+
+
+def _partial_drop_stand_ins(writer, kept: dict, hidden: int) -> int:
+    """The tensors that stand for dropped halves of blocks in llama.cpp's ``deci`` graph, which
+    computes exactly the residual stream of the dropped half from them; returns how many were written.
+
+    * A dropped MLP is an FFN of width 1 with zero weights (its norm as ones): the graph has an
+      "FFN-free" branch for width 0, but it also discards that layer's attention output.
+    * A dropped attention has 0 heads (the graph passes the stream through), except in block 0,
+      where llama.cpp reads the head size from the heads of block 0: there it is a "linear attention"
+      (heads but no key-value heads) whose output projection is zero.
+    """
+    written = 0
+    ones = np.ones(hidden, dtype=np.float32)
+    for i, has_ffn in enumerate(kept["ffn"]):
+        if not has_ffn:
+            writer.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
+            writer.add_tensor(f"blk.{i}.ffn_gate.weight", np.zeros((1, hidden), dtype=np.float32))
+            writer.add_tensor(f"blk.{i}.ffn_up.weight", np.zeros((1, hidden), dtype=np.float32))
+            writer.add_tensor(f"blk.{i}.ffn_down.weight", np.zeros((hidden, 1), dtype=np.float32))
+            written += 4
+    if kept["attn"] and not kept["attn"][0]:
+        writer.add_tensor("blk.0.attn_norm.weight", ones)
+        writer.add_tensor("blk.0.attn_output.weight", np.zeros((hidden, hidden), dtype=np.float16))
+        written += 2
+    return written
 
 
 def _tokenizer(writer, tokenizer, vocab_size: int) -> bool:
@@ -384,14 +423,20 @@ def export_gguf(model, save_dir, tokenizer=None, dense_type: str = "F16", fallba
         _check_gemma3(config)
     contents = model_contents(model)
     if contents.dropped:
-        raise ExportError(
-            f"{len(contents.dropped)} attention-/MLP-only drops ({', '.join(sorted(contents.dropped)[:3])}) cannot be "
-            f"written for llama.cpp's {arch!r} architecture (every block has both). Search with mode='block' (whole "
-            "blocks only), or export with 'dense' (zeroed sub-blocks, exact outputs).")
-    plain = build_plain_model(model, dtype=torch.float32, partial_drops="error", contents=contents,
+        if arch not in PARTIAL_DROPS:
+            raise ExportError(
+                f"{len(contents.dropped)} attention-/MLP-only drops ({', '.join(sorted(contents.dropped)[:3])}) cannot "
+                f"be written for llama.cpp's {arch!r} architecture (its graph runs both halves of every block; "
+                f"only Llama-family models have one that skips half a block, {PARTIAL_DROPS['llama']!r}). Search "
+                "with mode='block' (whole blocks only), or export with 'dense' (zeroed sub-blocks, exact outputs).")
+        arch = PARTIAL_DROPS[arch]
+    plain = build_plain_model(model, dtype=torch.float32, partial_drops="omit", contents=contents,
                               keep_quantized=True)
     layout = find_decoder_layout(plain)
     blocks = len(layout)
+    # per kept block: which halves are written (llama.cpp's deci graph reads 0 heads / 0 FFN width as absent)
+    kept = {part: [f"{layout.path}.{i}.{name}" not in contents.dropped for i in range(blocks)]
+            for part, name in (("attn", layout.attn_name), ("ffn", layout.mlp_name))}
     arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     names = gguf.get_tensor_name_map(arch_enum, blocks)
     heads = int(config.num_attention_heads)
@@ -404,7 +449,7 @@ def export_gguf(model, save_dir, tokenizer=None, dense_type: str = "F16", fallba
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(Path(str(getattr(model, "name_or_path", "") or "model")).name)
     writer.add_quantized_by(f"optimum-evo {__version__}")
-    _metadata(writer, config, arch, blocks)
+    _metadata(writer, config, arch, blocks, kept)
     tok = tokenizer if tokenizer is not None else source_tokenizer(model)
     has_tokenizer = bool(tok is not None and _tokenizer(writer, tok, int(config.vocab_size)))
 
@@ -426,10 +471,17 @@ def export_gguf(model, save_dir, tokenizer=None, dense_type: str = "F16", fallba
             raise ExportError(f"No GGUF name for {hf_key!r} in llama.cpp's {arch!r} tensor map.")
         return new
 
+    def dropped(gguf_name: str) -> bool:
+        """A tensor of a dropped half block (its norm included: ``blk.N.attn_*`` / ``blk.N.ffn_*``)."""
+        parts = gguf_name.split(".")
+        return parts[0] == "blk" and not kept.get(parts[2].split("_")[0], [True] * blocks)[int(parts[1])]
+
     state = plain.state_dict()
     for key, value in state.items():
         module = key.rsplit(".", 1)[0]
         if module in contents.quantized or module in contents.gguf or (tied and key == "lm_head.weight"):
+            continue
+        if dropped(target(key)):
             continue
         order = rows_order(module, value.shape[0]) if key.endswith((".weight", ".bias")) else None
         tensor = value[order] if order is not None else value
@@ -475,6 +527,7 @@ def export_gguf(model, save_dir, tokenizer=None, dense_type: str = "F16", fallba
             bias = layer.bias.detach()
             writer.add_tensor(target(f"{module}.bias"), (bias[order] if order is not None else bias).float().numpy())
             types["F32"] += 1
+    stand_ins = _partial_drop_stand_ins(writer, kept, int(config.hidden_size)) if contents.dropped else 0
     main = Counter({k: v for k, v in types.items() if k not in ("F32",)}).most_common(1)
     main_type = main[0][0] if main else "F16"
     file_type = next((getattr(gguf.LlamaFileType, f"MOSTLY_{main_type}{suffix}") for suffix in ("", "_M")
@@ -491,6 +544,7 @@ def export_gguf(model, save_dir, tokenizer=None, dense_type: str = "F16", fallba
     return {"format": "gguf", "path": str(save_dir), "file": file_name, "architecture": arch,
             "blocks": blocks, "types": dict(sorted(types.items())), "exact": exact, "near_exact": near,
             "fallback": fell, "max_min_error": max_min_error, "tokenizer": has_tokenizer,
+            "dropped_halves": dict(Counter(contents.dropped.values())), "stand_ins": stand_ins,
             "bytes": path.stat().st_size}
 
 

@@ -366,29 +366,48 @@ def latency_key(module, kind: str, level) -> str:
 
 
 # --------------------------------------------------------------------------- latency measurement
-def _decode_ns(model, context: int, steps: int = 8, repeats: int = 5) -> int:
-    """Median time of one decode step after ``context`` tokens (each sample re-fills the cache)."""
+def _decode_sample(model, ids: torch.Tensor, steps: int) -> float:
+    """One timed sample: the cache filled with ``ids`` (not timed), then ``steps`` decode steps;
+    nanoseconds per step."""
+    out = model(input_ids=ids, use_cache=True)
+    cache, nxt = out.cache, ids[:, -1:]
+    start = time.perf_counter_ns()
+    for _ in range(steps):
+        out = model(input_ids=nxt, cache=cache, use_cache=True)
+        cache = out.cache
+    return (time.perf_counter_ns() - start) / steps
+
+
+def _decode_ns_each(configs: dict, context: int, steps: int = 8, repeats: int = 5) -> dict:
+    """Median time of one decode step after ``context`` tokens for each of ``configs`` (name ->
+    ``(model, setup)``; ``setup()``, when given, is called before each of its samples), sampled in
+    interleaved rounds (a first round warms up and is not counted)."""
     import statistics
 
-    samples = []
-    ids = torch.randint(10, min(1000, model.config.vocab_size), (1, context))
+    names = list(configs)
+    vocab = min(min(1000, m.config.vocab_size) for m, _ in configs.values())
+    ids = torch.randint(10, vocab, (1, context))
+    samples = {name: [] for name in names}
     with torch.inference_mode():
-        for _ in range(repeats + 1):
-            out = model(input_ids=ids, use_cache=True)
-            cache, nxt = out.cache, ids[:, -1:]
-            start = time.perf_counter_ns()
-            for _ in range(steps):
-                out = model(input_ids=nxt, cache=cache, use_cache=True)
-                cache = out.cache
-            samples.append((time.perf_counter_ns() - start) / steps)
-    return int(statistics.median(samples[1:]))
+        for r in range(repeats + 1):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                model, setup = configs[name]
+                if setup is not None:
+                    setup()
+                sample = _decode_sample(model, ids, steps)
+                if r:
+                    samples[name].append(sample)
+    return {name: int(statistics.median(v)) for name, v in samples.items()}
 
 
-def _linear_ns(make, in_features: int, dtype, budget_bytes: int = 96 * 2 ** 20) -> int:
-    """One decode-step call of the layers ``make()`` builds, weights cold as in a model (enough
-    copies are cycled to exceed the caches)."""
-    from ..latency import time_call
+def _decode_ns(model, context: int, steps: int = 8, repeats: int = 5) -> int:
+    """Median time of one decode step after ``context`` tokens (each sample re-fills the cache)."""
+    return _decode_ns_each({0: (model, None)}, context, steps, repeats)[0]
 
+
+def _linear_runner(make, in_features: int, dtype, budget_bytes: int = 96 * 2 ** 20):
+    """``(run, n)``: ``run()`` makes one decode-step call of each of ``n`` copies of the layer
+    ``make()`` builds, weights cold as in a model (enough copies are cycled to exceed the caches)."""
     first = make()
     size = max(1, stored_bytes(list(first.state_dict().values())))
     copies = [first] + [make() for _ in range(min(63, budget_bytes // size))]
@@ -398,8 +417,16 @@ def _linear_ns(make, in_features: int, dtype, budget_bytes: int = 96 * 2 ** 20) 
         for m in copies:
             m(x)
 
+    return run, len(copies)
+
+
+def _linear_ns(make, in_features: int, dtype, budget_bytes: int = 96 * 2 ** 20) -> int:
+    """One decode-step call of the layers ``make()`` builds, weights cold as in a model."""
+    from ..latency import time_call
+
+    run, n = _linear_runner(make, in_features, dtype, budget_bytes)
     with torch.inference_mode():
-        return time_call(run, min_seconds=0.05) // len(copies)
+        return time_call(run, min_seconds=0.05) // n
 
 
 def measure_latency(model, kinds, databases: dict, names: list, context: int, progress: bool = True) -> dict:
@@ -417,17 +444,31 @@ def measure_latency(model, kinds, databases: dict, names: list, context: int, pr
         for m in methods:
             for level in databases[m.name].module_levels(name):
                 jobs.setdefault(latency_key(module, m.name, level), (module, m, level))
+    from ..latency import time_calls
+
+    shapes = {}  # one shape's dense layer and levels are timed together, interleaved
+    for key, (module, m, level) in jobs.items():
+        shapes.setdefault(latency_key(module, DENSE, None), {})[key] = (module, m, level)
     linears = {}
-    for key, (module, m, level) in tqdm(jobs.items(), desc="Timing linears", disable=not progress):
-        if m == DENSE:
-            def make(module=module):
-                layer = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                        dtype=dtype)
-                return layer.requires_grad_(False)
-        else:
-            def make(module=module, m=m, level=level):
-                return m.timing_module(databases[m.name], module, level, dtype)
-        linears[key] = _linear_ns(make, module.in_features, dtype)
+    bar = tqdm(total=len(jobs), desc="Timing linears", disable=not progress)
+    for group in shapes.values():
+        runners = {}
+        for key, (module, m, level) in group.items():
+            if m == DENSE:
+                def make(module=module):
+                    layer = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                            dtype=dtype)
+                    return layer.requires_grad_(False)
+            else:
+                def make(module=module, m=m, level=level):
+                    return m.timing_module(databases[m.name], module, level, dtype)
+            runners[key] = _linear_runner(make, module.in_features, dtype)
+        with torch.inference_mode():
+            times = time_calls({key: run for key, (run, _) in runners.items()}, min_seconds=0.05)
+        linears.update({key: times[key] // runners[key][1] for key in group})
+        del runners
+        bar.update(len(group))
+    bar.close()
     n = len(layout)
     work = copy.deepcopy(model).eval()
     depth = (block or get_method("depth")).joint_block_space(work)
@@ -438,30 +479,34 @@ def measure_latency(model, kinds, databases: dict, names: list, context: int, pr
         sub = {layout.attn_name: 0, layout.mlp_name: 1}.get(rest[1])
         if sub is not None:
             per_layer[int(rest[0])][sub] += linears[latency_key(module, DENSE, None)]
-    bar = tqdm(total=5, desc="Timing decode steps", disable=not progress)
-    dense_ns = _decode_ns(work, context)
-    bar.update()
-    depth.apply(work, (1,) * (2 * n))
-    shell_ns = _decode_ns(work, context)
-    bar.update()
-    depth.apply(work, tuple(x for _ in range(n) for x in (0, 1)))  # attention kept, MLP dropped
-    attn_ns = _decode_ns(work, context)
-    bar.update()
-    depth.apply(work, tuple(x for _ in range(n) for x in (1, 0)))
-    mlp_ns = _decode_ns(work, context)
-    bar.update()
-    depth.restore(work)
     from .depth import remove_layers
 
-    remove_layers(work, list(range(n)))
-    none_ns = _decode_ns(work, context)
-    bar.update()
-    bar.close()
+    bare = copy.deepcopy(work)
+    remove_layers(bare, list(range(n)))
+    def dropping(attention: int, mlp: int):  # DepthSpace candidates: 1 drops the sub-block
+        cand = (attention, mlp) * n
+        return lambda: depth.apply(work, cand)
+
+    configs = {"dense": (work, dropping(0, 0)), "shell": (work, dropping(1, 1)),
+               "attention": (work, dropping(0, 1)), "mlp": (work, dropping(1, 0)), "none": (bare, None)}
+    if progress:
+        logger.info("Timing decode steps (%d configurations, interleaved).", len(configs))
+    steps = _decode_ns_each(configs, context)
+    depth.restore(work)
+    dense_ns, shell_ns, attn_ns, mlp_ns, none_ns = (steps[k] for k in ("dense", "shell", "attention", "mlp", "none"))
     attn_linears = sum(p[0] for p in per_layer) / n
     mlp_linears = sum(p[1] for p in per_layer) / n
-    return {"linears": linears, "fixed_ns": none_ns, "layer_ns": max(0, int((shell_ns - none_ns) / n)),
-            "attention_ns": max(0, int((attn_ns - shell_ns) / n - attn_linears)),
-            "mlp_ns": max(0, int((mlp_ns - shell_ns) / n - mlp_linears)), "dense_ns": dense_ns}
+    entries = {"linears": linears, "fixed_ns": none_ns, "layer_ns": max(0, int((shell_ns - none_ns) / n)),
+               "attention_ns": max(0, int((attn_ns - shell_ns) / n - attn_linears)),
+               "mlp_ns": max(0, int((mlp_ns - shell_ns) / n - mlp_linears)), "dense_ns": dense_ns}
+    pieces = entries["fixed_ns"] + n * (entries["layer_ns"] + entries["attention_ns"] + entries["mlp_ns"]) + sum(
+        map(sum, per_layer))
+    if abs(pieces - dense_ns) > 0.1 * dense_ns:
+        logger.warning("The latency table's pieces add up to %.1f ms for the dense model, whose decode step measured "
+                       "%.1f ms: the machine was busy or changed speed while it was timed, so predicted speed-ups are "
+                       "off by about that much. Rebuild it on a quiet machine: delete its folder (latency_dir, or "
+                       "the shared cache named in the report) and run again.", pieces / 1e6, dense_ns / 1e6)
+    return entries
 
 
 # --------------------------------------------------------------------------- baselines
