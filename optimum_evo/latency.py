@@ -119,6 +119,11 @@ class LatencyTable:
     dense_ns: int = 0  # a measured decode step of the dense model (to check the sum of the pieces)
     seconds: float = 0.0
 
+    def dense_prediction_ns(self, layers: int, dense_linear_ns: int) -> int:
+        """The pieces' sum for the dense model of ``layers`` decoder layers whose dense linears take
+        ``dense_linear_ns`` together (what a speed budget divides; ``dense_ns`` is its measured step)."""
+        return self.fixed_ns + layers * (self.layer_ns + self.attention_ns + self.mlp_ns) + dense_linear_ns
+
     def to_json(self) -> dict:
         return {"format": LATENCY_FORMAT, "manifest": self.manifest, "linears": self.linears,
                 "fixed_ns": self.fixed_ns, "layer_ns": self.layer_ns, "attention_ns": self.attention_ns,

@@ -271,8 +271,7 @@ class CostModel:
             self.option_ns.append([r[3] for r in kept])
         if latency is not None:
             self.dense_linear_ns = sum(latency.linears[latency_key(m, DENSE, None)] for m in modules.values())
-            self.dense_latency_ns = (latency.fixed_ns + n * (latency.layer_ns + latency.attention_ns
-                                                             + latency.mlp_ns) + self.dense_linear_ns)
+            self.dense_latency_ns = latency.dense_prediction_ns(n, self.dense_linear_ns)
         self.kind, value = budget
         if self.kind == "latency":
             if latency is None:
@@ -420,15 +419,6 @@ def _linear_runner(make, in_features: int, dtype, budget_bytes: int = 96 * 2 ** 
     return run, len(copies)
 
 
-def _linear_ns(make, in_features: int, dtype, budget_bytes: int = 96 * 2 ** 20) -> int:
-    """One decode-step call of the layers ``make()`` builds, weights cold as in a model."""
-    from ..latency import time_call
-
-    run, n = _linear_runner(make, in_features, dtype, budget_bytes)
-    with torch.inference_mode():
-        return time_call(run, min_seconds=0.05) // n
-
-
 def measure_latency(model, kinds, databases: dict, names: list, context: int, progress: bool = True) -> dict:
     """The entries of a `LatencyTable` for ``model`` (see `optimum_evo.latency`)."""
     from tqdm.auto import tqdm
@@ -444,7 +434,7 @@ def measure_latency(model, kinds, databases: dict, names: list, context: int, pr
         for m in methods:
             for level in databases[m.name].module_levels(name):
                 jobs.setdefault(latency_key(module, m.name, level), (module, m, level))
-    from ..latency import time_calls
+    from ..latency import LatencyTable, time_calls
 
     shapes = {}  # one shape's dense layer and levels are timed together, interleaved
     for key, (module, m, level) in jobs.items():
@@ -483,6 +473,7 @@ def measure_latency(model, kinds, databases: dict, names: list, context: int, pr
 
     bare = copy.deepcopy(work)
     remove_layers(bare, list(range(n)))
+
     def dropping(attention: int, mlp: int):  # DepthSpace candidates: 1 drops the sub-block
         cand = (attention, mlp) * n
         return lambda: depth.apply(work, cand)
@@ -499,8 +490,7 @@ def measure_latency(model, kinds, databases: dict, names: list, context: int, pr
     entries = {"linears": linears, "fixed_ns": none_ns, "layer_ns": max(0, int((shell_ns - none_ns) / n)),
                "attention_ns": max(0, int((attn_ns - shell_ns) / n - attn_linears)),
                "mlp_ns": max(0, int((mlp_ns - shell_ns) / n - mlp_linears)), "dense_ns": dense_ns}
-    pieces = entries["fixed_ns"] + n * (entries["layer_ns"] + entries["attention_ns"] + entries["mlp_ns"]) + sum(
-        map(sum, per_layer))
+    pieces = LatencyTable(manifest={}, **entries).dense_prediction_ns(n, sum(map(sum, per_layer)))
     if abs(pieces - dense_ns) > 0.1 * dense_ns:
         logger.warning("The latency table's pieces add up to %.1f ms for the dense model, whose decode step measured "
                        "%.1f ms: the machine was busy or changed speed while it was timed, so predicted speed-ups are "
