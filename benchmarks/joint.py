@@ -129,18 +129,17 @@ def depth_fraction_for(report: dict, speedup: float) -> float:
 
 
 def decode_speeds(folders: dict, model: str, threads: int | None) -> dict:
-    """Median decode-step time of every saved model and of the dense one, measured in one process."""
+    """Median decode-step time of every saved model and of the dense one, measured in one process in
+    interleaved rounds (a load that comes and goes hits every model alike)."""
     importlib.import_module("optimum_evo")  # registers the EvoPress quantizer with transformers
     from transformers import AutoModelForCausalLM
 
     from optimum_evo.loading import load_model
-    from optimum_evo.methods.joint import _decode_ns
+    from optimum_evo.methods.joint import _decode_ns_each
 
-    times = {"dense": _decode_ns(load_model(model, torch.float32), 128, repeats=7)}
-    for name, folder in folders.items():
-        m = AutoModelForCausalLM.from_pretrained(folder)
-        times[name] = _decode_ns(m, 128, repeats=7)
-        del m
+    models = {"dense": (load_model(model, torch.float32), None)}
+    models.update({name: (AutoModelForCausalLM.from_pretrained(folder), None) for name, folder in folders.items()})
+    times = _decode_ns_each(models, 128, repeats=7)
     return {k: {"ms": v / 1e6, "speedup": times["dense"] / v} for k, v in times.items()}
 
 
@@ -269,7 +268,7 @@ def write_doc(doc: Path, ns, command: str, table: list, speeds: dict, dense_ppl,
             lines.append(f"| {label} | {model} | {text} | {kl:.4f} | {b} |")
         if is_speed and speeds:
             lines += ["", "Measured decode step (one token after 128, median of 7 x 8 steps, float32, in one "
-                      "process):", "", "| model | ms per token | vs dense |", "|---|---|---|"]
+                      "process, the models sampled in interleaved rounds):", "", "| model | ms per token | vs dense |", "|---|---|---|"]
             lines += [f"| {k} | {v['ms']:.1f} | {v['speedup']:.2f}x |" for k, v in speeds.items()]
         mine = [n for n in notes if (" decode" in n.split(",")[0]) == is_speed]
         lines += [""] + [f"- {n}" for n in mine] + ([""] if mine else [])

@@ -487,32 +487,78 @@ def machine() -> str:
 MARK_START, MARK_END = "<!-- peers:start -->", "<!-- peers:end -->"
 
 
+def _earlier_sections(tables: str) -> dict:
+    """``{model: {"commands": [...], "dates": [...], "head": [lines], "rows": {(method, config): line}}}``
+    of the sections already in the doc, so that a run which remakes some rows keeps the others."""
+    sections, current = {}, None
+    for line in tables.splitlines():
+        if line.startswith("## "):
+            current = sections.setdefault(line[3:].strip(), {"commands": [], "dates": [], "machine": None, "rows": {}})
+        elif current is None:
+            continue
+        elif line.startswith("- Command: "):
+            current["commands"] += [c for c in line[len("- Command: "):].split("`")[1::2]]
+        elif line.startswith("- Machine: "):
+            machine_part, _, date = line[len("- Machine: "):].rpartition("; date ")
+            current["machine"] = machine_part.split(";")[0].strip()
+            current["dates"] += [d.strip() for d in date.rstrip(".").replace(" and ", ", ").split(",") if d.strip()]
+        elif line.startswith("| ") and not line.startswith("| budget") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            current["rows"][(cells[1], cells[2])] = line
+    return sections
+
+
 def write_doc(doc: Path, output: Path, meta: dict) -> None:
+    """The table of every model of ``output`` (rows cached in ``OUTPUT/<model>/rows``), merged with
+    the doc's earlier rows: a row this output holds replaces the one with the same method and
+    configuration, the others are kept, and the section names every command and date that made it."""
     text = doc.read_text() if doc.exists() else f"# Peer benchmark\n\n{MARK_START}\n{MARK_END}\n"
     head, rest = text.split(MARK_START, 1)
-    _, tail = rest.split(MARK_END, 1)
-    body = [MARK_START, ""]
+    tables, tail = rest.split(MARK_END, 1)
+    earlier = _earlier_sections(tables)
+    sections = {}
     for model_dir in sorted(p for p in output.iterdir() if (p / "rows").is_dir()):
         rows = [json.loads(f.read_text()) for f in sorted((model_dir / "rows").glob("*.json"))]
         if not rows:
             continue
         m = json.loads((model_dir / "meta.json").read_text()) if (model_dir / "meta.json").exists() else meta
-        body += [f"## {model_dir.name}", "", f"- Command: `{m.get('command')}`", f"- Machine: {m.get('machine')}; "
-                 f"{m.get('threads')} torch thread(s); date {m.get('date')}.",
+        old = earlier.pop(model_dir.name, {"commands": [], "dates": [], "machine": None, "rows": {}})
+        lines = {}
+        for r in rows:
+            full = r["perplexity"].get("full")
+            secs = r.get("seconds") or r.get("search_seconds") or r.get("database_seconds")
+            lines[(r["method"], r["config"])] = (
+                f"| {round(r['effective_bits'], 2):.2f} | {r['method']} | {r['config']} | {r['effective_bits']:.3f} | "
+                f"{r['perplexity']['40']:.2f} | {'-' if full is None else f'{full:.2f}'} | {r['kl']['40']:.3f} | "
+                f"{'-' if secs is None else f'{secs:.0f}'} |")
+        kept = {k: v for k, v in old["rows"].items() if k not in lines}
+        commands = [c for c in old["commands"] if c != m.get("command")] + [m.get("command")]
+        dates = sorted(set(old["dates"]) | {m.get("date")})
+        machine_line = m.get("machine")
+        if kept and old["machine"] and old["machine"] != machine_line:
+            machine_line = f"{old['machine']} (earlier rows) and {machine_line} (this run)"
+        machine_line += (f"; {m.get('threads')} torch thread(s)" if len(commands) == 1 else
+                         "; torch threads as in each command (`--threads`)")
+        sections[model_dir.name] = (commands, dates, machine_line, m, list(kept.values()) + list(lines.values()))
+    for name, old in earlier.items():  # models this output does not hold: as they were
+        sections[name] = (old["commands"], old["dates"], f"{old['machine']}; torch threads as in each command "
+                          "(`--threads`)", None, list(old["rows"].values()))
+
+    def sort_key(line):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        ppl = cells[4].strip("*")
+        return float(cells[0]), float(ppl) if ppl.replace(".", "", 1).isdigit() else math.inf
+
+    body = [MARK_START, ""]
+    for name, (commands, dates, machine_line, m, lines) in sorted(sections.items()):
+        m = m or meta
+        body += [f"## {name}", "", "- Command: " + "; ".join(f"`{c}`" for c in commands),
+                 f"- Machine: {machine_line}; date {', '.join(dates)}.",
                  f"- Calibration {m.get('num_samples')} x {m.get('seq_len')} Brown tokens (the same windows for every "
                  "row); evaluation WikiText-2 test, float32, KL = top-512 KL(dense || model) per token.", "",
                  "| budget (eff. bits) | method | configuration | eff. bits | ppl, 40 x 512 | ppl, full test | KL (40) |"
                  " time (s) |", "|---|---|---|---|---|---|---|---|"]
-
-        def budget(r):
-            return round(r["effective_bits"], 2)
-
-        for r in sorted(rows, key=lambda r: (budget(r), r["perplexity"]["40"])):
-            full = r["perplexity"].get("full")
-            secs = r.get("seconds") or r.get("search_seconds") or r.get("database_seconds")
-            body.append(f"| {budget(r):.2f} | {r['method']} | {r['config']} | {r['effective_bits']:.3f} | "
-                        f"{r['perplexity']['40']:.2f} | {'-' if full is None else f'{full:.2f}'} | "
-                        f"{r['kl']['40']:.3f} | {'-' if secs is None else f'{secs:.0f}'} |")
+        body += sorted(lines, key=sort_key)
         body.append("")
     body.append(MARK_END)
     doc.write_text(head + "\n".join(body) + tail)

@@ -20,8 +20,16 @@ alike instead of pricing one level against another timed under different conditi
 pieces' sum for the dense model still differs from its measured decode step by more than 10%, the
 build warns (the machine was busy or its clock changed: rebuild the table on a quiet machine). The table is
 stored as ``latency.json`` with a manifest (machine, torch, kernels, dtype, threads, model config,
-context); a table whose manifest differs from this process's is stale and rebuilt (`open_or_build`
-says why), like the level database.
+context, and a hash of each compression kind's levels); a table whose manifest differs from this
+process's is stale and rebuilt (`open_or_build` says why), like the level database.
+
+One table serves every search of a model on a machine, whichever kinds it combines: a
+quantization-only search and a joint depth + quantization search price the same linear at the
+same level with the same entry, and the same decode step, so their speed budgets are the same
+number of nanoseconds and a result of one is feasible in the other. A search whose kind is not in
+the table yet (or whose levels changed) times only that kind's levels and adds them; each shape's
+dense layer is timed again in the same rounds, and the new entries are scaled by the stored dense
+entry over the new one, so entries added later stay on the scale of the table's decode steps.
 
 Examples:
     >>> table = LatencyTable.open_or_build("latency", manifest, measure)   # doctest: +SKIP
@@ -50,8 +58,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LATENCY_FORMAT", "LatencyTable", "machine_identity", "time_call", "time_calls"]
 
-#: version of ``latency.json``; other versions are stale (2: entries timed in interleaved rounds)
-LATENCY_FORMAT = 2
+#: version of ``latency.json``; other versions are stale (2: entries timed in interleaved rounds; 3: one
+#: table per model and dtype, the levels hashed per kind)
+LATENCY_FORMAT = 3
 TABLE_NAME = "latency.json"
 
 
@@ -141,9 +150,32 @@ class LatencyTable:
         atomic_write_json(path, self.to_json())
         return path
 
+    def missing_kinds(self, manifest: dict) -> list:
+        """The kinds of ``manifest["levels"]`` (kind -> hash of its levels) whose entries this table
+        lacks or measured for other levels."""
+        have = self.manifest.get("levels") or {}
+        return [k for k, h in (manifest.get("levels") or {}).items() if have.get(k) != h]
+
+    def add_kinds(self, manifest: dict, kinds: list, linears: dict) -> None:
+        """Add the entries of ``kinds`` (``linears``, timed with each shape's dense layer ``<shape>/dense``
+        in the same rounds), replacing the entries of those kinds the table had. Each entry is scaled
+        by the table's dense entry of its shape over the one timed with it, so it stays on the scale
+        of the table's other entries and decode steps."""
+        self.linears = {k: v for k, v in self.linears.items() if k.split("/")[1] not in kinds}
+        for key, ns in linears.items():
+            shape, kind = key.split("/")[:2]
+            if kind in kinds:
+                dense = f"{shape}/dense"
+                scale = self.linears[dense] / linears[dense] if dense in self.linears and linears.get(dense) else 1.0
+                self.linears[key] = int(round(ns * scale))
+        levels = dict(self.manifest.get("levels") or {})
+        levels.update({k: (manifest.get("levels") or {})[k] for k in kinds})
+        self.manifest = {**self.manifest, "levels": levels}
+
     @classmethod
     def open(cls, root, manifest: dict) -> "tuple[LatencyTable | None, str | None]":
-        """The table in ``root`` when it matches ``manifest``, else ``(None, why it is not used)``."""
+        """The table in ``root`` when it was measured under ``manifest`` (its ``levels`` aside:
+        `missing_kinds` says which kinds it still lacks), else ``(None, why it is not used)``."""
         path = Path(root) / TABLE_NAME
         if not path.exists():
             return None, None
@@ -152,10 +184,12 @@ class LatencyTable:
             if data is None or data.get("format") != LATENCY_FORMAT:
                 return None, "it was written by another version"
             saved = data.get("manifest") or {}
-            differ = sorted(k for k in set(saved) | set(manifest) if saved.get(k) != manifest.get(k))
+            differ = sorted(k for k in (set(saved) | set(manifest)) - {"levels"} if saved.get(k) != manifest.get(k))
             if differ:
                 return None, "it was measured with another " + ", ".join(
                     f"{k} ({saved.get(k)!r} there, {manifest.get(k)!r} now)" for k in differ)
+            if not isinstance(saved.get("levels", {}), dict):
+                return None, "it was written by another version"
             table = cls.from_json(data)
             missing = [k for k in manifest.get("linears", []) if k not in table.linears]
             if missing:
@@ -165,33 +199,42 @@ class LatencyTable:
             return None, f"it cannot be read ({type(e).__name__}: {e})"
 
     @classmethod
-    def open_or_build(cls, root, manifest: dict, measure: Callable[[], dict], progress: bool = True) -> "LatencyTable":
-        """Open the table of ``manifest`` in ``root``, or measure it (``measure()`` returns the
-        entries) and store it there. A stale or unreadable table is rebuilt, with a warning saying
-        why. Several processes may share ``root``: one measures while the others wait."""
+    def open_or_build(cls, root, manifest: dict, measure: Callable, progress: bool = True) -> "LatencyTable":
+        """Open the table of ``manifest`` in ``root``, or measure it and store it there:
+        ``measure(None)`` returns every entry, ``measure(kinds)`` the linears of those kinds only
+        (with each shape's dense layer), which a table measured under the same manifest but lacking
+        them gains (`add_kinds`). A stale or unreadable table is rebuilt, with a warning saying why.
+        Several processes may share ``root``: one measures while the others wait."""
         from filelock import FileLock
 
         root = Path(root)
         table, why = cls.open(root, manifest)
-        if table is not None:
+        if table is not None and not table.missing_kinds(manifest):
             return table
         root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(root / ".lock")):
             table, why = cls.open(root, manifest)
+            start = time.perf_counter()
             if table is not None:
+                kinds = table.missing_kinds(manifest)
+                if kinds:
+                    logger.info("Adding the levels of %s to the latency table in %s.", ", ".join(kinds), root)
+                    table.add_kinds(manifest, kinds, measure(kinds)["linears"])
+                    table.seconds = round(table.seconds + time.perf_counter() - start, 1)
+                    table.save(root)
                 return table
             if why:
                 logger.warning("Rebuilding the latency table in %s: %s.", root, why)
-            start = time.perf_counter()
-            entries = measure()
+            entries = measure(None)
             table = cls(manifest=manifest, **entries, seconds=round(time.perf_counter() - start, 1))
             table.save(root)
         return table
 
 
 def default_latency_root(identity: dict) -> Path:
-    """The shared cache folder of a latency table (keyed by the model and dtype; the machine,
-    torch and kernels are in the manifest, so a stale table is rebuilt in place)."""
+    """The shared cache folder of a latency table (keyed by the model and dtype, not by the kinds a
+    search combines: see the module docstring; the machine, torch and kernels are in the manifest,
+    so a stale table is rebuilt in place)."""
     from .embedded_models import default_cache_root
 
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

@@ -189,7 +189,54 @@ def test_joint_speed_budget_builds_reuses_and_rebuilds_the_latency_table(tiny_di
     third = run_cli(*common(tiny_dir, tmp_path / "c", *args))
     assert third.returncode == 0, third.stderr
     assert "Rebuilding the latency table" in third.stderr and "torch" in third.stderr
-    assert json.loads((latency / "latency.json").read_text())["manifest"]["torch"] == torch.__version__
+    rebuilt = json.loads((latency / "latency.json").read_text())
+    assert rebuilt["manifest"]["torch"] == torch.__version__
+    # another kind combination shares the table: only the new kind's levels are timed and added,
+    # so the same dense model is predicted and the same budget given
+    fourth = run_cli(*common(tiny_dir, tmp_path / "d", "--compression", "depth,sparsity", *args[2:]))
+    assert fourth.returncode == 0, fourth.stderr
+    shared = json.loads((latency / "latency.json").read_text())
+    assert set(shared["manifest"]["levels"]) == {"quantization", "sparsity"}
+    assert {k: v for k, v in shared["linears"].items() if "/sparsity/" not in k} == rebuilt["linears"]
+    assert any("/sparsity/" in k for k in shared["linears"])
+    assert [shared[k] for k in ("fixed_ns", "layer_ns", "dense_ns")] == [rebuilt[k] for k in ("fixed_ns", "layer_ns", "dense_ns")]
+    before = json.loads((tmp_path / "c" / "result.json").read_text())["latency"]
+    after = json.loads((tmp_path / "d" / "result.json").read_text())["latency"]
+    assert after["budget_ms"] == pytest.approx(before["budget_ms"], rel=1e-9)
+
+
+def test_latency_table_gains_a_new_kind_without_retiming_the_others(tmp_path):
+    """A search whose kind the shared table lacks (or whose levels changed) times only that kind's
+    levels, with each shape's dense layer in the same rounds, and the new entries are put on the
+    table's scale by the ratio of the two dense timings; every other entry stays as it was."""
+    from optimum_evo.latency import LatencyTable
+
+    base = {"cpu": "x", "torch": "t", "linears": ["8x8/dense"]}
+    calls = []
+
+    def measure(only):
+        calls.append(only)
+        if only is None:
+            return {"linears": {"8x8/dense": 100, "8x8/quantization/3": 40}, "fixed_ns": 7, "layer_ns": 3,
+                    "attention_ns": 2, "mlp_ns": 1, "dense_ns": 150}
+        slow = 2  # the machine is twice as slow now: the dense layer says so
+        return {"linears": {"8x8/dense": 100 * slow, **{f"8x8/{k}/1": 30 * slow for k in only}}}
+
+    first = LatencyTable.open_or_build(tmp_path, {**base, "levels": {"quantization": "h1"}}, measure, progress=False)
+    assert calls == [None] and first.linears == {"8x8/dense": 100, "8x8/quantization/3": 40}
+    both = LatencyTable.open_or_build(tmp_path, {**base, "levels": {"quantization": "h1", "sparsity": "h2"}},
+                                      measure, progress=False)
+    assert calls == [None, ["sparsity"]]
+    assert both.linears == {"8x8/dense": 100, "8x8/quantization/3": 40, "8x8/sparsity/1": 30}
+    assert (both.fixed_ns, both.dense_ns) == (7, 150) and both.manifest["levels"] == {"quantization": "h1", "sparsity": "h2"}
+    again = LatencyTable.open_or_build(tmp_path, {**base, "levels": {"sparsity": "h2"}}, measure, progress=False)
+    assert calls == [None, ["sparsity"]] and again.linears == both.linears, "a table holding the kinds is reused"
+    LatencyTable.open_or_build(tmp_path, {**base, "levels": {"quantization": "h3"}}, measure, progress=False)
+    assert calls[-1] == ["quantization"], "new levels of a kind re-time that kind only"
+    stored = LatencyTable.open(tmp_path, {**base, "levels": {}})[0]
+    assert "8x8/quantization/3" not in stored.linears and stored.linears["8x8/quantization/1"] == 30
+    assert stored.linears["8x8/sparsity/1"] == 30 and stored.manifest["levels"]["quantization"] == "h3"
+    assert LatencyTable.open(tmp_path, {**base, "torch": "other", "levels": {}})[0] is None
 
 
 def test_latency_entries_are_timed_in_interleaved_rounds_so_a_passing_load_hits_them_alike():

@@ -419,12 +419,14 @@ def _linear_runner(make, in_features: int, dtype, budget_bytes: int = 96 * 2 ** 
     return run, len(copies)
 
 
-def measure_latency(model, kinds, databases: dict, names: list, context: int, progress: bool = True) -> dict:
-    """The entries of a `LatencyTable` for ``model`` (see `optimum_evo.latency`)."""
+def measure_latency(model, kinds, databases: dict, names: list, context: int, progress: bool = True,
+                    only: "list | None" = None) -> dict:
+    """The entries of a `LatencyTable` for ``model`` (see `optimum_evo.latency`); with ``only`` (a
+    list of kinds), the linears of those kinds and each shape's dense layer, without the decode steps."""
     from tqdm.auto import tqdm
 
     block = _block_method(kinds)
-    methods = _linear_methods(kinds)
+    methods = [m for m in _linear_methods(kinds) if only is None or m.name in only]
     dtype = next(model.parameters()).dtype
     layout = find_decoder_layout(model)
     jobs = {}
@@ -459,6 +461,8 @@ def measure_latency(model, kinds, databases: dict, names: list, context: int, pr
         del runners
         bar.update(len(group))
     bar.close()
+    if only is not None:
+        return {"linears": linears}
     n = len(layout)
     work = copy.deepcopy(model).eval()
     depth = (block or get_method("depth")).joint_block_space(work)
@@ -665,16 +669,18 @@ class JointMethod(CompressionMethod):
 
             model = run.model
             names = [n for n in next(iter(databases.values())).modules]
+            # one table for every kind combination: only the levels' hashes depend on the kinds
             manifest = {"model config": config_hash(model), "dtype": str(next(model.parameters()).dtype),
-                        "context": LATENCY_CONTEXT, "kinds": list(self.kinds), **machine_identity(),
-                        "levels": hashlib.sha256(json.dumps({k: db.manifest.get("levels", None) for k, db in
-                                                             databases.items()}, default=str).encode()).hexdigest()[:16],
+                        "context": LATENCY_CONTEXT, **machine_identity(),
+                        "levels": {k: hashlib.sha256(json.dumps(db.manifest.get("levels", None), default=str)
+                                                     .encode()).hexdigest()[:16] for k, db in databases.items()},
                         "linears": sorted({latency_key(model.get_submodule(n), DENSE, None) for n in names})}
             root = Path(run.args.latency_dir) if run.args.latency_dir else default_latency_root(
-                {"model config": manifest["model config"], "dtype": manifest["dtype"], "kinds": manifest["kinds"]})
+                {"model config": manifest["model config"], "dtype": manifest["dtype"]})
             start = time.perf_counter()
-            latency = LatencyTable.open_or_build(root, manifest, lambda: measure_latency(
-                model, self.kinds, databases, names, LATENCY_CONTEXT, run.args.progress), progress=run.args.progress)
+            latency = LatencyTable.open_or_build(root, manifest, lambda only: measure_latency(
+                model, self.kinds, databases, names, LATENCY_CONTEXT, run.args.progress, only=only),
+                progress=run.args.progress)
             run.timings["latency_seconds"] = time.perf_counter() - start
             run.latency_root = root
         run.costs = CostModel(run.model, self.kinds, databases, self.budget(run.args), latency)
