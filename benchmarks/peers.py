@@ -171,8 +171,9 @@ def worker_gptqmodel(a) -> None:
 def run_worker(kind: str, env_path: Path, args: list, log: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(env_path), str(REPO)]), "OMP_NUM_THREADS": "1"}
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, __file__, "--worker", kind, *args], env=env, stdout=f,
-                              stderr=subprocess.STDOUT)
+        # run in the log's folder: the peers write their own logs into the working directory
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", kind, *args], env=env,
+                              stdout=f, stderr=subprocess.STDOUT, cwd=log.parent)
     if proc.returncode:
         raise RuntimeError(f"{kind} worker failed (exit {proc.returncode}); see {log}:\n"
                            + log.read_text()[-3000:])
@@ -264,7 +265,7 @@ class Bench:
 
         out = self.root / "work" / f"{key}.safetensors"
         if not out.exists():
-            run_worker(kind, env, ["--model-path", str(self.path), "--calib", str(self.calib_file), "--out", str(out),
+            run_worker(kind, env, ["--model-path", str(self.path), "--calib", str(self.calib_file.resolve()), "--out", str(out.resolve()),
                                    "--threads", str(self.ns.threads), *args], self.root / "work" / f"{key}.log")
         info = json.loads(out.with_suffix(".json").read_text())
         self.evaluate(key, load_file(str(out)), {n: tuple(v) for n, v in info["levels"].items()},
