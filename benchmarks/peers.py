@@ -108,6 +108,7 @@ def worker_autoround(a) -> None:
 
         calib_dataset.get_dataloader = local  # AutoScheme asks for a dataset *name*; offline: our windows
         delta_loss.get_dataloader = local
+        kw["dataset"] = "local"  # AutoScheme's generator takes AutoRound's dataset and refuses a non-name
         options = tuple(f"W{b}A16" for b in a.options.split(","))
         scheme = AutoScheme(avg_bits=a.avg_bits, options=options, dataset="local", nsamples=n, seqlen=t,
                             device_map="cpu", enable_torch_compile=False)

@@ -117,3 +117,32 @@ def test_inference_speed_doc_keeps_other_machines_sections(tmp_path, monkeypatch
     assert "| quantization 3.0 bits | 25.0 | 1.25x |" in text and "| quantization 3.0 bits | 30.0 | 1.50x |" in text
     speed.write_doc(doc, speed.markdown(results, "python third"))  # a rerun replaces its own section only
     assert doc.read_text().count("## CPU with AVX2") == 1 and "python second" not in doc.read_text()
+
+
+def test_peer_page_keeps_the_rows_a_run_does_not_remake(tmp_path):
+    """The peer table of a model is the union of every run's rows: a run (a fresh output folder, on
+    another day) replaces the rows it remakes, keeps the others, and names every command."""
+    peers = _benchmark("peers")
+
+    def run(out, rows, command):
+        (out / "smollm2" / "rows").mkdir(parents=True)
+        for key, method, ppl in rows:
+            (out / "smollm2" / "rows" / f"{key}.json").write_text(json.dumps(
+                {"key": key, "method": method, "config": "W3 g128", "effective_bits": 3.161,
+                 "perplexity": {"40": ppl}, "kl": {"40": 0.5}, "seconds": 10}))
+        (out / "smollm2" / "meta.json").write_text(json.dumps(
+            {"command": command, "machine": "cpu", "threads": 1, "date": command[-1], "num_samples": 8, "seq_len": 64}))
+        peers.write_doc(doc, out, {})
+
+    doc = tmp_path / "peers.md"
+    doc.write_text(f"# Peers\n\nintro\n\n{peers.MARK_START}\n{peers.MARK_END}\n\nReading kept.\n")
+    run(tmp_path / "a", [("rtn", "round-to-nearest", 145.0), ("ours", "EvoPress", 47.0)], "bench 1")
+    run(tmp_path / "b", [("ar", "AutoRound", 47.3), ("ours", "EvoPress", 46.0)], "bench 2")
+    text = doc.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 3.16")]
+    assert [r.split("|")[2].strip() for r in rows] == ["EvoPress", "AutoRound", "round-to-nearest"]  # by perplexity
+    assert "46.00" in text and "47.00 " not in text, "a remade row replaces the earlier one"
+    assert "`bench 1`; `bench 2`" in text and "date 1, 2" in text
+    assert text.startswith("# Peers\n\nintro") and text.endswith("Reading kept.\n")
+    peers.write_doc(doc, tmp_path / "b", {})
+    assert doc.read_text() == text  # idempotent
