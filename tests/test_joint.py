@@ -272,6 +272,15 @@ def test_single_kind_under_a_size_budget_saves_that_kinds_checkpoint(tiny_dir, t
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
     qc = optimum_evo.check_evopress_model(reloaded)
     assert qc.compression == "quantization" and qc.profile["modules"]
+    # its result seeds a joint search under the same budget: its units carry their kind already
+    joint = tmp_path / "joint"
+    proc = run_cli(*common(tiny_dir, joint, "--compression", "depth,quantization", "--target-size", stored,
+                           "--init-from", out, "--eval-windows", 0, "--no-save-model"))
+    assert proc.returncode == 0, proc.stderr
+    seeded = json.loads((joint / "result.json").read_text())
+    seed = seeded["initial_candidates"]["init_from"]
+    assert seed[:len(seed) - len(report["levels"])] == [1] * (len(seed) - len(report["levels"]))  # every sub-block kept
+    assert seeded["search"]["fitness"] <= report["search"]["fitness"] + 1e-9  # both over all 6 windows
 
 
 def test_init_from_seeds_a_joint_search_with_a_single_kind_result(tiny_dir, tmp_path):

@@ -743,8 +743,8 @@ class JointMethod(CompressionMethod):
         compression = str(report.get("compression"))
         levels = report.get("levels") or {}
         cand = list(reference)
-        if compression == self.name:
-            units = dict(levels)
+        if compression == self.name or (levels and all(isinstance(v, dict) and "kind" in v for v in levels.values())):
+            units = dict(levels)  # a budgeted search's report (of these kinds or of one kind): units with their kind
         elif compression in self.kinds and getattr(get_method(compression), "joint_role", None) == "linears":
             units = {name: {"kind": compression, "level": level} for name, level in levels.items()}
         elif compression in self.kinds:  # the block kind: its drops, by layer index
