@@ -146,3 +146,30 @@ def test_peer_page_keeps_the_rows_a_run_does_not_remake(tmp_path):
     assert text.startswith("# Peers\n\nintro") and text.endswith("Reading kept.\n")
     peers.write_doc(doc, tmp_path / "b", {})
     assert doc.read_text() == text  # idempotent
+
+
+def test_preset_curves_snapshot_each_schedule_at_its_token_budgets(tmp_path):
+    """benchmarks/presets.py on a tiny model: each schedule's parent is taken once the candidate-tokens
+    first reach each budget (never before), evaluated, tabled and plotted; a rerun reuses them."""
+    from conftest import save_tiny_llama
+
+    presets = _benchmark("presets")
+    model = save_tiny_llama(tmp_path / "tiny", 32, 64, 4, scale=6.0)
+    doc, out = tmp_path / "presets.md", tmp_path / "out"
+    argv = ["--model", str(model), "--compression", "quantization", "--target", "3", "--levels", "2,3,4",
+            "--schedules", "one=4:1@64,1@128", "two=8:2@64,1@128", "--tokens", "1k,3k", "--num-samples", "6",
+            "--seq-len", "32", "--eval-windows", "1", "--threads", "1", "--output", str(out), "--doc", str(doc)]
+    assert presets.main(argv) == 0
+    records = {p.stem: json.loads(p.read_text()) for p in (out / "tiny" / "quantization-3").glob("*.json")}
+    assert set(records) >= {"one", "two"}
+    for name in ("one", "two"):
+        snaps = records[name]["snapshots"]
+        assert sorted(snaps, key=int) == ["1000", "3000"]
+        assert all(s["tokens"] >= int(t) and s["perplexity"] > 1 for t, s in snaps.items())
+        assert snaps["1000"]["generation"] <= snaps["3000"]["generation"]
+    text = doc.read_text()
+    assert "| one (4: 1@64, 1@128) |" in text and "| two (8: 2@64, 1@128) |" in text
+    assert (tmp_path / "presets-quantization.png").read_bytes()[:4] == b"\x89PNG"
+    stamp = (out / "tiny" / "quantization-3" / "one.json").stat().st_mtime_ns
+    assert presets.main(argv) == 0
+    assert (out / "tiny" / "quantization-3" / "one.json").stat().st_mtime_ns == stamp  # reused, not searched again

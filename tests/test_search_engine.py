@@ -163,6 +163,19 @@ def test_reproducible_with_seed():
     assert [h["best_fitness"] for h in runs[0].history] == [h["best_fitness"] for h in runs[1].history]
 
 
+def test_callback_sees_each_generations_parent():
+    space = depth_like_space(10)
+    fn = lambda c: float(sum((i % 3 - 1) * c[i] * c[(i + 1) % 10] for i in range(10)))  # noqa: E731
+    cfg = SearchConfig(generations=12, offspring=6, stages=(Stage(2, 32), Stage(1, 64)), seed=5)
+    seen = []
+    res = EvolutionarySearch(space, TableObjective(fn), cfg, progress=False,
+                             callback=lambda g, entry: seen.append((g, entry))).run([(1,) * 4 + (0,) * 6])
+    assert [g for g, _ in seen] == list(range(1, 13))
+    assert [e["best_fitness"] for _, e in seen] == [h["best_fitness"] for h in res.history]
+    assert all(e["best_fitness"] == fn(e["parent"]) for _, e in seen)  # noise-free: the parent's own score
+    assert tuple(seen[-1][1]["parent"]) == res.best and "parent" not in res.history[-1]
+
+
 def test_killed_search_resumes_to_same_result(tmp_path):
     space = depth_like_space(14)
     rnd = random.Random(3)

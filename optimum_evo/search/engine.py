@@ -116,7 +116,9 @@ class EvolutionarySearch:
             ``checkpoint_dir/search_state.json`` and a later ``run`` with the same settings resumes
             from it (and ends exactly where an uninterrupted run ends).
         progress: show a tqdm bar with the best fitness.
-        callback: called as ``callback(generation, state_dict)`` after each checkpoint.
+        callback: called as ``callback(generation, entry)`` after each checkpoint: ``entry`` is the
+            generation's history entry plus ``"parent"``, the parent after it (an exception raised
+            there stops the search, which resumes from that checkpoint).
         identity: what else decides the result (e.g. the model's weight digest, the calibration
             tokens' digest, the fitness mode, its K, the dtype), as ``{setting: value}``; a resume
             whose identity differs is refused with a message naming each differing setting.
@@ -303,7 +305,7 @@ class EvolutionarySearch:
             bar.update(1)
             bar.set_postfix(best=f"{state.fitness:.4f}")
             if self.callback is not None:
-                self.callback(state.generation, state.history[-1])
+                self.callback(state.generation, {**state.history[-1], "parent": list(state.parent)})
         bar.close()
         return SearchResult(
             best=state.parent,
