@@ -64,7 +64,8 @@ def parse_tokens(text: str) -> list:
                   for t in text.split(",") if t)
 
 
-def run_schedule(ctx, name: str, offspring: int, stages: tuple, thresholds: list, out: Path, eval_teacher) -> dict:
+def run_schedule(ctx, name: str, offspring: int, stages: tuple, thresholds: list, out: Path, eval_teacher,
+                 command: str) -> dict:
     """One search with this schedule, the parent taken at each threshold, each evaluated."""
     from optimum_evo.fitness import evaluate as evaluate_model
     from optimum_evo.search import EvolutionarySearch
@@ -102,7 +103,8 @@ def run_schedule(ctx, name: str, offspring: int, stages: tuple, thresholds: list
             snap.update({k: v for k, v in evaluate_model(model, ctx.evaluation, eval_teacher, progress=False).items()
                          if k in ("perplexity", "kl")})
             space.restore(model)
-    record = {"schedule": [offspring, [[s.survivors, s.tokens] for s in stages]], "snapshots": snaps, "done": True}
+    record = {"schedule": [offspring, [[s.survivors, s.tokens] for s in stages]], "snapshots": snaps, "done": True,
+              "command": command}
     path.write_text(json.dumps(record, indent=1))
     return json.loads(path.read_text())
 
@@ -193,9 +195,15 @@ def main(argv=None) -> int:
         ctx.eval_space.apply(ctx.model, cand)
         first = {"name": name, **evaluate_model(ctx.model, ctx.evaluation, eval_teacher, progress=False)}
         ctx.eval_space.restore(ctx.model)
-    results = {name: run_schedule(ctx, name, offspring, st, ns.tokens, out, eval_teacher)
-               for name, offspring, st in ns.schedules}
     command = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    results = {name: run_schedule(ctx, name, offspring, st, ns.tokens, out, eval_teacher, command)
+               for name, offspring, st in ns.schedules}
+    # schedules finished by other runs into the same folder (e.g. one process per schedule) join the table
+    for f in sorted(out.glob("*.json")):
+        other = json.loads(f.read_text())
+        if f.stem not in results and other.get("done") and all(str(t) in other["snapshots"] for t in ns.tokens):
+            results[f.stem] = other
+    commands = list(dict.fromkeys(r.get("command", command) for r in results.values()))
     text = table(results, ns.tokens, first)
     print(text)
     if ns.doc:
@@ -204,9 +212,9 @@ def main(argv=None) -> int:
         plot(results, ns.tokens, first, png, f"{Path(ns.model).name}, {ns.compression} {ns.target:g}")
         rel = os.path.relpath(png, doc.parent)
         head = [f"## {Path(ns.model).name}, {ns.compression} at {ns.target:g}", "",
-                f"- Command: `{command}`",
+                "- Command: " + "; ".join(f"`{c}`" for c in commands),
                 f"- {datetime.date.today().isoformat()}; {machine()}; torch threads {ns.threads or 'default'}; "
-                f"{time.perf_counter() - start:.0f} s in all.",
+                f"{time.perf_counter() - start:.0f} s for the last command.",
                 f"- Calibration {ns.num_samples} x {ns.seq_len} tokens of `brown` (the same windows for every schedule); "
                 f"WikiText-2 test, {ns.eval_windows} windows of 512 tokens; perplexity of the parent when the "
                 "candidate-tokens spent first reach each column's count.", "", f"![curves]({rel})", ""]

@@ -173,3 +173,8 @@ def test_preset_curves_snapshot_each_schedule_at_its_token_budgets(tmp_path):
     stamp = (out / "tiny" / "quantization-3" / "one.json").stat().st_mtime_ns
     assert presets.main(argv) == 0
     assert (out / "tiny" / "quantization-3" / "one.json").stat().st_mtime_ns == stamp  # reused, not searched again
+    # another process's schedule into the same folder joins the table, with its command
+    other = argv[:argv.index("--schedules") + 1] + ["three=4:1@128"] + argv[argv.index("--tokens"):]
+    assert presets.main(other) == 0
+    text = doc.read_text()
+    assert all(f"| {n} (" in text for n in ("one", "two", "three")) and "three=4:1@128" in text and "two=8" in text
