@@ -233,8 +233,9 @@ kernels.
 """
 
 
-def markdown(results: dict, command: str) -> str:
-    """The section of this run (a level-2 heading, then one table per model and dtype)."""
+def markdown(results: dict, command: str, skipped: dict | None = None) -> str:
+    """The section of this run (a level-2 heading, then one table per model and dtype); ``skipped``:
+    ``{model: {dtype: {variant: why}}}`` for the variants that could not be measured."""
     lines = [f"## {SECTION_TITLES.get(section_key(), section_key())}", "",
              f"- Command: `{command}`",
              f"- Date: {datetime.date.today().isoformat()}; machine: {machine()}.",
@@ -256,6 +257,8 @@ def markdown(results: dict, command: str) -> str:
                              f"{r['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}x | "
                              f"{r['prefill_512_s']:.2f} | {r['prefill_512_s'] / dense['prefill_512_s']:.2f}x | "
                              f"{r['resident_bytes'] / 1e6:.0f} | {r['disk_bytes'] / 1e6:.0f} |")
+            for name, why in ((skipped or {}).get(model, {}).get(dtype, {})).items():
+                lines += ["", f"Not measured: {name} ({why})."]
             lines.append("")
     return "\n".join(lines)
 
@@ -293,6 +296,7 @@ def main(argv=None):
     if variants[0] != "dense":
         variants = ["dense", *[v for v in variants if v != "dense"]]
     results: dict = {}
+    skipped: dict = {}
     for model in ns.models.split(","):
         path = resolve_model(model)
         with tempfile.TemporaryDirectory(dir=out) as tmp:
@@ -318,6 +322,8 @@ def main(argv=None):
                             rows[v] = measure_in_gptqmodel(folders[v], getattr(torch, dtype))
                         except RuntimeError as e:
                             print(f"{v} skipped: {e}", flush=True)
+                            why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                            skipped.setdefault(model, {}).setdefault(dtype, {})[v] = why.replace("`", "")
                             continue
                     else:
                         rows[v] = timed[v].row()
@@ -326,7 +332,7 @@ def main(argv=None):
                 gc.collect()
                 (out / "results.json").write_text(json.dumps(results, indent=1))
     command = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    text = markdown(results, command)
+    text = markdown(results, command, skipped)
     print(text)
     if ns.doc:
         write_doc(Path(ns.doc), text)

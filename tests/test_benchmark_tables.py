@@ -117,6 +117,9 @@ def test_inference_speed_doc_keeps_other_machines_sections(tmp_path, monkeypatch
     assert "| quantization 3.0 bits | 25.0 | 1.25x |" in text and "| quantization 3.0 bits | 30.0 | 1.50x |" in text
     speed.write_doc(doc, speed.markdown(results, "python third"))  # a rerun replaces its own section only
     assert doc.read_text().count("## CPU with AVX2") == 1 and "python second" not in doc.read_text()
+    # a variant that could not run in its runtime is named with the reason, not silently left out
+    text = speed.markdown(results, "python fourth", {"smollm2": {"bfloat16": {speed.GPTQ: "needs float16"}}})
+    assert f"Not measured: {speed.GPTQ} (needs float16)." in text
 
 
 def test_peer_page_keeps_the_rows_a_run_does_not_remake(tmp_path):
