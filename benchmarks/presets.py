@@ -72,7 +72,7 @@ def run_schedule(ctx, name: str, offspring: int, stages: tuple, thresholds: list
 
     path = out / f"{name}.json"
     record = json.loads(path.read_text()) if path.exists() else {}
-    if record.get("done"):
+    if record.get("done") and all(str(t) in record["snapshots"] for t in thresholds):
         return record
     snaps = {int(k): v for k, v in record.get("snapshots", {}).items()}
     config = replace(ctx.search_config, offspring=offspring, stages=stages, generations=100_000)
@@ -110,21 +110,27 @@ def run_schedule(ctx, name: str, offspring: int, stages: tuple, thresholds: list
 
 
 def table(results: dict, thresholds: list, start: dict) -> str:
+    """One row per schedule, one perplexity (KL) column per token budget (any schedule's; a budget a
+    schedule was not run to shows a dash), then generations and seconds at its last budget."""
     def fmt(t):
         return f"{t / 1e6:g}M" if t >= 100_000 else f"{t / 1e3:g}k"
 
-    lines = ["| schedule (offspring: stages) | " + " | ".join(f"ppl @ {fmt(t)}" for t in thresholds)
-             + " | KL @ " + fmt(thresholds[-1]) + " | generations, s @ " + fmt(thresholds[-1]) + " |",
-             "|---|" + "---|" * (len(thresholds) + 2)]
-    best = {t: min(r["snapshots"][str(t)]["perplexity"] for r in results.values()) for t in thresholds}
+    thresholds = sorted(set(thresholds) | {int(k) for r in results.values() for k in r["snapshots"]})
+    lines = ["| schedule (offspring: stages) | " + " | ".join(f"ppl (KL) @ {fmt(t)}" for t in thresholds)
+             + " | generations, s @ its last budget |",
+             "|---|" + "---|" * (len(thresholds) + 1)]
+    best = {t: min((r["snapshots"][str(t)]["perplexity"] for r in results.values() if str(t) in r["snapshots"]),
+                   default=None) for t in thresholds}
     for name, r in results.items():
         snaps = {int(k): v for k, v in r["snapshots"].items()}
         offspring, stages = r["schedule"]
-        cells = [f"**{snaps[t]['perplexity']:.2f}**" if snaps[t]["perplexity"] == best[t] else f"{snaps[t]['perplexity']:.2f}"
+        cells = ["–" if t not in snaps else (f"**{snaps[t]['perplexity']:.2f}**" if snaps[t]["perplexity"] == best[t]
+                                             else f"{snaps[t]['perplexity']:.2f}") + f" ({snaps[t]['kl']:.4f})"
                  for t in thresholds]
-        last = snaps[thresholds[-1]]
+        last_t = max(snaps)
+        last = snaps[last_t]
         lines.append(f"| {name} ({offspring}: {', '.join(f'{s}@{t}' for s, t in stages)}) | " + " | ".join(cells)
-                     + f" | {last['kl']:.4f} | {last['generation']}, {last['seconds']:.0f} |")
+                     + f" | {last['generation']}, {last['seconds']:.0f} ({fmt(last_t)}) |")
     return "\n".join(lines) + (f"\n\nThe {start['name']} baseline, one of the searches' starting points: perplexity "
                                f"{start['perplexity']:.2f}, KL {start['kl']:.4f}." if start else "")
 
@@ -201,7 +207,7 @@ def main(argv=None) -> int:
     # schedules finished by other runs into the same folder (e.g. one process per schedule) join the table
     for f in sorted(out.glob("*.json")):
         other = json.loads(f.read_text())
-        if f.stem not in results and other.get("done") and all(str(t) in other["snapshots"] for t in ns.tokens):
+        if f.stem not in results and other.get("done"):
             results[f.stem] = other
     commands = list(dict.fromkeys(r.get("command", command) for r in results.values()))
     text = table(results, ns.tokens, first)

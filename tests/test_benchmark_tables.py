@@ -177,7 +177,15 @@ def test_preset_curves_snapshot_each_schedule_at_its_token_budgets(tmp_path):
     assert presets.main(argv) == 0
     assert (out / "tiny" / "quantization-3" / "one.json").stat().st_mtime_ns == stamp  # reused, not searched again
     # another process's schedule into the same folder joins the table, with its command
-    other = argv[:argv.index("--schedules") + 1] + ["three=4:1@128"] + argv[argv.index("--tokens"):]
+    # (run to the first budget only: its row shows a dash under the budget it has not reached)
+    other = argv[:argv.index("--schedules") + 1] + ["three=4:1@128", "--tokens", "1k"] + argv[argv.index("--num-samples"):]
     assert presets.main(other) == 0
     text = doc.read_text()
     assert all(f"| {n} (" in text for n in ("one", "two", "three")) and "three=4:1@128" in text and "two=8" in text
+    row = next(line for line in text.splitlines() if line.startswith("| three ("))
+    assert row.split(" | ")[2] == "–" and "(1k)" in row
+    # asked for a further budget, a finished schedule resumes its search instead of stopping at its record
+    other[other.index("1k")] = "1k,3k"
+    assert presets.main(other) == 0
+    three = json.loads((out / "tiny" / "quantization-3" / "three.json").read_text())
+    assert sorted(three["snapshots"], key=int) == ["1000", "3000"] and three["snapshots"]["3000"]["perplexity"] > 1
