@@ -69,12 +69,17 @@ def run_schedule(ctx, name: str, offspring: int, stages: tuple, thresholds: list
     """One search with this schedule, the parent taken at each threshold, each evaluated."""
     from optimum_evo.fitness import evaluate as evaluate_model
     from optimum_evo.search import EvolutionarySearch
+    from optimum_evo.search.checkpoint import atomic_write_json
 
     path = out / f"{name}.json"
     record = json.loads(path.read_text()) if path.exists() else {}
-    if record.get("done") and all(str(t) in record["snapshots"] for t in thresholds):
-        return record
     snaps = {int(k): v for k, v in record.get("snapshots", {}).items()}
+
+    def taken() -> bool:  # every asked budget has its parent (a record may hold budgets not asked now)
+        return all(t in snaps for t in thresholds)
+
+    if record.get("done") and taken():
+        return record
     config = replace(ctx.search_config, offspring=offspring, stages=stages, generations=100_000)
 
     def snapshot(generation, entry):
@@ -82,12 +87,12 @@ def run_schedule(ctx, name: str, offspring: int, stages: tuple, thresholds: list
             if entry["total_tokens"] >= t and t not in snaps:
                 snaps[t] = {"generation": generation, "tokens": entry["total_tokens"], "fitness": entry["best_fitness"],
                             "seconds": entry["seconds"], "candidate": entry["parent"]}
-                path.write_text(json.dumps({"schedule": [offspring, [[s.survivors, s.tokens] for s in stages]],
-                                            "snapshots": snaps}))
-        if len(snaps) == len(thresholds):
+                atomic_write_json(path, {"schedule": [offspring, [[s.survivors, s.tokens] for s in stages]],
+                                         "snapshots": snaps})
+        if taken():
             raise _Done
 
-    if len(snaps) < len(thresholds):
+    if not taken():
         print(f"== {name}: {offspring} offspring, stages {', '.join(f'{s.survivors}@{s.tokens}' for s in stages)}",
               flush=True)
         engine = EvolutionarySearch(ctx.space.level_space, ctx.objective, config, checkpoint_dir=out / name,
@@ -105,7 +110,7 @@ def run_schedule(ctx, name: str, offspring: int, stages: tuple, thresholds: list
             space.restore(model)
     record = {"schedule": [offspring, [[s.survivors, s.tokens] for s in stages]], "snapshots": snaps, "done": True,
               "command": command}
-    path.write_text(json.dumps(record, indent=1))
+    atomic_write_json(path, record)
     return json.loads(path.read_text())
 
 

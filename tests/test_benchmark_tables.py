@@ -189,3 +189,8 @@ def test_preset_curves_snapshot_each_schedule_at_its_token_budgets(tmp_path):
     assert presets.main(other) == 0
     three = json.loads((out / "tiny" / "quantization-3" / "three.json").read_text())
     assert sorted(three["snapshots"], key=int) == ["1000", "3000"] and three["snapshots"]["3000"]["perplexity"] > 1
+    # a record holding budgets this run did not ask for still resumes for the one it lacks
+    other[other.index("1k,3k")] = "1k,4k"
+    assert presets.main(other) == 0
+    three = json.loads((out / "tiny" / "quantization-3" / "three.json").read_text())
+    assert sorted(three["snapshots"], key=int) == ["1000", "3000", "4000"] and three["snapshots"]["4000"]["tokens"] >= 4000
