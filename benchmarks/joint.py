@@ -18,8 +18,10 @@ For each budget, in one run of this script:
   search work, that single-kind search continued from its own result for the same generations;
   then times one decode step of every saved model and of the dense one side by side.
 
-Every search uses the same calibration, fitness, preset and generations; the quantization-only
-searches give every linear its own width (``fused_groups=False``), as the joint search does. Writes
+Every search uses the same calibration, fitness, preset and generations; the size-budget
+quantization-only searches give every linear its own width (``fused_groups=False``), as the joint
+search does; the speed-budget one keeps the default, one width per fused group (q/k/v, gate/up),
+which only narrows its own space. ``--no-controls`` skips the seeded searches and their controls. Writes
 ``docs/benchmarks/joint.md`` (a section per model; finished runs are reused when the script runs
 again with the same output folder).
 
@@ -170,6 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--output", default="outputs/bench-joint")
     p.add_argument("--doc", default="docs/benchmarks/joint.md")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 when other jobs share the cores)")
+    p.add_argument("--no-controls", dest="controls", action="store_false",
+                   help="skip the seeded joint search and its control (the single-kind search continued)")
     ns = p.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -189,18 +193,21 @@ def main(argv=None) -> int:
                        uniform_bytes(ns.model, quant, bits) if bits in levels else 0)
             joint = search(ns, f"joint-{bits}bits", compression=["depth", "quantization"], target_size=size,
                            levels=levels)
-            seeded = search(ns, f"joint-{bits}bits-seeded", compression=["depth", "quantization"], target_size=size,
-                            levels=levels, init_from=quant_dir)
-            continued = search(ns, f"quantization-{bits}-continued", compression="quantization", target=bits,
-                               levels=levels, fused_groups=False, init_from=quant_dir)
+            if ns.controls:
+                seeded = search(ns, f"joint-{bits}bits-seeded", compression=["depth", "quantization"],
+                                target_size=size, levels=levels, init_from=quant_dir)
+                continued = search(ns, f"quantization-{bits}-continued", compression="quantization", target=bits,
+                                   levels=levels, fused_groups=False, init_from=quant_dir)
             dense_ppl = quant["results"]["dense"]["perplexity"]
             label = f"{bits:g} bits = {size / 1e6:.2f} MB"
             table += rows(joint, label, True)
-            table += [(label, f"seeded {n}", ppl, kl, b) for _, n, ppl, kl, b in rows(seeded, label, True)
-                      if n in ("evopress", "init_from")]
+            if ns.controls:
+                table += [(label, f"seeded {n}", ppl, kl, b) for _, n, ppl, kl, b in rows(seeded, label, True)
+                          if n in ("evopress", "init_from")]
             table += [(label, f"quantization-only {n}", ppl, kl, b) for _, n, ppl, kl, b in rows(quant, label, True)]
-            table += [(label, "quantization-only evopress, continued", ppl, kl, b)
-                      for _, n, ppl, kl, b in rows(continued, label, True) if n == "evopress"]
+            if ns.controls:
+                table += [(label, "quantization-only evopress, continued", ppl, kl, b)
+                          for _, n, ppl, kl, b in rows(continued, label, True) if n == "evopress"]
             notes.append(size_notes(ns.model, size, label))
         elif budget.endswith("x"):
             speedup = float(budget[:-1])
@@ -222,6 +229,8 @@ def main(argv=None) -> int:
                 table += [(label, f"quantization-only {n}", ppl, kl, b) for _, n, ppl, kl, b in
                           rows(quant, label, False)]
                 speed_folders[f"{label}: quantization-only"] = quant["saved_model"]["path"]
+            if not ns.controls:
+                continue
             # equal search work: the joint search seeded with the best single-kind result, against
             # that single-kind search continued from its own result for the same generations
             singles = {"depth": (depth, {"target": fraction})}

@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 
 def _final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
-    out = model.base_model(input_ids=input_ids, use_cache=False)
+    """The last hidden state of ``input_ids`` (moved to the device of the model's embeddings)."""
+    out = model.base_model(input_ids=input_ids.to(model.get_input_embeddings().weight.device), use_cache=False)
     return out.last_hidden_state
 
 
@@ -140,15 +141,17 @@ class TeacherCache:
             return None
 
     def kl(self, window: int, rows: slice, student_logits: torch.Tensor) -> torch.Tensor:
-        """Sum over ``rows`` of KL(teacher || student) for one window."""
+        """Sum over ``rows`` of KL(teacher || student) for one window, on the student's device (the
+        cache stays in host memory; one window's rows are moved)."""
         lq = F.log_softmax(student_logits.float(), dim=-1)
+        device = lq.device
         if self.mode == "full":
-            lp = self.values[window, rows].float()
+            lp = self.values[window, rows].to(device).float()
             return (lp.exp() * (lp - lq)).sum()
-        lp = self.values[window, rows]
-        lq_top = lq.gather(-1, self.indices[window, rows].long())
+        lp = self.values[window, rows].to(device)
+        lq_top = lq.gather(-1, self.indices[window, rows].to(device).long())
         kl_top = (lp.exp() * (lp - lq_top)).sum(-1)
-        rest_p = self.rest[window, rows]
+        rest_p = self.rest[window, rows].to(device)
         rest_q = torch.log1p(-lq_top.exp().sum(-1).clamp(max=1 - 1e-7))
         return (kl_top + rest_p.exp() * (rest_p - rest_q)).sum()
 
@@ -182,7 +185,7 @@ def evaluate(model, windows: torch.Tensor, teacher: TeacherCache | None = None, 
             logits = logits_from_hidden(model, hidden[sl])
             if teacher is not None:
                 kl += float(teacher.kl(i, sl, logits))
-            targets = ids[sl.start + 1 : sl.stop + 1]
+            targets = ids[sl.start + 1 : sl.stop + 1].to(logits.device)
             logits = logits[: targets.numel()]
             nll += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
             count += targets.numel()

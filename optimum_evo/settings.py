@@ -233,7 +233,8 @@ class SearchArguments:
     top_k: Annotated[int, Option("calibration")] = _setting(512, "K of the top-K KL")
     search_dtype: Annotated[Literal["auto", "float32", "bfloat16"], Option(
         "calibration", choices=("auto", "float32", "bfloat16"))] = _setting(
-        "auto", "dtype of the model scored during the search (auto: the faster one on this machine)")
+        "auto", "dtype of the model scored during the search (auto: on a CPU the faster of float32 and bfloat16 "
+        "on this machine; on an accelerator the model's own dtype, so no copy is made)")
     reuse_prefix: Annotated[bool, Option("calibration", negate="--no-prefix-reuse")] = _setting(
         True, "reuse the parent's activations of the unchanged prefix of a child")
     prefix_cache_size: Annotated[Optional[str], Option("calibration", record=False)] = _setting(

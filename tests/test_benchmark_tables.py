@@ -151,10 +151,12 @@ def test_peer_page_keeps_the_rows_a_run_does_not_remake(tmp_path):
     assert doc.read_text() == text  # idempotent
 
 
-def test_preset_curves_snapshot_each_schedule_at_its_token_budgets(tmp_path):
+def test_preset_curves_snapshot_each_schedule_at_its_token_budgets(tmp_path, monkeypatch):
     """benchmarks/presets.py on a tiny model: each schedule's parent is taken once the candidate-tokens
     first reach each budget (never before), evaluated, tabled and plotted; a rerun reuses them."""
     from conftest import save_tiny_llama
+
+    monkeypatch.setenv("OPTIMUM_EVO_CACHE", str(tmp_path / "cache"))  # its level databases, not the user's cache
 
     presets = _benchmark("presets")
     model = save_tiny_llama(tmp_path / "tiny", 32, 64, 4, scale=6.0)
@@ -163,6 +165,7 @@ def test_preset_curves_snapshot_each_schedule_at_its_token_budgets(tmp_path):
             "--schedules", "one=4:1@64,1@128", "two=8:2@64,1@128", "--tokens", "1k,3k", "--num-samples", "6",
             "--seq-len", "32", "--eval-windows", "1", "--threads", "1", "--output", str(out), "--doc", str(doc)]
     assert presets.main(argv) == 0
+    assert list((tmp_path / "cache" / "databases").glob("quantization-*"))  # built under $OPTIMUM_EVO_CACHE
     records = {p.stem: json.loads(p.read_text()) for p in (out / "tiny" / "quantization-3").glob("*.json")}
     assert set(records) >= {"one", "two"}
     for name in ("one", "two"):
@@ -194,3 +197,41 @@ def test_preset_curves_snapshot_each_schedule_at_its_token_budgets(tmp_path):
     assert presets.main(other) == 0
     three = json.loads((out / "tiny" / "quantization-3" / "three.json").read_text())
     assert sorted(three["snapshots"], key=int) == ["1000", "3000", "4000"] and three["snapshots"]["4000"]["tokens"] >= 4000
+
+
+def test_all_kinds_page_summarises_each_target_against_its_best_baseline(tmp_path):
+    """benchmarks/all_kinds.py: one section per finished run in the order asked, a summary line per
+    target with the best baseline and the ratio, the reading below the tables kept, bad runs refused."""
+    import argparse
+
+    kinds = _benchmark("all_kinds")
+    with pytest.raises(argparse.ArgumentTypeError, match="KIND:TARGET"):
+        kinds.parse_run("width:0.5")
+    root, doc = tmp_path / "out", tmp_path / "page.md"
+    timings = {"search_seconds": 10, "teacher_seconds": 2, "baseline_seconds": 1, "random_baseline_seconds": 1}
+    common = {"search": {"generations": 3, "tokens": 1e5}, "timings": timings,
+              "arguments": {"num_samples": 8, "seq_len": 512, "dataset": "brown", "preset": "fast", "eval_windows": 4,
+                            "eval_seq_len": 512, "eval_dtype": "float32"}}
+    runs = {("depth", 0.25): {"dense": {"perplexity": 20.0}, "evopress": {"perplexity": 40.0, "dropped_sub_blocks": 2,
+                                                                         "dropped_attention": [1], "dropped_mlp": [0]},
+                              "shortgpt": {"perplexity": 50.0, "dropped_sub_blocks": 2}},
+            ("quantization", 3.0): {"dense": {"perplexity": 20.0},
+                                    "evopress": {"perplexity": 30.0, "average_bits": 3.0, "effective_bits": 3.16},
+                                    "uniform": {"perplexity": 27.0, "average_bits": 3.0, "effective_bits": 3.16},
+                                    "dp": {"perplexity": 33.0, "average_bits": 3.0, "effective_bits": 3.16}}}
+    for (kind, target), results in runs.items():
+        out = root / kinds.run_name(kind, target)
+        out.mkdir(parents=True)
+        (out / "result.json").write_text(json.dumps({**common, "results": results}))
+    asked = [("quantization", 3.0), ("sparsity", 0.7), ("depth", 0.25)]  # 0.7 not run yet: no line
+    kinds.write_doc(doc, "gemma3", root, asked)
+    doc.write_text(doc.read_text() + "## Reading\n\nKept.\n")
+    kinds.write_doc(doc, "gemma3", root, asked)
+    text = doc.read_text()
+    assert text.startswith("# Gemma-3-270M: depth, sparsity and bit widths") and text.endswith("## Reading\n\nKept.\n")
+    assert "| 3 bits | **30.00** | uniform | 27.00 | 1.111 | uniform 27.00, dp 33.00 |" in text
+    assert "| depth 25% of sub-blocks | **40.00** | shortgpt | 50.00 | 0.800 | shortgpt 50.00 |" in text
+    assert "sparsity 70%" not in text
+    sections = [line for line in text.splitlines() if line.startswith("### ")]
+    assert sections == ["### 3 bits", "### depth 25% of sub-blocks"]
+    assert "| evopress | **30.00** | 0.0000 | 3.00 (3.16 eff.) |" in text and "[1] attn, [0] MLP dropped" in text

@@ -265,8 +265,8 @@ def test_depth_with_sub_block_drops_reloads_them(tiny_dir, tmp_path):
 
 
 def test_packed_layers_with_bias_and_bfloat16(tmp_path):
-    """Qwen2 (q/k/v biases) loaded in bfloat16: the search runs on a float32 copy, the bfloat16 model
-    gets packed layers computing in bfloat16 with float16 scales, and reloads identically."""
+    """Qwen2 (q/k/v biases) loaded in bfloat16 and searched in float32 (search_dtype): the bfloat16
+    model gets packed layers computing in bfloat16 with float16 scales, and reloads identically."""
     path = save_tiny(tmp_path / "qwen2", arch="qwen2")
     cfg = tiny_config("quantization", tmp_path, eval_windows=0)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, dtype=torch.bfloat16)
@@ -284,6 +284,56 @@ def test_packed_layers_with_bias_and_bfloat16(tmp_path):
     assert (logits(f32) - logits(model)).abs().max() < 0.1 * logits(f32).abs().max()
 
 
+def test_search_on_load_scores_the_users_model_itself(tiny_dir, tmp_path, monkeypatch):
+    """A bfloat16 model searched in bfloat16: no second copy of the model is loaded or made (the
+    teacher cache, the objective, the level database and the evaluation all run on the user's
+    model, in its dtype), and the result is evaluated in that dtype."""
+    import copy
+
+    import optimum_evo.loading
+    from torch import nn
+
+    deepcopy = copy.deepcopy
+
+    def no_model_copies(obj, *args, **kwargs):
+        assert not isinstance(obj, nn.Module), "the search made a copy of the model"
+        return deepcopy(obj, *args, **kwargs)
+
+    def no_loads(*args, **kwargs):
+        raise AssertionError("the search loaded a second copy of the model")
+
+    monkeypatch.setattr(optimum_evo.loading, "load_model", no_loads)
+    monkeypatch.setattr(copy, "deepcopy", no_model_copies)
+    cfg = tiny_config("quantization", tmp_path, search_dtype="bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=cfg, dtype=torch.bfloat16)
+    assert isinstance(model.model.layers[0].mlp.up_proj, EvoPressQuantLinear) and model.dtype == torch.bfloat16
+    metrics = model.config.quantization_config.metrics
+    assert metrics["search"]["search_dtype"] == "bfloat16" and metrics["evaluation"]["dtype"] == "bfloat16"
+    assert metrics["evaluation"]["evopress"]["perplexity"] > 1
+
+
+def test_auto_search_dtype_is_the_models_own_on_an_accelerator(monkeypatch):
+    """search_dtype="auto" on a model on an accelerator takes the model's dtype (no copy, no CPU
+    timing); on the CPU it times float32 against bfloat16."""
+    from types import SimpleNamespace
+
+    from optimum_evo.pipeline import stages
+
+    def timed():
+        raise AssertionError("timed the CPU's dtypes for a model on an accelerator")
+
+    monkeypatch.setattr(stages, "fastest_dtype", timed)
+    on = SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device("cuda", 0))]),
+                         dtype=torch.float16)
+    ctx = SimpleNamespace(args=SimpleNamespace(search_dtype="auto"), model=on, search_dtype=None)
+    assert stages.local_search_dtype(ctx) == torch.float16
+    monkeypatch.setattr(stages, "fastest_dtype", lambda: torch.bfloat16)
+    cpu = SimpleNamespace(args=SimpleNamespace(search_dtype="auto"), model=torch.nn.Linear(2, 2), search_dtype=None)
+    assert stages.local_search_dtype(cpu) == torch.bfloat16
+    pinned = SimpleNamespace(args=SimpleNamespace(search_dtype="float32"), model=on, search_dtype=None)
+    assert stages.local_search_dtype(pinned) == torch.float32
+
+
 @pytest.mark.parametrize("device_map", ["cpu", "auto", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU"))])
 def test_reload_with_device_map(compressed, device_map):
@@ -296,13 +346,20 @@ def test_reload_with_device_map(compressed, device_map):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_search_on_load_with_cuda_model(tiny_dir, tmp_path):
-    cfg = tiny_config("quantization", tmp_path, eval_windows=0)
+@pytest.mark.parametrize("kind", ["depth", "sparsity", "quantization"])
+def test_search_on_load_with_cuda_model(tiny_dir, tmp_path, kind):
+    """The whole run on the GPU, in the model's dtype: search_dtype="auto" takes bfloat16 there, the
+    evaluation runs on the model, nothing moves to the CPU."""
+    cfg = tiny_config(kind, tmp_path, search_dtype="auto", lora_correction=2 if kind != "depth" else 0)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=cfg, device_map="cuda",
                                                  dtype=torch.bfloat16)
-    assert model.model.layers[0].mlp.up_proj.qweight.device.type == "cuda"
+    metrics = model.config.quantization_config.metrics
+    assert metrics["search"]["search_dtype"] == "bfloat16" and metrics["evaluation"]["dtype"] == "bfloat16"
+    assert all(p.device.type == "cuda" for p in model.parameters())
     model.save_pretrained(tmp_path / "saved")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", device_map="cuda", dtype=torch.bfloat16)
+    if cfg.lora_correction:
+        return  # the adapter is saved beside the model (its reload is tested on the CPU)
     assert torch.equal(logits(reloaded), logits(model))
 
 

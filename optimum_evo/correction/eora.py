@@ -200,11 +200,14 @@ class _Stats:
     (float32 products per window, float64 sums)."""
 
     def __init__(self, n: int, cross: bool):
-        self.H = torch.zeros(n, n, dtype=torch.float64)
-        self.G = torch.zeros(n, n, dtype=torch.float64) if cross else None
+        self.n, self.cross = n, cross
+        self.H = self.G = None  # created on the device of the first inputs
         self.rows = 0
 
     def add(self, xc: torch.Tensor, xd: torch.Tensor | None = None):
+        if self.H is None:
+            self.H = torch.zeros(self.n, self.n, dtype=torch.float64, device=xc.device)
+            self.G = torch.zeros_like(self.H) if self.cross else None
         xc = xc.reshape(-1, xc.shape[-1]).float()
         self.H += (xc.t() @ xc).double()
         if self.G is not None:
@@ -419,8 +422,8 @@ def _compressed_input_adapters(compressed, dense, windows, layout, ranks, adapte
                 for w in range(len(bc.inputs)):
                     st.add(_stage_input(bc, w, cl[stage[0]]), _stage_input(bd, w, dl[stage[0]]))
             # unconstrained least squares M* = W G H^-1 - W_c (same damping as the whitening), then rank-r
-            H = st.H + damp * float(torch.diagonal(st.H).mean().clamp(min=1e-12)) * torch.eye(st.H.shape[0],
-                                                                                              dtype=st.H.dtype)
+            H = st.H + damp * float(torch.diagonal(st.H).mean().clamp(min=1e-12)) * torch.eye(
+                st.H.shape[0], dtype=st.H.dtype, device=st.H.device)
             for n in stage:
                 W = dl[n].weight.detach().double()
                 target = (torch.linalg.solve(H, (W @ st.G).t()).t() - compressed_weight(cl[n]).double()).float()

@@ -57,10 +57,16 @@ def fastest_dtype(size: int = 768, repeats: int = 6) -> torch.dtype:
 
 
 def local_search_dtype(ctx: RunContext) -> torch.dtype:
-    """This process's search dtype: ``args.search_dtype``, or for ``"auto"`` `fastest_dtype` (timed once
-    per run; the memory check and the search use the same answer)."""
+    """This process's search dtype: ``args.search_dtype``; for ``"auto"``, on an accelerator (cuda, xpu,
+    mps...) the model's own dtype (the search scores the model itself, no copy), on a CPU
+    `fastest_dtype` (timed once per run; the memory check and the search use the same answer)."""
     if ctx.search_dtype is None:
-        ctx.search_dtype = fastest_dtype() if ctx.args.search_dtype == "auto" else DTYPES[ctx.args.search_dtype]
+        if ctx.args.search_dtype != "auto":
+            ctx.search_dtype = DTYPES[ctx.args.search_dtype]
+        elif ctx.model is not None and next(ctx.model.parameters()).device.type not in ("cpu", "meta"):
+            ctx.search_dtype = ctx.model.dtype
+        else:
+            ctx.search_dtype = fastest_dtype()
     return ctx.search_dtype
 
 

@@ -115,30 +115,23 @@ class EvoPressHfQuantizer(HfQuantizer):
         return True  # adapters (LoRA) train on top of the compressed modules
 
 
-def _is_plain_cpu_float32(model) -> bool:
-    if any(hasattr(m, "_hf_hook") for m in model.modules()):
-        return False
-    return all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
-
-
 @torch.no_grad()
 def compress_on_load(model, config: EvoPressConfig) -> None:
     """Run the search for ``model`` (just loaded, dense) and compress it in place; fill
     ``config.profile`` and ``config.metrics``. With ``config.lora_correction``, the correction
-    adapter is then computed and attached through transformers' PEFT integration."""
-    from ...loading import load_model, load_tokenizer
+    adapter is then computed and attached through transformers' PEFT integration.
+
+    The search runs where the model is, in its dtype: the teacher cache, the KL objective, the level
+    database and the evaluation run on the model's device (float32 only for the reductions and the
+    Hessian algebra). On a CPU, ``search_dtype="auto"`` may score a copy in the faster of float32 and
+    bfloat16; the memory estimate printed before the run lists it."""
+    from ...loading import load_tokenizer
     from ...pipeline import compress
 
     path = model.name_or_path
     if not path:
         raise EvoPressConfigError("EvoPress needs the model's checkpoint path (model.name_or_path) to calibrate.")
-    work = None
-    if not _is_plain_cpu_float32(model):
-        # the search runs in float32 on the CPU; the user's model may be bfloat16 or on a GPU
-        logger.info("EvoPress searches in float32 on the CPU: loading a float32 copy of %s.", path)
-        work = load_model(path, torch.float32)
-    ctx = compress(config.search_arguments(model=path), model, load_tokenizer(config.tokenizer or path), path,
-                   search_model=work)
+    ctx = compress(config.search_arguments(model=path), model, load_tokenizer(config.tokenizer or path), path)
     config.profile = ctx.record["profile"]
     config.metrics = ctx.record["metrics"]
 
