@@ -368,3 +368,57 @@ def test_a_run_inspects_the_decoder_layout_once_per_model(monkeypatch, tmp_path,
                            top_k=8, search_dtype="float32", database_dir=str(tmp_path / "db"), progress=False)
     compress(args, model, char_tokenizer(), "tiny")
     assert calls and len(calls) == len(set(calls)), "a model's decoder layout was inspected more than once"
+
+
+# Places that put a tensor in host memory on purpose, by (module, function): the reason is the rule.
+HOST_ON_PURPOSE = {
+    ("optimum_evo.fitness", "_keep"): "the prefix cache spills past its device budget to host memory",
+    ("optimum_evo.pipeline.memory", "prefix_cache_budget"): "the spill budget is host memory",
+    ("optimum_evo.compressors.offload", "__init__"): "a model with no resident weights runs on the CPU",
+}
+
+
+def device_violations(path: Path, allowed: dict = HOST_ON_PURPOSE) -> list:
+    """``.numpy()`` on anything but a ``.cpu()`` result (fails on a GPU tensor), and a ``"cpu"`` device
+    written into code (``.to("cpu")``, ``device="cpu"``, ``torch.device("cpu")``) outside the functions
+    of `HOST_ON_PURPOSE`: ``(module, function, line, what)``."""
+    name = module_name(path) if path.is_relative_to(PACKAGE) else path.stem
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = []
+
+    def visit(node, function):
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+            if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute):
+                receiver = child.func.value
+                if child.func.attr == "numpy" and not (isinstance(receiver, ast.Call) and isinstance(
+                        receiver.func, ast.Attribute) and receiver.func.attr == "cpu"):
+                    found.append((name, inner, child.lineno, ".numpy() without .cpu()"))
+            if isinstance(child, ast.Call):
+                values = list(child.args) + [k.value for k in child.keywords if k.arg == "device"]
+                is_to = isinstance(child.func, ast.Attribute) and child.func.attr in ("to", "device")
+                for v in values if is_to else [k.value for k in child.keywords if k.arg == "device"]:
+                    if isinstance(v, ast.Constant) and v.value == "cpu" and (name, inner) not in allowed:
+                        found.append((name, inner, child.lineno, 'a "cpu" device in code'))
+            visit(child, inner)
+
+    visit(tree, None)
+    return found
+
+
+def test_core_code_follows_the_models_device():
+    """Device-agnostic code: no tensor is read into numpy without leaving its device first, and no
+    tensor is put on the CPU except where host memory is the point (`HOST_ON_PURPOSE`)."""
+    bad = [v for name, path in modules().items() if not name.startswith("optimum_evo.compressors.kernels")
+           for v in device_violations(path)]
+    assert not bad, "\n".join(f"{m}.{f} line {n}: {w}" for m, f, n, w in bad)
+    hits = {(m, f) for path in modules().values() for m, f, _, _ in device_violations(path, allowed={})}
+    assert not set(HOST_ON_PURPOSE) - hits, f"HOST_ON_PURPOSE names places that no longer use the CPU: " \
+        f"{sorted(set(HOST_ON_PURPOSE) - hits)}"
+
+
+def test_the_device_check_catches_numpy_and_cpu(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f(t):\n    a = t.numpy()\n    b = t.cpu().numpy()\n    return t.to('cpu'), t.new_zeros(1, device='cpu')\n")
+    assert [(line, what) for _, _, line, what in device_violations(bad)] == [
+        (2, ".numpy() without .cpu()"), (4, 'a "cpu" device in code'), (4, 'a "cpu" device in code')]

@@ -371,11 +371,11 @@ def _sweep(weight, H, types, damp, block_size, fit_iters) -> list:
 # ============================================================================ ggml byte layouts
 def _f16_bytes(x: torch.Tensor) -> np.ndarray:
     """float16 values as little-endian bytes, ``[..., 2]``."""
-    return x.to(torch.float16).contiguous().numpy().view(np.uint8).reshape(*x.shape, 2)
+    return x.to(torch.float16).contiguous().cpu().numpy().view(np.uint8).reshape(*x.shape, 2)
 
 
 def _u8(x) -> np.ndarray:
-    return (x.numpy() if isinstance(x, torch.Tensor) else x).astype(np.uint8)
+    return (x.cpu().numpy() if isinstance(x, torch.Tensor) else x).astype(np.uint8)
 
 
 def _k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -403,7 +403,7 @@ def pack(q: GGUFWeight) -> torch.Tensor:
     t = get_type(q.qtype)
     rows, cols = q.codes.shape
     nb = cols // t.block
-    codes = q.codes.numpy().astype(np.int64).reshape(rows, nb, t.block)
+    codes = q.codes.cpu().numpy().astype(np.int64).reshape(rows, nb, t.block)
     f = q.fields
     if t.block == 32:
         unsigned = codes  # index into the values: the stored code for every legacy type but Q8_0
@@ -430,9 +430,9 @@ def pack(q: GGUFWeight) -> torch.Tensor:
         halves = codes.reshape(rows, nb, 2, 2, 64)  # [.., half, low/high 64, 64]
         ql = (halves[..., 0, :] & 15) | ((halves[..., 1, :] & 15) << 4)
         parts = [ql.reshape(rows, nb, 128).astype(np.uint8), _planes(codes >> 4, 2),
-                 _u8(f["sc"].to(torch.int8).numpy().view(np.uint8)), _f16_bytes(f["d"])]
+                 _u8(f["sc"].to(torch.int8).cpu().numpy().view(np.uint8)), _f16_bytes(f["d"])]
     elif t.name == "Q3_K":
-        raw = _u8(f["sc"].numpy() + 32)  # 16 six-bit scales
+        raw = _u8(f["sc"].cpu().numpy() + 32)  # 16 six-bit scales
         scales = np.zeros((rows, nb, 12), dtype=np.uint8)
         scales[..., :8] = (raw[..., :8] & 15) | ((raw[..., 8:] & 15) << 4)
         for k in range(16):

@@ -77,19 +77,19 @@ def _blocks(values: torch.Tensor) -> torch.Tensor:
 
 def _half_bytes(x: torch.Tensor) -> np.ndarray:
     """float16 values as their little-endian bytes, ``[..., 2]``."""
-    return x.to(torch.float16).contiguous().numpy().view(np.uint8).reshape(*x.shape, 2)
+    return x.to(torch.float16).contiguous().cpu().numpy().view(np.uint8).reshape(*x.shape, 2)
 
 
 def _nibbles(q: torch.Tensor) -> np.ndarray:
     """ggml's 4-bit layout: byte ``j`` of a block holds element ``j`` (low) and ``j + 16`` (high)."""
     q = q.to(torch.uint8)
-    return (q[..., :16] | (q[..., 16:] << 4)).numpy()
+    return (q[..., :16] | (q[..., 16:] << 4)).cpu().numpy()
 
 
 def _high_bits(q: torch.Tensor) -> np.ndarray:
     """ggml's 5-bit high-bit word: bit ``j`` of a little-endian uint32 is bit 4 of element ``j``."""
     bits = ((q.to(torch.int64) >> 4) & 1) << torch.arange(32)
-    return bits.sum(-1).to(torch.int64).numpy().astype("<u4").view(np.uint8).reshape(*q.shape[:-1], 4)
+    return bits.sum(-1).to(torch.int64).cpu().numpy().astype("<u4").view(np.uint8).reshape(*q.shape[:-1], 4)
 
 
 def pack_blocks(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, qtype: str) -> np.ndarray:
@@ -104,7 +104,7 @@ def pack_blocks(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, qt
     if qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
         parts.append(_nibbles(q & 0x0F))
     elif qtype == "Q8_0":
-        parts.append((q.to(torch.int16) - 128).to(torch.int8).numpy().view(np.uint8))
+        parts.append((q.to(torch.int16) - 128).to(torch.int8).cpu().numpy().view(np.uint8))
     else:
         raise ValueError(f"pack_blocks does not write {qtype}.")
     out = np.concatenate([p.reshape(*q.shape[:2], -1) for p in parts], axis=-1)
@@ -139,12 +139,12 @@ def _torch_dtype_array(t: torch.Tensor, qtype: str) -> tuple:
 
     t = t.detach().float().cpu()
     if qtype == "F32":
-        return t.numpy(), None, "F32"
+        return t.cpu().numpy(), None, "F32"
     if qtype == "F16" or (qtype == "Q8_0" and (t.dim() != 2 or t.shape[-1] % 32)):
-        return t.to(torch.float16).numpy(), None, "F16"
+        return t.to(torch.float16).cpu().numpy(), None, "F16"
     if qtype in ("BF16", "Q8_0"):
         kind = getattr(gguf.GGMLQuantizationType, qtype)
-        return gguf.quants.quantize(t.numpy(), kind), kind, qtype
+        return gguf.quants.quantize(t.cpu().numpy(), kind), kind, qtype
     raise ValueError(qtype)
 
 
@@ -514,7 +514,7 @@ def export_gguf(model, save_dir, tokenizer=None, dense_type: str = "F16", fallba
         types[qtype] += 1
         if layer.bias is not None:
             bias = layer.bias.detach()
-            writer.add_tensor(target(f"{module}.bias"), (bias[order] if order is not None else bias).float().numpy())
+            writer.add_tensor(target(f"{module}.bias"), (bias[order] if order is not None else bias).float().cpu().numpy())
             types["F32"] += 1
     for module, layer in sorted(contents.gguf.items()):  # GGUF-type levels: their bytes, as the search scored them
         order = rows_order(module, layer.out_features)
@@ -525,7 +525,7 @@ def export_gguf(model, save_dir, tokenizer=None, dense_type: str = "F16", fallba
         types[layer.qtype] += 1
         if layer.bias is not None:
             bias = layer.bias.detach()
-            writer.add_tensor(target(f"{module}.bias"), (bias[order] if order is not None else bias).float().numpy())
+            writer.add_tensor(target(f"{module}.bias"), (bias[order] if order is not None else bias).float().cpu().numpy())
             types["F32"] += 1
     stand_ins = _partial_drop_stand_ins(writer, kept, int(config.hidden_size)) if contents.dropped else 0
     main = Counter({k: v for k, v in types.items() if k not in ("F32",)}).most_common(1)
