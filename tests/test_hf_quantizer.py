@@ -334,6 +334,57 @@ def test_auto_search_dtype_is_the_models_own_on_an_accelerator(monkeypatch):
     assert stages.local_search_dtype(pinned) == torch.float32
 
 
+def test_search_on_load_through_accelerate_hooks_equals_the_plain_search(compressed, tiny_dir, tmp_path):
+    """A model dispatched by accelerate (the hooks of a multi-device map, here all on the CPU) is searched
+    as it is: the same profile and the same compressed logits as the plain model."""
+    from accelerate import dispatch_model
+
+    from optimum_evo.integrations.transformers.quantizer import compress_on_load
+
+    import copy
+
+    plain, _, cfg = compressed("quantization")
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    blocks = {f"model.layers.{i}": "cpu" for i in range(model.config.num_hidden_layers)}
+    dispatch_model(model, device_map={"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu",
+                                      "lm_head": "cpu", **blocks}, force_hooks=True)
+    assert hasattr(model.model.layers[1], "_hf_hook")
+    hooked = copy.copy(cfg)  # the same settings (and level database)
+    compress_on_load(model, hooked)
+    assert hooked.profile == plain.config.quantization_config.profile
+    assert torch.equal(logits(model), logits(plain))
+
+
+def test_offloaded_models_are_refused_when_compressing_on_load(tiny_dir, tmp_path):
+    """Offloaded weights (meta tensors behind accelerate's hooks) cannot take the search's levels: a map
+    that offloads to the CPU or disk is refused before loading, an offloaded model before searching;
+    a map over several accelerators is accepted."""
+    from accelerate import cpu_offload
+
+    from optimum_evo.integrations.transformers.quantizer import EvoPressHfQuantizer, compress_on_load
+
+    quantizer = EvoPressHfQuantizer(tiny_config("depth", tmp_path), pre_quantized=False)
+    quantizer.validate_environment(device_map={"model.layers.0": 0, "model.layers.1": 1})
+    with pytest.raises(ValueError, match="offloaded to the CPU .* max_memory"):
+        quantizer.validate_environment(device_map={"model.layers.0": 0, "model.layers.1": "cpu"})
+    with pytest.raises(ValueError, match="disk"):
+        quantizer.validate_environment(device_map={"model.layers.0": 0, "model.layers.1": "disk"})
+    model = cpu_offload(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), torch.device("cpu"))
+    with pytest.raises(ValueError, match="weights are offloaded .* meta tensors"):
+        compress_on_load(model, tiny_config("depth", tmp_path))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_search_on_load_spread_over_two_gpus(tiny_dir, tmp_path):
+    blocks = {f"model.layers.{i}": i // 2 for i in range(4)}
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 1, "model.norm": 1, "lm_head": 1, **blocks}
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=tiny_config("quantization", tmp_path),
+                                                 device_map=device_map, dtype=torch.bfloat16)
+    assert model.model.layers[3].mlp.up_proj.qweight.device == torch.device("cuda", 1)
+    assert model.config.quantization_config.metrics["evaluation"]["evopress"]["perplexity"] > 1
+    assert torch.isfinite(logits(model)).all()
+
+
 @pytest.mark.parametrize("device_map", ["cpu", "auto", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU"))])
 def test_reload_with_device_map(compressed, device_map):
