@@ -313,6 +313,32 @@ def test_init_from_seeds_a_joint_search_with_a_single_kind_result(tiny_dir, tmp_
     assert report["search"]["fitness"] <= seed_score + 1e-12
 
 
+def test_init_from_seeds_a_joint_search_with_a_depth_result(tiny_dir, tmp_path):
+    """A depth-only result seeds a joint search: its drops stay dropped, their linears off (level 0),
+    the kept linears filled to the budget."""
+    depth = tmp_path / "depth"
+    proc = run_cli(*common(tiny_dir, depth, "--compression", "depth", "--target", 0.25, "--eval-windows", 0))
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads((depth / "result.json").read_text())
+    joint = tmp_path / "joint"
+    proc = run_cli(*common(tiny_dir, joint, "--compression", "depth,quantization", "--target-size", 0.97,
+                           "--init-from", depth, "--eval-windows", 0, "--no-save-model"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((joint / "result.json").read_text())
+    from optimum_evo.loading import load_model
+    from optimum_evo.methods import get_method
+
+    space = get_method("depth+quantization").space_from_report(load_model(str(tiny_dir), torch.float32), report)
+    seed = tuple(report["initial_candidates"]["init_from"])
+    profile = space.profile(seed)
+    dropped = {f"model.layers.{i}.self_attn" for i in d["profile"]["dropped_attention"]} | \
+        {f"model.layers.{i}.mlp" for i in d["profile"]["dropped_mlp"]}
+    assert dropped and {n for n, u in profile.items() if u["kind"] == "depth" and u["level"] == "dropped"} == dropped
+    ls = space.level_space
+    assert all(seed[u] == 0 for u, p in enumerate(ls.parents) if p >= 0 and ls.unit_names[p] in dropped)
+    assert space.costs.size_bytes(seed) <= report["baseline_settings"]["budget"]["value"]
+
+
 def test_init_from_continues_a_search_and_refuses_what_does_not_fit(tiny_dir, tmp_path):
     first = tmp_path / "first"
     assert run_cli(*common(tiny_dir, first, "--compression", "quantization", "--target", 3, "--eval-windows", 0, "--no-save-model")).returncode == 0

@@ -773,6 +773,9 @@ class JointMethod(CompressionMethod):
                 raise ValueError(f"init_from: {name} has no level {key[1]!r} of {key[0]} in this run (its levels: "
                                  f"{[lv for _, lv in space.options[j]]}); search with the report's levels.")
             cand[u] = space.costs.stand_ins[j][key]  # the level itself, or the best one no costlier
+        for u, parent in enumerate(ls.parents):  # the linears of a dropped sub-block are off
+            if parent >= 0 and cand[parent] == 0:
+                cand[u] = 0
         rng = random.Random(run.args.seed + 7)
         return tuple(ls.fill(cand, rng))
 
