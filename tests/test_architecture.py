@@ -375,13 +375,26 @@ HOST_ON_PURPOSE = {
     ("optimum_evo.fitness", "_keep"): "the prefix cache spills past its device budget to host memory",
     ("optimum_evo.pipeline.memory", "prefix_cache_budget"): "the spill budget is host memory",
     ("optimum_evo.compressors.offload", "__init__"): "a model with no resident weights runs on the CPU",
+    ("optimum_evo.fitness", "build"): "the teacher cache lives in host memory; a window's rows move when scored",
+    ("optimum_evo.data", "calibration_windows"): "token windows are made on the host; each moves when it runs",
+    ("optimum_evo.correction.train", "__getitem__"): "Trainer makes its batches on the host and moves them",
+    ("optimum_evo.methods.sparsity", "owl_candidate"): "per-layer outlier scores, a few numbers",
+    ("optimum_evo.methods.joint", "_decode_ns_each"): "latency tables time the CPU kernels of the target machine",
+    ("optimum_evo.methods.joint", "_linear_runner"): "latency tables time the CPU kernels of the target machine",
+    ("optimum_evo.pipeline.stages", "fastest_dtype"): "it times the CPU's matrix products",
+    ("optimum_evo.compressors.packed_linear", "from_linear"): "round-to-nearest on the host, then the layer moves",
+    ("optimum_evo.exporters.compressed_tensors", "export_compressed_tensors"): "the shape tensor is file metadata",
+    ("optimum_evo.exporters.gguf", "llama_permute"): "a row order (an index), valid on any device",
 }
+FACTORIES = {"zeros", "ones", "empty", "full", "arange", "eye", "rand", "randn", "randint", "tensor", "linspace"}
 
 
 def device_violations(path: Path, allowed: dict = HOST_ON_PURPOSE) -> list:
-    """``.numpy()`` on anything but a ``.cpu()`` result (fails on a GPU tensor), and a ``"cpu"`` device
-    written into code (``.to("cpu")``, ``device="cpu"``, ``torch.device("cpu")``) outside the functions
-    of `HOST_ON_PURPOSE`: ``(module, function, line, what)``."""
+    """``.numpy()`` on anything but a ``.cpu()`` result (fails on a GPU tensor), a ``"cpu"`` device
+    written into code (``.to("cpu")``, ``device="cpu"``, ``torch.device("cpu")``), and a tensor made
+    by a ``torch`` factory without ``device=`` (it lands on the CPU, whatever the model's device;
+    empty probes such as ``torch.empty(0)`` / ``torch.zeros(())`` aside) outside the functions of
+    `HOST_ON_PURPOSE`: ``(module, function, line, what)``."""
     name = module_name(path) if path.is_relative_to(PACKAGE) else path.stem
     tree = ast.parse(path.read_text(encoding="utf-8"))
     found = []
@@ -400,6 +413,13 @@ def device_violations(path: Path, allowed: dict = HOST_ON_PURPOSE) -> list:
                 for v in values if is_to else [k.value for k in child.keywords if k.arg == "device"]:
                     if isinstance(v, ast.Constant) and v.value == "cpu" and (name, inner) not in allowed:
                         found.append((name, inner, child.lineno, 'a "cpu" device in code'))
+            if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute) and isinstance(
+                    child.func.value, ast.Name) and child.func.value.id == "torch" and child.func.attr in FACTORIES:
+                first = child.args[0] if child.args else None
+                probe = child.func.attr in ("zeros", "ones", "empty") and (
+                    isinstance(first, ast.Tuple) and not first.elts or isinstance(first, ast.Constant) and first.value == 0)
+                if not probe and not any(k.arg == "device" for k in child.keywords) and (name, inner) not in allowed:
+                    found.append((name, inner, child.lineno, f"torch.{child.func.attr} without device="))
             visit(child, inner)
 
     visit(tree, None)
@@ -419,6 +439,8 @@ def test_core_code_follows_the_models_device():
 
 def test_the_device_check_catches_numpy_and_cpu(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("def f(t):\n    a = t.numpy()\n    b = t.cpu().numpy()\n    return t.to('cpu'), t.new_zeros(1, device='cpu')\n")
+    bad.write_text("def f(t):\n    a = t.numpy()\n    b = t.cpu().numpy()\n    return t.to('cpu'), t.new_zeros(1, device='cpu')\n"
+                   "def g(t):\n    return torch.zeros(3), torch.ones(3, device=t.device), torch.empty(0), torch.zeros(())\n")
     assert [(line, what) for _, _, line, what in device_violations(bad)] == [
-        (2, ".numpy() without .cpu()"), (4, 'a "cpu" device in code'), (4, 'a "cpu" device in code')]
+        (2, ".numpy() without .cpu()"), (4, 'a "cpu" device in code'), (4, 'a "cpu" device in code'),
+        (6, "torch.zeros without device=")]

@@ -151,9 +151,9 @@ class GGUFWeight:
 
     def dequantize(self) -> torch.Tensor:
         t = get_type(self.qtype)
-        values = torch.tensor(t.values, dtype=torch.float32)
+        values = torch.tensor(t.values, dtype=torch.float32, device=self.codes.device)
         rows, cols = self.codes.shape
-        g = torch.arange(cols) // t.sub
+        g = torch.arange(cols, device=self.codes.device) // t.sub
         return self.a[:, g] * values[self.codes.long()] + self.b[:, g]
 
 
@@ -185,12 +185,12 @@ def _fit(t: GGMLType, subs: torch.Tensor, h: torch.Tensor, iters: int) -> tuple:
         a, b = (subs.max(-1).values - mn) / hi, mn
         span = hi
     elif t.name == "Q8_0":  # symmetric int8: the largest magnitude on +-127
-        a, b = subs.abs().max(-1).values / hi, torch.zeros(subs.shape[:2])
+        a, b = subs.abs().max(-1).values / hi, subs.new_zeros(subs.shape[:2])
         span = hi
     else:  # the extreme weight on the code of the grid's extreme value lo
-        a, b = _extreme(subs) / lo, torch.zeros(subs.shape[:2])
+        a, b = _extreme(subs) / lo, subs.new_zeros(subs.shape[:2])
         span = -lo
-    values = torch.tensor(t.values, dtype=torch.float32)
+    values = torch.tensor(t.values, dtype=torch.float32, device=subs.device)
     step = (hi - lo) / (len(t.values) - 1)
 
     def codes(a, b):  # the values of the nearest codes
@@ -254,7 +254,7 @@ def block_grid(t: GGMLType, w: torch.Tensor, h: torch.Tensor | None = None, iter
     (the largest sub-block scale on the top integer, as llama.cpp's quantizers do)."""
     rows = w.shape[0]
     subs = w.reshape(rows, t.block // t.sub, t.sub).float()
-    h = torch.ones(t.block) if h is None else h.float().clamp(min=0)
+    h = torch.ones(t.block, device=w.device) if h is None else h.float().clamp(min=0)
     h = h.reshape(1, t.block // t.sub, t.sub) + 1e-12
     scale, offset = _fit(t, subs, h, iters)
     if t.offset:
@@ -289,7 +289,7 @@ def nearest(t: GGMLType, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> t
     if t.uniform:
         q = torch.round(x - t.values[0]).clamp(0, n - 1)
     else:
-        values = torch.tensor(t.values, dtype=torch.float32)
+        values = torch.tensor(t.values, dtype=torch.float32, device=x.device)
         q = torch.bucketize(x.contiguous(), (values[1:] + values[:-1]) / 2)  # |w - a v| = |a| |x - v|, any a
     return torch.where(a == 0, torch.full_like(q, t.zero_code), q).long()
 
@@ -328,10 +328,10 @@ def _sweep(weight, H, types, damp, block_size, fit_iters) -> list:
     WT = torch.cat([W] * n).t().contiguous()  # [cols, n * rows]
     diag = torch.diag(H).clone()  # column importance of the grids' fit (llama.cpp's imatrix)
     Hinv, _ = _inverse_hessian_cholesky(H, damp)
-    QT = torch.zeros(cols, n * rows, dtype=torch.uint8)
-    grids = [dict(a=torch.zeros(rows, cols // t.sub), b=torch.zeros(rows, cols // t.sub), fields=[])
+    QT = torch.zeros(cols, n * rows, dtype=torch.uint8, device=W.device)
+    grids = [dict(a=W.new_zeros(rows, cols // t.sub), b=W.new_zeros(rows, cols // t.sub), fields=[])
              for t in types]
-    values = [torch.tensor(t.values, dtype=torch.float32) for t in types]
+    values = [torch.tensor(t.values, dtype=torch.float32, device=W.device) for t in types]
     own = [slice(j * rows, (j + 1) * rows) for j in range(n)]
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)

@@ -63,15 +63,15 @@ class SignRoundLinear(nn.Module):
         pad = self.groups * self.group_size - cols
         wg = F.pad(w, (0, pad)).view(rows, self.groups, self.group_size)
         self.register_buffer("w", wg)
-        self.register_buffer("valid", F.pad(torch.ones(cols), (0, pad)).view(1, self.groups, self.group_size) > 0)
+        self.register_buffer("valid", F.pad(w.new_ones(cols), (0, pad)).view(1, self.groups, self.group_size) > 0)
         lo = torch.where(self.valid, wg, torch.zeros(())).amin(-1).clamp(max=0)
         hi = torch.where(self.valid, wg, torch.zeros(())).amax(-1).clamp(min=0)
         self.register_buffer("wmin", lo)
         self.register_buffer("wmax", hi)
         self.bias = linear.bias
         self.v = nn.Parameter(torch.zeros_like(wg))
-        self.alpha = nn.Parameter(torch.ones(rows, self.groups))
-        self.beta = nn.Parameter(torch.ones(rows, self.groups))
+        self.alpha = nn.Parameter(w.new_ones(rows, self.groups))
+        self.beta = nn.Parameter(w.new_ones(rows, self.groups))
         self.v_range = 0.5
         if init_codes is not None:
             self._init_from(init_codes)
@@ -125,7 +125,7 @@ class SignRoundLinear(nn.Module):
         scale, zero = self._grid()
         codes = torch.clamp(torch.round(self.w / scale + self.v) + zero, 0, self.maxq)
         codes = codes.view(self.rows, -1)[:, : self.cols]
-        g_idx = (torch.arange(self.cols) // self.group_size).to(torch.int32)
+        g_idx = (torch.arange(self.cols, device=codes.device) // self.group_size).to(torch.int32)
         return QuantizedWeight(codes.to(torch.uint8).contiguous(), scale[..., 0].to(torch.float16).float(),
                                zero[..., 0].clone(), g_idx, self.bits, self.group_size)
 

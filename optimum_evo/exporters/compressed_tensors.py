@@ -89,7 +89,7 @@ def export_compressed_tensors(model, save_dir, tokenizer=None, dtype: torch.dtyp
     for name, layer in contents.quantized.items():
         data = layer.quantized_data()
         bits, out_features, in_features = data.bits, layer.out_features, layer.in_features
-        if not torch.equal(data.g_idx.long(), torch.arange(in_features) // layer.group_size):
+        if not torch.equal(data.g_idx.long(), torch.arange(in_features, device=data.g_idx.device) // layer.group_size):
             raise ExportError(f"{name} was quantized with act-order (permuted groups), which compressed-tensors' "
                               "pack-quantized format does not take from us; export it with export_gptq.")
         if layer.num_groups == 1:

@@ -88,7 +88,7 @@ def _nibbles(q: torch.Tensor) -> np.ndarray:
 
 def _high_bits(q: torch.Tensor) -> np.ndarray:
     """ggml's 5-bit high-bit word: bit ``j`` of a little-endian uint32 is bit 4 of element ``j``."""
-    bits = ((q.to(torch.int64) >> 4) & 1) << torch.arange(32)
+    bits = ((q.to(torch.int64) >> 4) & 1) << torch.arange(32, device=q.device)
     return bits.sum(-1).to(torch.int64).cpu().numpy().astype("<u4").view(np.uint8).reshape(*q.shape[:-1], 4)
 
 
@@ -114,7 +114,7 @@ def pack_blocks(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, qt
 def _exact_type(data, in_features: int) -> tuple | None:
     """``(type, codes, d, m)`` holding the quantized layer ``data`` in GGUF blocks, or ``None``."""
     gs = data.group_size if data.group_size and data.group_size > 0 else in_features
-    trivial = torch.equal(data.g_idx.long(), torch.arange(in_features) // gs)
+    trivial = torch.equal(data.g_idx.long(), torch.arange(in_features, device=data.g_idx.device) // gs)
     if in_features % 32 or gs % 32 or not trivial:
         return None
     per_block = gs // 32

@@ -131,7 +131,8 @@ def export_gptq(model, save_dir, tokenizer=None, checkpoint_format: str = "auto"
             shift = (1 << (bits - 1)) - (1 << (data.bits - 1))
             codes, zeros = codes + shift, zeros + shift
         zero_groups += int((zeros == 0).sum())
-        trivial = torch.equal(data.g_idx.long(), torch.arange(layer.in_features) // layer.group_size)
+        trivial = torch.equal(data.g_idx.long(), torch.arange(layer.in_features, device=data.g_idx.device)
+                              // layer.group_size)
         layers[name] = dict(layer=layer, data=data, bits=bits, codes=codes, zeros=zeros, act_order=not trivial,
                             group_size=-1 if layer.num_groups == 1 else layer.group_size)
     sym = all(bool((v["zeros"] == 1 << (v["bits"] - 1)).all()) for v in layers.values())
