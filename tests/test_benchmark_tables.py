@@ -235,3 +235,12 @@ def test_all_kinds_page_summarises_each_target_against_its_best_baseline(tmp_pat
     sections = [line for line in text.splitlines() if line.startswith("### ")]
     assert sections == ["### 3 bits", "### depth 25% of sub-blocks"]
     assert "| evopress | **30.00** | 0.0000 | 3.00 (3.16 eff.) |" in text and "[1] attn, [0] MLP dropped" in text
+
+
+def test_fitness_transfer_table_marks_the_best_candidate_of_each_window_set():
+    transfer = _benchmark("fitness_transfer")
+    scores = {"evopress": {"calibration (searched)": 0.90, "WikiText-2 test (evaluation)": 1.33},
+              "uniform": {"calibration (searched)": 0.95, "WikiText-2 test (evaluation)": 1.29}}
+    text = transfer.markdown(scores, "python fitness_transfer.py r.json")
+    assert "| candidate | KL, calibration (searched) | KL, WikiText-2 test (evaluation) |" in text
+    assert "| evopress | **0.9000** | 1.3300 |" in text and "| uniform | 0.9500 | **1.2900** |" in text
