@@ -113,9 +113,10 @@ def write_doc(doc: Path, model: str, root: Path, runs: list) -> None:
     if not reports:
         return
     end = "<!-- tables:end -->"
-    tail = doc.read_text().partition(end)[2] if doc.exists() and end in doc.read_text() else "\n"
-    dense = next(iter(reports.values()))["results"]["dense"]["perplexity"]
-    a = next(iter(reports.values()))["arguments"]
+    old = doc.read_text() if doc.exists() else ""
+    tail = old.partition(end)[2] if end in old else "\n"
+    first = next(iter(reports.values()))
+    dense, a = first["results"]["dense"]["perplexity"], first["arguments"]
     title = TITLES.get(model, model)
     lines = [f"# {title}: depth, sparsity and bit widths", "",
              f"EvoPress on {title} at high-compression targets of each kind, against the baselines of that kind "

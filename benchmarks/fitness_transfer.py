@@ -54,8 +54,8 @@ def markdown(scores: dict, command: str) -> str:
     sets = list(next(iter(scores.values())))
     lines = [f"- Command: `{command}`", "", "| candidate | " + " | ".join(f"KL, {s}" for s in sets) + " |",
              "|---|" + "---|" * len(sets)]
+    best = {s: min(r[s] for r in scores.values()) for s in sets}
     for name, row in scores.items():
-        best = {s: min(r[s] for r in scores.values()) for s in sets}
         cells = [f"**{row[s]:.4f}**" if row[s] == best[s] else f"{row[s]:.4f}" for s in sets]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

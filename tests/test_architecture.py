@@ -402,24 +402,22 @@ def device_violations(path: Path, allowed: dict = HOST_ON_PURPOSE) -> list:
     def visit(node, function):
         for child in ast.iter_child_nodes(node):
             inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
-            if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute):
-                receiver = child.func.value
-                if child.func.attr == "numpy" and not (isinstance(receiver, ast.Call) and isinstance(
+            if isinstance(child, ast.Call):
+                attr = child.func.attr if isinstance(child.func, ast.Attribute) else None
+                receiver = child.func.value if attr else None
+                device = [k.value for k in child.keywords if k.arg == "device"]
+                if attr == "numpy" and not (isinstance(receiver, ast.Call) and isinstance(
                         receiver.func, ast.Attribute) and receiver.func.attr == "cpu"):
                     found.append((name, inner, child.lineno, ".numpy() without .cpu()"))
-            if isinstance(child, ast.Call):
-                values = list(child.args) + [k.value for k in child.keywords if k.arg == "device"]
-                is_to = isinstance(child.func, ast.Attribute) and child.func.attr in ("to", "device")
-                for v in values if is_to else [k.value for k in child.keywords if k.arg == "device"]:
+                for v in list(child.args) + device if attr in ("to", "device") else device:
                     if isinstance(v, ast.Constant) and v.value == "cpu" and (name, inner) not in allowed:
                         found.append((name, inner, child.lineno, 'a "cpu" device in code'))
-            if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute) and isinstance(
-                    child.func.value, ast.Name) and child.func.value.id == "torch" and child.func.attr in FACTORIES:
-                first = child.args[0] if child.args else None
-                probe = child.func.attr in ("zeros", "ones", "empty") and (
-                    isinstance(first, ast.Tuple) and not first.elts or isinstance(first, ast.Constant) and first.value == 0)
-                if not probe and not any(k.arg == "device" for k in child.keywords) and (name, inner) not in allowed:
-                    found.append((name, inner, child.lineno, f"torch.{child.func.attr} without device="))
+                if isinstance(receiver, ast.Name) and receiver.id == "torch" and attr in FACTORIES:
+                    first = child.args[0] if child.args else None
+                    probe = attr in ("zeros", "ones", "empty") and (
+                        isinstance(first, ast.Tuple) and not first.elts or isinstance(first, ast.Constant) and first.value == 0)
+                    if not probe and not device and (name, inner) not in allowed:
+                        found.append((name, inner, child.lineno, f"torch.{attr} without device="))
             visit(child, inner)
 
     visit(tree, None)
