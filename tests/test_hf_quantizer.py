@@ -355,22 +355,98 @@ def test_search_on_load_through_accelerate_hooks_equals_the_plain_search(compres
     assert torch.equal(logits(model), logits(plain))
 
 
-def test_offloaded_models_are_refused_when_compressing_on_load(tiny_dir, tmp_path):
-    """Offloaded weights (meta tensors behind accelerate's hooks) cannot take the search's levels: a map
-    that offloads to the CPU or disk is refused before loading, an offloaded model before searching;
-    a map over several accelerators is accepted."""
-    from accelerate import cpu_offload
+def _offload_to_host(model, host: list) -> None:
+    """What accelerate's ``dispatch_model`` does for a map with ``"cpu"`` entries next to a GPU (the
+    weights of ``host`` kept in its weights map, the modules on meta), with the CPU as the execution
+    device, so that it runs here."""
+    from accelerate.hooks import attach_align_device_hook_on_blocks
+    from accelerate.utils import OffloadedWeightsLoader, extract_submodules_state_dict
+
+    names = ["model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head",
+             *(f"model.layers.{i}" for i in range(model.config.num_hidden_layers))]
+    state = extract_submodules_state_dict(model.state_dict(), host)
+    attach_align_device_hook_on_blocks(model, execution_device={**dict.fromkeys(names, "cpu"), "": "cpu"},
+                                       offload={n: n in host for n in names},
+                                       weights_map=OffloadedWeightsLoader(state_dict=state), tied_params_map={})
+
+
+def test_search_on_load_with_blocks_offloaded_to_host_memory(compressed, tiny_dir, tmp_path):
+    """Blocks that accelerate offloaded to host memory (meta tensors in the modules) are searched: they
+    get their weights back as host-memory parameters run by a HostOffloadHook, the search finds the
+    same profile and the same compressed logits as on the plain model, and the saved model reloads."""
+    import copy
+
+    from optimum_evo.compressors.offload import HostOffloadHook
+    from optimum_evo.integrations.transformers.quantizer import compress_on_load, mark_compressed
+
+    plain, _, cfg = compressed("quantization")
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    _offload_to_host(model, ["model.layers.1", "model.layers.2"])
+    assert model.model.layers[1].mlp.up_proj.weight.is_meta
+    hooked = copy.copy(cfg)  # the same settings (and level database)
+    compress_on_load(model, hooked)
+    assert hooked.profile == plain.config.quantization_config.profile
+    for i in (1, 2):
+        layer = model.model.layers[i]
+        assert isinstance(layer._hf_hook, HostOffloadHook)
+        assert not any(t.is_meta for t in [*layer.parameters(), *layer.buffers()])
+    assert isinstance(model.model.layers[1].mlp.up_proj, EvoPressQuantLinear)
+    assert torch.equal(logits(model), logits(plain))
+    mark_compressed(model, hooked)  # what from_pretrained does around compress_on_load
+    model.save_pretrained(tmp_path / "saved")
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "saved")), logits(plain))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_host_offload_hook_runs_on_cuda_and_keeps_the_host_weights():
+    """The hook moves the weights and the inputs to the execution device for the forward and points
+    the parameters at their host tensors afterwards."""
+    from accelerate.hooks import add_hook_to_module
+
+    from optimum_evo.compressors.offload import HostOffloadHook
+
+    linear = torch.nn.Linear(4, 3)
+    host = linear.weight.data
+    add_hook_to_module(linear, HostOffloadHook("cuda"))
+    out = linear(torch.ones(2, 4))
+    assert out.device.type == "cuda" and torch.allclose(out.cpu(), torch.nn.functional.linear(
+        torch.ones(2, 4), host, linear.bias))
+    assert linear.weight.data is host and linear.bias.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_search_on_load_with_cuda_and_host_offload(tiny_dir, tmp_path):
+    """from_pretrained with a device_map that keeps two blocks in host memory next to the GPU: the
+    search runs, those blocks stay in host memory compressed, the others are on the GPU."""
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 0, "lm_head": 0,
+                  **{f"model.layers.{i}": "cpu" if i in (1, 2) else 0 for i in range(4)}}
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=tiny_config("quantization", tmp_path),
+                                                 device_map=device_map, dtype=torch.bfloat16)
+    assert model.model.layers[1].mlp.up_proj.qweight.device.type == "cpu"
+    assert model.model.layers[3].mlp.up_proj.qweight.device.type == "cuda"
+    assert model.config.quantization_config.metrics["evaluation"]["evopress"]["perplexity"] > 1
+    assert torch.isfinite(logits(model)).all()
+
+
+def test_disk_offloaded_models_are_refused_when_compressing_on_load(tiny_dir, tmp_path):
+    """Weights offloaded to disk cannot take the search's levels: a map with 'disk' entries is refused
+    before loading, a disk-offloaded model before searching, both naming the fix; maps over several
+    accelerators or with host memory are accepted."""
+    from accelerate import dispatch_model
 
     from optimum_evo.integrations.transformers.quantizer import EvoPressHfQuantizer, compress_on_load
 
     quantizer = EvoPressHfQuantizer(tiny_config("depth", tmp_path), pre_quantized=False)
     quantizer.validate_environment(device_map={"model.layers.0": 0, "model.layers.1": 1})
-    with pytest.raises(ValueError, match="offloaded to the CPU .* max_memory"):
-        quantizer.validate_environment(device_map={"model.layers.0": 0, "model.layers.1": "cpu"})
+    quantizer.validate_environment(device_map={"model.layers.0": 0, "model.layers.1": "cpu"})
     with pytest.raises(ValueError, match="disk"):
         quantizer.validate_environment(device_map={"model.layers.0": 0, "model.layers.1": "disk"})
-    model = cpu_offload(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), torch.device("cpu"))
-    with pytest.raises(ValueError, match="weights are offloaded .* meta tensors"):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    blocks = {f"model.layers.{i}": "disk" if i == 1 else "cpu" for i in range(model.config.num_hidden_layers)}
+    dispatch_model(model, device_map={"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu",
+                                      "lm_head": "cpu", **blocks}, offload_dir=str(tmp_path / "offload"))
+    assert model.model.layers[1].mlp.up_proj.weight.is_meta
+    with pytest.raises(ValueError, match="offloaded to disk.*device_map without 'disk'"):
         compress_on_load(model, tiny_config("depth", tmp_path))
 
 

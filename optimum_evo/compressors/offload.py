@@ -17,6 +17,14 @@ elsewhere:
 Disk offloading is for walks that only read the weights (the level database build): a block's
 weights are dropped, not written back, when the walk moves on.
 
+A model that accelerate dispatched with part of it offloaded to host memory (``device_map`` with
+``"cpu"`` entries next to a GPU, as ``device_map="auto"`` makes for a model larger than the GPU)
+keeps those weights outside its modules (meta tensors; the hook's weights map holds them), where a
+search cannot write its levels. `onload_from_host` gives such blocks their weights back as
+ordinary host-memory parameters and moves each block to the execution device for the time of its
+forward (`HostOffloadHook`): the GPU still holds one offloaded block at a time, the levels the
+search writes land in the parameters, and the compressed blocks stay in host memory afterwards.
+
 Examples:
     >>> model = offloaded_model("path/to/checkpoint")                         # doctest: +SKIP
     >>> db = LevelDatabase.build(model, windows, "quantization", [2, 3, 4], "db",
@@ -30,11 +38,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_submodules
+from accelerate.utils import send_to_device
 from torch import nn
 
 from ..decoder import find_decoder_layout
 
-__all__ = ["CheckpointWeights", "BlockOnloader", "offloaded_model", "release_host_memory", "resident_bytes"]
+__all__ = ["CheckpointWeights", "BlockOnloader", "HostOffloadHook", "offloaded_model", "onload_from_host",
+           "release_host_memory", "resident_bytes"]
 
 
 class CheckpointWeights:
@@ -207,3 +218,91 @@ def offloaded_model(path, dtype: torch.dtype = torch.float32):
         raise ValueError(f"The checkpoint at {path} lacks {missing[:4]}: disk offloading needs a checkpoint whose "
                          "tensor names are the model's parameter names (save it with save_pretrained).")
     return model.eval()
+
+
+class HostOffloadHook(ModelHook):
+    """Runs a module kept in host memory on ``execution_device``: before the forward its parameters
+    and buffers are copied to the device and its inputs moved there; afterwards the parameters
+    point at their host tensors again (the device copies are freed; nothing is copied back, a
+    forward does not change weights)."""
+
+    def __init__(self, execution_device):
+        self.execution_device = torch.device(execution_device)
+        self.homes: list = []
+
+    def pre_forward(self, module, *args, **kwargs):
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.device != self.execution_device:
+                self.homes.append((t, t.data))
+                t.data = t.data.to(self.execution_device, non_blocking=True)
+        return send_to_device(args, self.execution_device), send_to_device(kwargs, self.execution_device)
+
+    def post_forward(self, module, output):
+        for t, home in self.homes:
+            t.data = home
+        self.homes = []
+        return output
+
+    def __repr__(self) -> str:
+        return f"HostOffloadHook(execution_device={self.execution_device})"
+
+
+def _offload_hooks(module: nn.Module) -> list:
+    """The accelerate hooks of ``module`` that keep its weights offloaded (``offload=True``)."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
+    return [h for h in hooks if getattr(h, "offload", False)]
+
+
+def onload_from_host(model: nn.Module) -> list:
+    """Turn the blocks of ``model`` that accelerate offloaded to host memory into blocks whose
+    weights are ordinary host-memory parameters, run on their execution device by a
+    `HostOffloadHook`; return the names of the modules so changed (a decoder block, or an offloaded
+    module outside the blocks such as the output layer). The weights are not copied: the
+    parameters take the host tensors accelerate held. Weights offloaded to disk raise
+    ``ValueError`` (writing levels into them would need them in host memory; a smaller
+    ``max_memory`` for the disk does not change that).
+
+    Examples:
+        >>> model = AutoModelForCausalLM.from_pretrained(path, device_map="auto")  # doctest: +SKIP
+        >>> onload_from_host(model)                                             # doctest: +SKIP
+        ['model.layers.30', 'model.layers.31']
+    """
+    modules = dict(model.named_modules())
+    offloaded = {name: hooks for name, m in modules.items() if (hooks := _offload_hooks(m))}
+    if not offloaded:
+        return []
+    layout = find_decoder_layout(model)
+    blocks = {f"{layout.path}.{i}" for i in range(len(layout.layers))}
+
+    def unit_of(name: str) -> str:
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:k])
+            if prefix in blocks or prefix in offloaded:
+                return prefix
+        return name
+
+    units: dict = {}
+    for name, hooks in offloaded.items():
+        hook, module = hooks[0], modules[name]
+        store = getattr(hook.weights_map, "dataset", None)
+        prefix = getattr(hook.weights_map, "prefix", "")
+        resident = getattr(store, "state_dict", {}) or {}
+        for table in ("_parameters", "_buffers"):
+            for key, t in list(getattr(module, table).items()):
+                if t is None or not t.is_meta:
+                    continue
+                if prefix + key not in resident:
+                    raise ValueError(f"{name}.{key} is offloaded to disk: a search writes its levels into the weights, "
+                                     "which must be in memory. Load the model with a device_map without 'disk' entries "
+                                     "(host memory, 'cpu', is fine), or compress on a machine with more memory.")
+                value = resident[prefix + key]
+                getattr(module, table)[key] = (nn.Parameter(value, requires_grad=t.requires_grad) if table == "_parameters"
+                                              else value)
+        units.setdefault(unit_of(name), hook.execution_device)
+    for name, device in units.items():
+        unit = modules[name]
+        remove_hook_from_submodules(unit)
+        add_hook_to_module(unit, HostOffloadHook(device))
+    return sorted(units)

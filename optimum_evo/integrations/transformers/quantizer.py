@@ -32,6 +32,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from ... import checkpoint
 from ...checkpoint import EvoPressLoadError, check_evopress_model
+from ...compressors.offload import onload_from_host
 from ...compressors.packed_linear import EvoPressQuantLinear
 from ...methods import CompressedModelError
 from .config import EvoPressConfig, EvoPressConfigError
@@ -64,8 +65,6 @@ class EvoPressHfQuantizer(HfQuantizer):
     def validate_environment(self, device_map=None, **kwargs):
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError("EvoPress models cannot be offloaded to disk; use device_map='cpu', 'cuda' or 'auto'.")
-        if not self.pre_quantized and isinstance(device_map, dict):
-            _refuse_offload_when_compressing(set(map(str, device_map.values())))
 
     def update_dtype(self, dtype):
         if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -114,25 +113,14 @@ class EvoPressHfQuantizer(HfQuantizer):
         return True  # adapters (LoRA) train on top of the compressed modules
 
 
-OFFLOAD_FIX = ("give the model enough accelerator memory (more GPUs, or max_memory without a 'cpu' entry), or "
-               "compress on one device with device_map='cpu' and reload the saved model with the device map you want")
-
-
-def _refuse_offload_when_compressing(devices: set) -> None:
-    """Compressing on load runs on a model whose weights are all resident: on one device or spread over
-    several accelerators (accelerate's hooks move the activations). A map that offloads part of the
-    model to the CPU while the rest runs on an accelerator leaves those weights outside the modules
-    the search writes its levels into."""
-    if len(devices) > 1 and "cpu" in devices:
-        raise ValueError(f"Compressing on load cannot search a model offloaded to the CPU (device_map places it on "
-                         f"{', '.join(sorted(devices))}): {OFFLOAD_FIX}.")
+OFFLOAD_FIX = ("load the model with a device_map without 'disk' entries (offloading to host memory, 'cpu', works), "
+               "or compress on one device with device_map='cpu' and reload the saved model with the device map you want")
 
 
 def _offloaded_modules(model) -> list:
-    """Names of the modules whose weights accelerate keeps outside the module (meta tensors)."""
+    """Names of the modules whose weights are still outside the module (meta tensors)."""
     return [name for name, module in model.named_modules()
-            if getattr(getattr(module, "_hf_hook", None), "offload", False)
-            or any(p.is_meta for p in module.parameters(recurse=False))]
+            if any(p.is_meta for p in module.parameters(recurse=False))]
 
 
 @torch.no_grad()
@@ -144,17 +132,26 @@ def compress_on_load(model, config: EvoPressConfig) -> None:
     The search runs where the model is, in its dtype: the teacher cache, the KL objective, the level
     database and the evaluation run on the model's device (float32 only for the reductions and the
     Hessian algebra). A model spread over several GPUs by ``device_map`` is searched as it is
-    (accelerate's hooks move the activations between them); an offloaded one is refused. On a CPU, ``search_dtype="auto"`` may score a copy in the faster of float32 and
-    bfloat16; the memory estimate printed before the run lists it."""
+    (accelerate's hooks move the activations between them). Blocks offloaded to host memory (a
+    ``device_map`` with ``"cpu"`` entries next to GPUs, as ``"auto"`` makes for a model larger than
+    its GPUs) get their weights back as host-memory parameters that move to the GPU for the time of
+    their forward (`optimum_evo.compressors.offload.onload_from_host`), so the search can write its
+    levels into them; the compressed blocks stay offloaded. Weights offloaded to disk are refused.
+    On a CPU, ``search_dtype="auto"`` may score a copy in the faster of float32 and bfloat16; the
+    memory estimate printed before the run lists it."""
     from ...loading import load_tokenizer
     from ...pipeline import compress
 
     path = model.name_or_path
     if not path:
         raise EvoPressConfigError("EvoPress needs the model's checkpoint path (model.name_or_path) to calibrate.")
+    onloaded = onload_from_host(model)
+    if onloaded:
+        logger.info("Searching with %d modules offloaded to host memory (%s ...): each moves to its execution device "
+                    "for the time of its forward.", len(onloaded), onloaded[0])
     offloaded = _offloaded_modules(model)
     if offloaded:
-        raise ValueError(f"Compressing on load cannot search a model whose weights are offloaded ({len(offloaded)} "
+        raise ValueError(f"Compressing on load cannot search a model whose weights are not in memory ({len(offloaded)} "
                          f"modules, e.g. {offloaded[0]!r}, hold meta tensors): {OFFLOAD_FIX}.")
     ctx = compress(config.search_arguments(model=path), model, load_tokenizer(config.tokenizer or path), path)
     config.profile = ctx.record["profile"]
