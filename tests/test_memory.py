@@ -124,3 +124,24 @@ def test_a_database_build_on_another_device_is_checked_against_that_device(monke
         memory.check(args, model, get_method("quantization"))
     free["cuda"] = 2**40
     assert memory.check(args, model, get_method("quantization")) == needs
+
+
+def test_host_memory_items_are_charged_to_the_host_for_a_model_on_an_accelerator(monkeypatch):
+    """The teacher cache and the decoded levels live in host memory whatever the model's device: for a
+    model on an accelerator they are checked against the host's free memory, not the device's."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    args = SearchArguments(compression="quantization", target=3.0, levels=[2, 3, 4], group_size=32, **ARGS)
+    method = get_method("quantization")
+    on_cpu = needs_by_name(memory.estimate(args, model, method))
+    assert on_cpu["teacher cache"].device is None and on_cpu["level weights"].device is None
+    model.to("meta")  # stands for an accelerator: a device that is not the host
+    away = needs_by_name(memory.estimate(args, model, method))
+    assert away["teacher cache"].device == "cpu" and away["level weights"].device == "cpu"
+    assert away["dense copies of the searched linears"].device is None and away["prefix cache"].device is None
+    assert {k: v.bytes for k, v in away.items()} == {k: v.bytes for k, v in on_cpu.items()}
+    host = away["teacher cache"].bytes + away["level weights"].bytes
+    monkeypatch.setattr(memory, "available_memory", lambda d: host if d.type == "cpu" else None)
+    with pytest.raises(memory.InsufficientMemoryError, match="on cpu .*level weights"):
+        memory.check(args, model, method)
+    monkeypatch.setattr(memory, "available_memory", lambda d: 2 * host if d.type == "cpu" else None)
+    assert memory.check(args, model, method)

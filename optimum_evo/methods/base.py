@@ -87,6 +87,13 @@ class Need:
     device: str | None = None  # memory on another device than the model's (e.g. ``database_device``)
 
 
+def host_of(model) -> str | None:
+    """`Need.device` of what a run keeps in host memory (the teacher cache, decoded levels): ``None``
+    (the model's own device) for a model on the CPU, ``"cpu"`` for one on an accelerator, whose
+    memory is then not charged for them."""
+    return None if next(p for p in model.parameters()).device.type == "cpu" else "cpu"
+
+
 class CompressionMethod(ABC):
     """One compression kind (see the module docstring for what to implement).
 

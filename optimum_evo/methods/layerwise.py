@@ -279,7 +279,7 @@ class DatabaseMethod(CompressionMethod):
 
     def resource_needs(self, args, model, itemsize: int) -> list:
         from ..decoder import find_decoder_layout
-        from .base import Need
+        from .base import Need, host_of
 
         numel = sum(m.weight.numel() for layer in find_decoder_layout(model).layers for m in layer.modules()
                     if isinstance(m, torch.nn.Linear))
@@ -292,7 +292,7 @@ class DatabaseMethod(CompressionMethod):
                 device = str(build_on)
         return [Need("dense copies of the searched linears", numel * itemsize),
                 Need(f"level weights (worst case: all {len(per_level)} levels of every linear)",
-                     numel * itemsize * len(per_level), fix="fewer levels"),
+                     numel * itemsize * len(per_level), fix="fewer levels", device=host_of(model)),
                 Need("database build (one block, its activations, one window's temporaries)",
                      self.database_build_bytes(args, model, len(per_level)), device=device,
                      fix="num_samples or seq_len (or a database already built)"),

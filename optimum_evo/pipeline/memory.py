@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from ..compressors.offload import resident_bytes
-from ..methods.base import Need
+from ..methods.base import Need, host_of
 
-__all__ = ["HEADROOM", "InsufficientMemoryError", "Need", "available_memory", "check", "estimate", "prefix_cache_budget",
-           "format_needs", "free_disk", "model_bytes"]
+__all__ = ["HEADROOM", "InsufficientMemoryError", "Need", "available_memory", "check", "estimate", "host_of",
+           "prefix_cache_budget", "format_needs", "free_disk", "model_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +56,18 @@ def estimate(args, model, method, search_dtype: torch.dtype | None = None) -> li
     item = torch.empty((), dtype=search_dtype).element_size()
     eval_item = next(p for p in model.parameters()).element_size()
     n, t = args.num_samples, args.seq_len
+    host = host_of(model)
     needs = []
     if item != eval_item:
         needs.append(Need("search model (a copy in the search dtype)", model_bytes(model) * item // eval_item,
                           fix="search_dtype equal to the model's dtype"))
     if args.fitness == "topk":
         k = min(args.top_k, vocab)
-        needs.append(Need(f"teacher cache (top-{k})", n * t * (k * 8 + 4), fix="num_samples, seq_len or top_k"))
+        needs.append(Need(f"teacher cache (top-{k})", n * t * (k * 8 + 4), fix="num_samples, seq_len or top_k",
+                          device=host))
     else:
-        needs.append(Need("teacher cache (full vocabulary)", n * t * vocab * 2, fix="fitness='topk', num_samples"))
+        needs.append(Need("teacher cache (full vocabulary)", n * t * vocab * 2, fix="fitness='topk', num_samples",
+                          device=host))
     needs += list(method.resource_needs(args, model, item))
     if args.reuse_prefix:
         worst = n * t * hidden * item * len(layout.layers)
