@@ -370,7 +370,8 @@ def _offload_to_host(model, host: list) -> None:
                                        weights_map=OffloadedWeightsLoader(state_dict=state), tied_params_map={})
 
 
-def test_search_on_load_with_blocks_offloaded_to_host_memory(compressed, tiny_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["quantization", "sparsity", "depth"])
+def test_search_on_load_with_blocks_offloaded_to_host_memory(compressed, tiny_dir, tmp_path, kind):
     """Blocks that accelerate offloaded to host memory (meta tensors in the modules) are searched: they
     get their weights back as host-memory parameters run by a HostOffloadHook, the search finds the
     same profile and the same compressed logits as on the plain model, and the saved model reloads."""
@@ -379,7 +380,7 @@ def test_search_on_load_with_blocks_offloaded_to_host_memory(compressed, tiny_di
     from optimum_evo.compressors.offload import HostOffloadHook
     from optimum_evo.integrations.transformers.quantizer import compress_on_load, mark_compressed
 
-    plain, _, cfg = compressed("quantization")
+    plain, _, cfg = compressed(kind)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     _offload_to_host(model, ["model.layers.1", "model.layers.2"])
     assert model.model.layers[1].mlp.up_proj.weight.is_meta
@@ -390,7 +391,8 @@ def test_search_on_load_with_blocks_offloaded_to_host_memory(compressed, tiny_di
         layer = model.model.layers[i]
         assert isinstance(layer._hf_hook, HostOffloadHook)
         assert not any(t.is_meta for t in [*layer.parameters(), *layer.buffers()])
-    assert isinstance(model.model.layers[1].mlp.up_proj, EvoPressQuantLinear)
+    kinds = [[type(sub) for sub in lm.model.layers[1].modules()] for lm in (model, plain)]
+    assert kinds[0] == kinds[1]  # the compressed modules (packed, sparse, dropped sub-blocks) of the plain search
     assert torch.equal(logits(model), logits(plain))
     mark_compressed(model, hooked)  # what from_pretrained does around compress_on_load
     model.save_pretrained(tmp_path / "saved")
