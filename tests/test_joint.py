@@ -144,6 +144,10 @@ def test_joint_size_budget_saves_what_it_accounted_reloads_and_exports(tiny_dir,
     assert budget == int(0.97 * dense_bytes)
     assert {"uniform", "dp", "random_best_of_3", "evopress"} <= set(report["results"])
     assert any(k.startswith("depth") and k.endswith("+uniform") for k in report["results"])
+    # the depth-only heuristic in the joint space: the fewest drops with every kept linear dense (then the
+    # budget's slack filled: sub-blocks restored at their cheapest levels)
+    dense_mix = [row for k, row in report["results"].items() if k.startswith("depth") and k.endswith("%+dense")]
+    assert dense_mix and dense_mix[0]["dropped_sub_blocks"] > 0 and "dense" in dense_mix[0]["linears_per_level"]
     for name, row in report["results"].items():
         if name != "dense":
             assert row["size_bytes"] <= budget, name

@@ -18,7 +18,10 @@ levels cost strictly more as they get better. The engine's `BudgetSpace` keeps e
 candidate within the budget and full (nothing more fits). Baselines at the same budget: uniform
 levels (the two bit widths that bracket what the budget allows, spread over depth), the
 dynamic-programming allocation of the database errors, ShortGPT-ranked drops of 10/20/30% of the
-sub-blocks with uniform levels on the rest, and best-of-N random candidates.
+sub-blocks with uniform levels on the rest, for each level of the linears (dense included) the
+fewest ShortGPT-ranked drops with which every kept linear at that level fits (``dense``: the
+depth-only heuristic), and best-of-N random candidates. The search starts from the best of them,
+so a budget that only depth serves well starts where depth-only would.
 
 Examples:
     >>> from optimum_evo import SearchArguments
@@ -535,6 +538,24 @@ def _uniform(space: JointSpace, cand: list, rng: random.Random):
     return tuple(ls.fill(trial, rng)) if not ls.is_full(trial) else tuple(trial)
 
 
+def _level_picks(space: JointSpace) -> list:
+    """``(label, pick)`` for every shared level value of the first linear kind and for dense:
+    ``pick(j)`` is linear ``j``'s option index at that level (dense: its last, costliest option)."""
+    kind = space.primary_kind
+    picks = [(f"{kind}:{v:g}", lambda j, v=v: _index_at_most(space, j, v)) for v in _shared_values(space)]
+    return picks + [(DENSE, lambda j: len(space.options[j]) - 1)]
+
+
+def _all_at(space: JointSpace, cand: list, pick) -> list:
+    """``cand`` (depth part set) with every active linear at option ``pick(j)``, the others off."""
+    ls = space.level_space
+    trial = list(cand)
+    for j in range(len(space.names)):
+        u = space.linear_unit(j)
+        trial[u] = pick(j) if ls.active(trial, u) else 0
+    return trial
+
+
 def _shared_values(space: JointSpace) -> list:
     """The level values of the first linear kind every linear has (e.g. bit widths), ascending."""
     kind = space.primary_kind
@@ -727,6 +748,21 @@ class JointMethod(CompressionMethod):
                 uniform = _uniform(space, dropping(k), rng)
                 if uniform is not None:
                     out[f"depth{round(100 * k / n)}%+uniform"] = uniform
+            # the depth-only heuristic and the mixes between it and the above: for each level of the
+            # linears, dense included, the fewest drops with which every kept linear at it fits (a
+            # level that fits with no drop is the uniform baseline's)
+            seen = set(out.values())
+            for label, pick in _level_picks(space):
+                if ls.cost(_all_at(space, keep_all, pick)) <= ls.budget:
+                    continue
+                for k in range(1, n + 1):
+                    cand = _all_at(space, dropping(k), pick)
+                    if ls.cost(cand) <= ls.budget:
+                        cand = tuple(ls.fill(cand, rng)) if not ls.is_full(cand) else tuple(cand)
+                        if cand not in seen:
+                            out[f"depth{round(100 * k / n)}%+{label}"] = cand
+                            seen.add(cand)
+                        break
         if not out:
             raise ValueError(f"No baseline fits the budget {ls.budget} (the cheapest level of every linear with no "
                              f"sub-block dropped costs {ls.cost(keep_all)}); raise the budget.")
