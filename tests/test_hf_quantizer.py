@@ -399,6 +399,24 @@ def test_search_on_load_with_blocks_offloaded_to_host_memory(compressed, tiny_di
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "saved")), logits(plain))
 
 
+def test_search_on_load_with_the_whole_model_offloaded_to_host_memory(compressed, tiny_dir):
+    """accelerate's cpu_offload (every module's weights in a plain dict of host tensors, the modules
+    on meta) is searched as well: the same profile and logits as the plain search."""
+    import copy
+
+    from accelerate import cpu_offload
+
+    from optimum_evo.integrations.transformers.quantizer import compress_on_load
+
+    plain, _, cfg = compressed("quantization")
+    model = cpu_offload(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), torch.device("cpu"))
+    assert model.model.embed_tokens.weight.is_meta
+    hooked = copy.copy(cfg)
+    compress_on_load(model, hooked)
+    assert hooked.profile == plain.config.quantization_config.profile
+    assert torch.equal(logits(model), logits(plain))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_host_offload_hook_runs_on_cuda_and_keeps_the_host_weights():
     """The hook moves the weights and the inputs to the execution device for the forward and points

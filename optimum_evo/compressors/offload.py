@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_submodules
-from accelerate.utils import send_to_device
+from accelerate.utils import OffloadedWeightsLoader, send_to_device
 from torch import nn
 
 from ..decoder import find_decoder_layout
@@ -286,9 +286,11 @@ def onload_from_host(model: nn.Module) -> list:
     units: dict = {}
     for name, hooks in offloaded.items():
         hook, module = hooks[0], modules[name]
-        store = getattr(hook.weights_map, "dataset", None)
+        store = getattr(hook.weights_map, "dataset", hook.weights_map)
         prefix = getattr(hook.weights_map, "prefix", "")
-        resident = getattr(store, "state_dict", {}) or {}
+        # dispatch_model's OffloadedWeightsLoader keeps host tensors in .state_dict (the rest is on
+        # disk); cpu_offload's weights map is a plain dict of host tensors
+        resident = store.state_dict if isinstance(store, OffloadedWeightsLoader) else (store or {})
         for table in ("_parameters", "_buffers"):
             for key, t in list(getattr(module, table).items()):
                 if t is None or not t.is_meta:
