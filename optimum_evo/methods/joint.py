@@ -515,10 +515,7 @@ def _uniform(space: JointSpace, cand: list, rng: random.Random):
     values = _shared_values(space) or [-math.inf]  # none shared: every linear at its cheapest option
     best = None
     for v in values:
-        trial = list(cand)
-        for j in range(len(space.names)):
-            u = space.linear_unit(j)
-            trial[u] = _index_at_most(space, j, v) if ls.active(trial, u) else 0
+        trial = _all_at(space, cand, lambda j, v=v: _index_at_most(space, j, v))
         if ls.cost(trial) <= ls.budget:
             best = (v, trial)
     if best is None:
@@ -535,7 +532,7 @@ def _uniform(space: JointSpace, cand: list, rng: random.Random):
             up[u] = _index_at_most(space, j, higher[0])
             if ls.cost(up) <= ls.budget:
                 trial = up
-    return tuple(ls.fill(trial, rng)) if not ls.is_full(trial) else tuple(trial)
+    return tuple(ls.fill(trial, rng))  # a full candidate comes back as it is
 
 
 def _level_picks(space: JointSpace) -> list:
@@ -731,38 +728,39 @@ class JointMethod(CompressionMethod):
                 out[name] = cand
         block = _block_method(self.kinds)
         if block is not None:
-            order = block.joint_drop_order(run, space.depth)  # DepthSpace units, least important first
             n = space.num_layers
-
-            def dropping(k):
-                cand = list(keep_all)
-                for u in [u for u in order if u % 2 == 0][:k] + [u for u in order if u % 2 == 1][:k]:
-                    cand[u] = 0
-                return cand
-
-            fits = [k for k in range(n) if _uniform(space, dropping(k), rng) is not None]
-            counts = {max(1, math.floor(fraction * n)) for fraction in DROP_FRACTIONS}
-            if fits and fits[0] > 0:
-                counts.add(fits[0])  # the fewest drops with which uniform levels fit the budget
-            for k in sorted(counts):
-                uniform = _uniform(space, dropping(k), rng)
-                if uniform is not None:
-                    out[f"depth{round(100 * k / n)}%+uniform"] = uniform
-            # the depth-only heuristic and the mixes between it and the above: for each level of the
-            # linears, dense included, the fewest drops with which every kept linear at it fits (a
-            # level that fits with no drop is the uniform baseline's)
             seen = set(out.values())
-            for label, pick in _level_picks(space):
-                if ls.cost(_all_at(space, keep_all, pick)) <= ls.budget:
-                    continue
-                for k in range(1, n + 1):
-                    cand = _all_at(space, dropping(k), pick)
-                    if ls.cost(cand) <= ls.budget:
-                        cand = tuple(ls.fill(cand, rng)) if not ls.is_full(cand) else tuple(cand)
-                        if cand not in seen:
-                            out[f"depth{round(100 * k / n)}%+{label}"] = cand
-                            seen.add(cand)
-                        break
+            # DepthSpace units, least important first, by each of the depth kind's rankings
+            for ranking, order in block.joint_drop_orders(run, space.depth).items():
+                prefix = "blocks" if ranking.endswith("_blocks") else "depth"
+
+                def dropping(k, order=order):
+                    cand = list(keep_all)
+                    for u in [u for u in order if u % 2 == 0][:k] + [u for u in order if u % 2 == 1][:k]:
+                        cand[u] = 0
+                    return cand
+
+                def add(label, cand):
+                    if cand is not None and tuple(cand) not in seen:
+                        out[label] = tuple(cand)
+                        seen.add(tuple(cand))
+
+                fits = [k for k in range(n) if _uniform(space, dropping(k), rng) is not None]
+                counts = {max(1, math.floor(fraction * n)) for fraction in DROP_FRACTIONS}
+                if fits and fits[0] > 0:
+                    counts.add(fits[0])  # the fewest drops with which uniform levels fit the budget
+                for k in sorted(counts):
+                    add(f"{prefix}{round(100 * k / n)}%+uniform", _uniform(space, dropping(k), rng))
+                # the depth-only heuristic and the mixes between it and the above: for each level of
+                # the linears, dense included, the fewest drops with which every kept linear at it fits
+                # (a level that fits with no drop is the uniform baseline's)
+                for label, pick in _level_picks(space):
+                    if ls.cost(_all_at(space, keep_all, pick)) <= ls.budget:
+                        continue
+                    k = next((k for k in range(1, n + 1) if ls.cost(_all_at(space, dropping(k), pick)) <= ls.budget),
+                             None)
+                    if k is not None:
+                        add(f"{prefix}{round(100 * k / n)}%+{label}", ls.fill(_all_at(space, dropping(k), pick), rng))
         if not out:
             raise ValueError(f"No baseline fits the budget {ls.budget} (the cheapest level of every linear with no "
                              f"sub-block dropped costs {ls.cost(keep_all)}); raise the budget.")
