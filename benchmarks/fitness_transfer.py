@@ -1,15 +1,18 @@
 """Does the search's fitness rank candidates as held-out text does?
 
-For a finished run (its ``result.json``), the found candidate and every baseline the run started
-from are scored by KL to the dense model on three sets of windows: the run's own calibration
-windows (what the search minimised), fresh windows of the same calibration text (another seed:
-same domain, unseen), and the WikiText-2 test windows of the evaluation. When EvoPress beats a
-baseline on the first set but not on the second, the search fitted its few calibration windows;
-when it wins on the second but not the third, the calibration text differs from the evaluation's.
+For a finished run (its ``result.json``), the found candidate and the baselines the run started
+from are scored by KL to the dense model on these sets of windows: the run's own calibration
+windows (what the search minimised); as many held-out windows of the same text (spread over it,
+none sharing a token with a calibration window: same kind of text, unseen); the first windows of
+each other text shipped for calibration (other kinds of text); and the WikiText-2 test windows of
+the evaluation. When EvoPress beats a baseline on the first set but not on the second, the search
+fitted its few calibration windows; when it wins on the second but not on the others, the gain is
+specific to the calibration text's kind.
 
 Usage::
 
-    python benchmarks/fitness_transfer.py outputs/bench-kinds/gemma3/quantization-3/result.json --threads 1
+    python benchmarks/fitness_transfer.py outputs/bench-kinds/gemma3/quantization-3/result.json \
+        --candidates evopress uniform --threads 1
 """
 
 from __future__ import annotations
@@ -22,27 +25,53 @@ from pathlib import Path
 import torch
 
 
-def score_sets(result: dict, fresh_seed: int = 1, eval_windows: int | None = None) -> dict:
-    """``{candidate name: {set name: mean per-token KL}}`` for the run's candidates."""
-    from optimum_evo.data import calibration_windows, evaluation_windows
+def held_out_windows(source, tokenizer, num_samples: int, seq_len: int, seed: int, count: int) -> torch.Tensor:
+    """``count`` windows of ``seq_len`` tokens of ``source``, spread evenly over the text, none of
+    them sharing a token with the windows `calibration_windows` draws with the same arguments."""
+    from optimum_evo.data import load_texts, tokenize_corpus
+
+    ids = tokenize_corpus(load_texts(source, "calibration"), tokenizer)
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=g).tolist()
+    free = [s for s in range(0, ids.numel() - seq_len, seq_len)
+            if all(s + seq_len <= c or c + seq_len <= s for c in starts)]
+    if len(free) < count:
+        raise ValueError(f"{source!r} has only {len(free)} windows of {seq_len} tokens outside the calibration windows.")
+    return torch.stack([ids[free[i * len(free) // count]: free[i * len(free) // count] + seq_len] for i in range(count)])
+
+
+def score_sets(result: dict, eval_windows: int | None = None, texts=None, text_windows: int = 16,
+               candidates=None) -> dict:
+    """``{candidate name: {set name: mean per-token KL}}`` for the run's candidates (``candidates``:
+    names among ``evopress`` and the run's starting points; default all)."""
+    from optimum_evo.data import BUILTIN_TEXTS, EVALUATION_ONLY, calibration_windows, evaluation_windows
     from optimum_evo.fitness import TeacherCache, evaluate
     from optimum_evo.loading import load_model, load_tokenizer
     from optimum_evo.methods.registry import run_method
 
     a = result["arguments"]
+    found = {"evopress": result["candidate"], **result["initial_candidates"]}
+    unknown = sorted(set(candidates or ()) - set(found))
+    if unknown:
+        raise SystemExit(f"{unknown} are not candidates of this run; it has {sorted(found)}.")
+    found = {k: v for k, v in found.items() if not candidates or k in candidates}
+    if texts is None:
+        texts = [t for t, text in BUILTIN_TEXTS.items()
+                 if text.packaged and t not in EVALUATION_ONLY and t != a["dataset"]]
     tok = load_tokenizer(result["model"])
-    sets = {"calibration (searched)": calibration_windows(a["dataset"], tok, a["num_samples"], a["seq_len"], a["seed"]),
-            f"calibration text, seed {fresh_seed} (unseen)": calibration_windows(
-                a["dataset"], tok, a["num_samples"], a["seq_len"], fresh_seed),
-            "WikiText-2 test (evaluation)": evaluation_windows(a["eval_dataset"], tok, a["eval_seq_len"],
-                                                               eval_windows or a["eval_windows"])}
+    n, seq = a["num_samples"], a["seq_len"]
+    sets = {"calibration (searched)": calibration_windows(a["dataset"], tok, n, seq, a["seed"]),
+            "calibration text, held out": held_out_windows(a["dataset"], tok, n, seq, a["seed"], n)}
+    for t in texts:
+        sets[t] = evaluation_windows(t, tok, seq, text_windows)
+    sets["WikiText-2 test (evaluation)"] = evaluation_windows(a["eval_dataset"], tok, a["eval_seq_len"],
+                                                              eval_windows or a["eval_windows"])
     dense = load_model(result["model"], torch.float32)
     teachers = {name: TeacherCache.build(dense, w, "topk", a["top_k"], progress=False) for name, w in sets.items()}
     del dense
     method = run_method({**a, "compression": result["compression"]})
-    candidates = {"evopress": result["candidate"], **result["initial_candidates"]}
     out = {}
-    for name, cand in candidates.items():
+    for name, cand in found.items():
         model = load_model(result["model"], torch.float32)
         method.materialize(model, method.space_from_report(model, result), tuple(cand))
         out[name] = {s: evaluate(model, w, teachers[s], progress=False)["kl"] for s, w in sets.items()}
@@ -64,7 +93,11 @@ def markdown(scores: dict, command: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("result", help="a finished run's result.json")
-    p.add_argument("--fresh-seed", type=int, default=1)
+    p.add_argument("--candidates", nargs="*", default=None, help="evopress and starting points to score "
+                   "(default: all)")
+    p.add_argument("--texts", nargs="*", default=None, help="other texts (default: every other shipped "
+                   "calibration text)")
+    p.add_argument("--text-windows", type=int, default=16, help="windows of each other text")
     p.add_argument("--eval-windows", type=int, default=None, help="default: the run's own")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output", default=None, help="write the table (markdown) here as well")
@@ -72,7 +105,7 @@ def main(argv=None) -> int:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     result = json.loads(Path(ns.result).read_text())
-    scores = score_sets(result, ns.fresh_seed, ns.eval_windows)
+    scores = score_sets(result, ns.eval_windows, ns.texts, ns.text_windows, ns.candidates)
     text = markdown(scores, "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
     print(text)
     if ns.output:

@@ -244,3 +244,31 @@ def test_fitness_transfer_table_marks_the_best_candidate_of_each_window_set():
     text = transfer.markdown(scores, "python fitness_transfer.py r.json")
     assert "| candidate | KL, calibration (searched) | KL, WikiText-2 test (evaluation) |" in text
     assert "| evopress | **0.9000** | 1.3300 |" in text and "| uniform | 0.9500 | **1.2900** |" in text
+
+
+def test_fitness_transfer_held_out_windows_share_no_token_with_the_calibration_windows():
+    import torch
+
+    from optimum_evo.data import calibration_windows, load_texts, tokenize_corpus
+    from optimum_evo.loading import load_tokenizer
+
+    transfer = _benchmark("fitness_transfer")
+    tok = load_tokenizer("smollm2")
+    texts = load_texts("tinyshakespeare")[:400]
+    ids = tokenize_corpus(texts, tok)
+    calib = calibration_windows(texts, tok, num_samples=6, seq_len=64, seed=3)
+    held = transfer.held_out_windows(texts, tok, num_samples=6, seq_len=64, seed=3, count=5)
+    assert held.shape == (5, 64)
+
+    def start(window):  # where the window sits in the tokenized text
+        hits = [s for s in range(ids.numel() - 63) if torch.equal(ids[s:s + 64], window)]
+        assert hits, "a window is not a slice of the text"
+        return hits[0]
+
+    calib_starts = [start(w) for w in calib]
+    held_starts = [start(w) for w in held]
+    assert held_starts == sorted(held_starts) and len(set(held_starts)) == 5  # spread over the text, distinct
+    for h in held_starts:
+        assert all(h + 64 <= c or c + 64 <= h for c in calib_starts), (h, calib_starts)
+    with pytest.raises(ValueError, match="outside the calibration windows"):
+        transfer.held_out_windows(texts, tok, num_samples=6, seq_len=64, seed=3, count=10 ** 6)
