@@ -28,11 +28,10 @@ import torch
 def held_out_windows(source, tokenizer, num_samples: int, seq_len: int, seed: int, count: int) -> torch.Tensor:
     """``count`` windows of ``seq_len`` tokens of ``source``, spread evenly over the text, none of
     them sharing a token with the windows `calibration_windows` draws with the same arguments."""
-    from optimum_evo.data import load_texts, tokenize_corpus
+    from optimum_evo.data import calibration_window_starts, load_texts, tokenize_corpus
 
     ids = tokenize_corpus(load_texts(source, "calibration"), tokenizer)
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=g).tolist()
+    starts = calibration_window_starts(ids.numel(), num_samples, seq_len, seed)
     free = [s for s in range(0, ids.numel() - seq_len, seq_len)
             if all(s + seq_len <= c or c + seq_len <= s for c in starts)]
     if len(free) < count:

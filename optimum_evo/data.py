@@ -279,9 +279,14 @@ def calibration_windows(source, tokenizer, num_samples: int = 128, seq_len: int 
             f"The calibration text has only {ids.numel()} tokens, fewer than one window of {seq_len}; "
             "give more text or lower seq_len."
         )
+    starts = calibration_window_starts(ids.numel(), num_samples, seq_len, seed)
+    return torch.stack([ids[s : s + seq_len] for s in starts])
+
+
+def calibration_window_starts(num_tokens: int, num_samples: int, seq_len: int, seed: int = 0) -> list:
+    """Where `calibration_windows` starts its windows in a text of ``num_tokens`` tokens (seeded)."""
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=g)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    return torch.randint(0, num_tokens - seq_len, (num_samples,), generator=g).tolist()
 
 
 def evaluation_windows(source, tokenizer, seq_len: int = 512, max_windows: int | None = None) -> torch.Tensor:

@@ -376,7 +376,7 @@ HOST_ON_PURPOSE = {
     ("optimum_evo.pipeline.memory", "prefix_cache_budget"): "the spill budget is host memory",
     ("optimum_evo.compressors.offload", "__init__"): "a model with no resident weights runs on the CPU",
     ("optimum_evo.fitness", "build"): "the teacher cache lives in host memory; a window's rows move when scored",
-    ("optimum_evo.data", "calibration_windows"): "token windows are made on the host; each moves when it runs",
+    ("optimum_evo.data", "calibration_window_starts"): "window starts are host integers that index the text",
     ("optimum_evo.correction.train", "__getitem__"): "Trainer makes its batches on the host and moves them",
     ("optimum_evo.methods.sparsity", "owl_candidate"): "per-layer outlier scores, a few numbers",
     ("optimum_evo.methods.joint", "_decode_ns_each"): "latency tables time the CPU kernels of the target machine",

@@ -149,7 +149,7 @@ def test_joint_size_budget_saves_what_it_accounted_reloads_and_exports(tiny_dir,
     dense_mix = [row for k, row in report["results"].items() if k.startswith("depth") and k.endswith("%+dense")]
     assert dense_mix and dense_mix[0]["dropped_sub_blocks"] > 0 and "dense" in dense_mix[0]["linears_per_level"]
     # the same from whole-block ShortGPT (depth-only's better heuristic): a block's attention and MLP go together
-    # (the budget's slack may restore one of them), unless it is the same candidate as a row above
+    # (the budget's slack may restore one of them)
     blocks = [k for k in report["results"] if k.startswith("blocks") and "%+" in k]
     assert blocks, list(report["results"])
     for name, row in report["results"].items():

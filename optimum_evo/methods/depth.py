@@ -241,19 +241,26 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
 
 
+def shortgpt_orders(states: list, n: int) -> dict:
+    """ShortGPT's rankings from the residual states of `residual_states` (``n`` layers), least
+    important first: ``"sub-blocks"`` orders the ``2n`` sub-block units (layer ``i``'s attention is
+    ``2i``, its MLP ``2i + 1``) by their own Block Influence ``1 - cos(in, out)``; ``"blocks"``
+    orders the ``n`` layers by the influence of the whole block."""
+    sub = [1 - _cosine(states[u], states[u + 1]) for u in range(2 * n)]
+    block = [1 - _cosine(states[2 * i], states[2 * i + 2]) for i in range(n)]
+    return {"sub-blocks": sorted(range(2 * n), key=sub.__getitem__),
+            "blocks": sorted(range(n), key=block.__getitem__)}
+
+
 def shortgpt_candidate(space: DepthSpace, states: list, blocks: bool = False) -> tuple:
     """ShortGPT (Men et al. 2024): drop the units of lowest Block Influence ``1 - cos(in, out)``.
 
     ``blocks=True`` ranks whole blocks even in separate mode (same budget: k attention + k MLP)."""
-    n = space.num_layers
+    orders = shortgpt_orders(states, space.num_layers)
     if blocks or space.mode == "block":
-        bi = [1 - _cosine(states[2 * i], states[2 * i + 2]) for i in range(n)]
-        drop = sorted(range(n), key=lambda i: bi[i])[: space.num_drop]
-        return space.candidate(blocks=drop)
-    bi_att = [1 - _cosine(states[2 * i], states[2 * i + 1]) for i in range(n)]
-    bi_mlp = [1 - _cosine(states[2 * i + 1], states[2 * i + 2]) for i in range(n)]
-    att = sorted(range(n), key=lambda i: bi_att[i])[: space.num_drop]
-    mlp = sorted(range(n), key=lambda i: bi_mlp[i])[: space.num_drop]
+        return space.candidate(blocks=orders["blocks"][: space.num_drop])
+    att = [u // 2 for u in orders["sub-blocks"] if u % 2 == 0][: space.num_drop]
+    mlp = [u // 2 for u in orders["sub-blocks"] if u % 2 == 1][: space.num_drop]
     return space.candidate(attention=att, mlp=mlp)
 
 
@@ -300,24 +307,23 @@ class DepthMethod(CompressionMethod):
 
     def joint_drop_orders(self, run, space: DepthSpace) -> dict:
         """Orders of the sub-block units of ``space``, least important first, by the two ShortGPT
-        rankings of the depth baselines: ``"shortgpt"`` ranks each sub-block by its own block
-        influence ``1 - cos(in, out)``; ``"shortgpt_blocks"`` ranks whole blocks (a block's attention
-        then its MLP). The whole-block ranking is the better depth-only model on both models measured
-        (docs/benchmarks/depth.md, gemma3.md), by far at deep cuts (Gemma-3-270M, 28 of 36
-        sub-blocks: perplexity 9.8e5 against 1.9e11), but mixed with quantized linears either may
-        lead, so a joint search starts from both and its fitness decides.
+        rankings of the depth baselines (`shortgpt_orders`), keyed by the prefix of the joint
+        baselines built from them: ``"depth"`` ranks each sub-block by its own block influence,
+        ``"blocks"`` ranks whole blocks (a block's attention, then its MLP). The whole-block ranking
+        is the better depth-only model on both models measured (docs/benchmarks/depth.md,
+        gemma3.md), by far at deep cuts (Gemma-3-270M, 28 of 36 sub-blocks: perplexity 9.8e5
+        against 1.9e11), but mixed with quantized linears either may lead, so a joint search starts
+        from both and its fitness decides.
 
         Example::
 
             orders = get_method("depth").joint_drop_orders(run, space)
-            orders["shortgpt_blocks"][:4]  # [2 * i, 2 * i + 1, 2 * j, 2 * j + 1]: blocks i and j first
+            orders["blocks"][:4]  # [2 * i, 2 * i + 1, 2 * j, 2 * j + 1]: blocks i and j first
         """
         states = residual_states(run.search_model, run.calibration[: min(8, len(run.calibration))], space)
-        n = space.num_layers
-        influence = [1 - _cosine(states[u], states[u + 1]) for u in range(2 * n)]
-        block = [1 - _cosine(states[2 * i], states[2 * i + 2]) for i in range(n)]
-        return {"shortgpt": sorted(range(2 * n), key=lambda u: influence[u]),
-                "shortgpt_blocks": [u for i in sorted(range(n), key=lambda i: block[i]) for u in (2 * i, 2 * i + 1)]}
+        orders = shortgpt_orders(states, space.num_layers)
+        blocks = [u for i in orders["blocks"] for u in (2 * i, 2 * i + 1)]
+        return {"depth": orders["sub-blocks"], "blocks": blocks}
 
     def validate(self, args) -> None:
         if args.lora_correction:

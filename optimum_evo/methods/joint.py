@@ -730,20 +730,20 @@ class JointMethod(CompressionMethod):
         if block is not None:
             n = space.num_layers
             seen = set(out.values())
+
+            def add(label, cand):
+                if cand is not None and tuple(cand) not in seen:
+                    out[label] = tuple(cand)
+                    seen.add(tuple(cand))
+
             # DepthSpace units, least important first, by each of the depth kind's rankings
-            for ranking, order in block.joint_drop_orders(run, space.depth).items():
-                prefix = "blocks" if ranking.endswith("_blocks") else "depth"
+            for prefix, order in block.joint_drop_orders(run, space.depth).items():
 
                 def dropping(k, order=order):
                     cand = list(keep_all)
                     for u in [u for u in order if u % 2 == 0][:k] + [u for u in order if u % 2 == 1][:k]:
                         cand[u] = 0
                     return cand
-
-                def add(label, cand):
-                    if cand is not None and tuple(cand) not in seen:
-                        out[label] = tuple(cand)
-                        seen.add(tuple(cand))
 
                 fits = [k for k in range(n) if _uniform(space, dropping(k), rng) is not None]
                 counts = {max(1, math.floor(fraction * n)) for fraction in DROP_FRACTIONS}
@@ -757,10 +757,11 @@ class JointMethod(CompressionMethod):
                 for label, pick in _level_picks(space):
                     if ls.cost(_all_at(space, keep_all, pick)) <= ls.budget:
                         continue
-                    k = next((k for k in range(1, n + 1) if ls.cost(_all_at(space, dropping(k), pick)) <= ls.budget),
-                             None)
-                    if k is not None:
-                        add(f"{prefix}{round(100 * k / n)}%+{label}", ls.fill(_all_at(space, dropping(k), pick), rng))
+                    for k in range(1, n + 1):
+                        cand = _all_at(space, dropping(k), pick)
+                        if ls.cost(cand) <= ls.budget:
+                            add(f"{prefix}{round(100 * k / n)}%+{label}", ls.fill(cand, rng))
+                            break
         if not out:
             raise ValueError(f"No baseline fits the budget {ls.budget} (the cheapest level of every linear with no "
                              f"sub-block dropped costs {ls.cost(keep_all)}); raise the budget.")
