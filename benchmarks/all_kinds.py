@@ -146,6 +146,7 @@ def main(argv=None) -> int:
                    "method's own)")
     p.add_argument("--preset", default="fast")
     p.add_argument("--generations", type=int, default=None)
+    p.add_argument("--calibration", default="brown", help="calibration text: a built-in name or a text file")
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--random-candidates", type=int, default=16)
@@ -166,7 +167,8 @@ def main(argv=None) -> int:
             print(f"== {run_name(kind, target)}", flush=True)
             levels = [int(x) for x in ns.levels.split(",")] if ns.levels and kind == "quantization" else None
             run_search(SearchArguments(model=ns.model, compression=kind, target=target, levels=levels,
-                                       preset=ns.preset, generations=ns.generations, num_samples=ns.num_samples,
+                                       preset=ns.preset, generations=ns.generations, dataset=ns.calibration,
+                                       num_samples=ns.num_samples,
                                        eval_windows=ns.eval_windows, random_candidates=ns.random_candidates,
                                        output_dir=str(out), compare_baselines=True, save_model=False))
             (out / "benchmark.json").write_text(json.dumps(
