@@ -265,7 +265,8 @@ def test_latency_entries_are_timed_in_interleaved_rounds_so_a_passing_load_hits_
 
     times = time_calls({"a": work, "b": work}, min_seconds=0.002, rounds=7)
     assert calls[0] > 60  # the load came: warm-up, then 7 rounds of about 9 calls each
-    assert max(times.values()) / min(times.values()) < 1.3
+    # timed one entry after the other, the ratio would be 2; 1.5 leaves room for a busy machine
+    assert max(times.values()) / min(times.values()) < 1.5
 
 
 def test_single_kind_under_a_size_budget_saves_that_kinds_checkpoint(tiny_dir, tmp_path):
