@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(ns.threads)
-    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    command = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     root = Path(ns.output) / Path(ns.model).name
     doc = Path(ns.doc) if ns.doc else (None if ns.doc == "" else Path("docs/benchmarks") / f"{Path(ns.model).name}.md")
     for kind, target in ns.runs:
