@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(ns.threads)
     result = json.loads(Path(ns.result).read_text())
     scores = score_sets(result, ns.eval_windows, ns.texts, ns.text_windows, ns.candidates)
-    text = markdown(scores, "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
+    text = markdown(scores, "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
     print(text)
     if ns.output:
         Path(ns.output).write_text(text)
