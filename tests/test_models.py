@@ -272,3 +272,12 @@ def test_gemma3_conversion(tmp_path):
         out = model(ids, labels=ids)
     assert torch.isfinite(out.logits).all()
     assert out.loss.exp().item() < 1000
+    # Every calibration and evaluation window starts with BOS, as Gemma expects: without it the
+    # model loses much of its quality, which would skew every search and every perplexity.
+    from optimum_evo.data import evaluation_windows
+    from optimum_evo.fitness import perplexity
+
+    with_bos = evaluation_windows("brown", tokenizer, seq_len=128, max_windows=2)
+    assert (with_bos[:, 0] == 2).all()
+    without = torch.cat([with_bos[:, 1:], with_bos[:, 1:2]], dim=1)  # same text, no BOS
+    assert perplexity(model, with_bos, progress=False) < 0.8 * perplexity(model, without, progress=False)

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import tokenizer_adds_bos
 from ..decoder import find_decoder_layout
 from ..version import __version__
 from .base import Exporter, register_exporter
@@ -323,16 +324,6 @@ def _token_types(tok, vocab_size: int, byte_tokens: bool) -> tuple:
             tokens.append(token)
             types.append(gguf.TokenType.NORMAL)
     return tokens, types
-
-
-def tokenizer_adds_bos(tok) -> bool:
-    """Whether ``tok`` puts BOS before a text: what it does, whatever its attributes say (a
-    post-processor may add it); its ``add_bos_token`` when it cannot encode."""
-    bos = getattr(tok, "bos_token_id", None)
-    try:
-        return bool(bos is not None and tok("a").input_ids[:1] == [bos])
-    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode: fall back to its attribute
-        return bool(getattr(tok, "add_bos_token", False))
 
 
 def _special_ids(writer, tok) -> None:
