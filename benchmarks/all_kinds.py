@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from depth_smollm2 import machine  # noqa: E402
+from doc_sections import command_line  # noqa: E402
 
 from optimum_evo.pipeline import SearchArguments, run_search  # noqa: E402
 
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(ns.threads)
-    command = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(__file__, argv)
     root = Path(ns.output) / Path(ns.model).name
     doc = Path(ns.doc) if ns.doc else (None if ns.doc == "" else Path("docs/benchmarks") / f"{Path(ns.model).name}.md")
     for kind, target in ns.runs:

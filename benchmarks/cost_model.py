@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from doc_sections import command_line
+
 #: the target models' shapes (their published configs)
 TARGETS = {
     # the model the rates are measured on: its rows check the model against measured runs
@@ -255,7 +257,7 @@ def main(argv=None) -> int:
     out = Path(ns.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cost_model.json").write_text(json.dumps({"rates": rates, "gpu": gpu, "rows": rows}, indent=1))
-    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(__file__, argv)
     lines = table(rows, rates, gpu, command, ns.threads)
     print("\n".join(lines))
     if ns.doc:

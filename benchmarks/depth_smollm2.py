@@ -20,6 +20,8 @@ import platform
 import sys
 from pathlib import Path
 
+from doc_sections import command_line
+
 from optimum_evo.pipeline import SearchArguments, run_search
 
 ORACLE_SKIP = 0.15  # fraction of WikiText-2 test lines left out of the oracle calibration text
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
                            eval_windows=ns.eval_windows, reuse_prefix=ns.reuse_prefix, seed=ns.seed,
                            output_dir=ns.output, compare_baselines=ns.compare_baselines, save_model=False)
     report = run_search(args)
-    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(__file__, argv)
     text = markdown(report, command)
     print(text)
     if ns.doc:

@@ -19,32 +19,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 
+from doc_sections import command_line
 
-def held_out_windows(source, tokenizer, num_samples: int, seq_len: int, seed: int, count: int) -> torch.Tensor:
-    """``count`` windows of ``seq_len`` tokens of ``source``, spread evenly over the text, none of
-    them sharing a token with the windows `calibration_windows` draws with the same arguments."""
-    from optimum_evo.data import calibration_window_starts, load_texts, tokenize_corpus
+
+def searched_and_held_out_windows(source, tokenizer, num_samples: int, seq_len: int, seed: int,
+                                  count: int) -> tuple:
+    """The windows `calibration_windows` draws with these arguments (those the search scored), and
+    ``count`` windows of ``seq_len`` tokens of ``source`` spread evenly over the text, none of them
+    sharing a token with the first ones; the text is tokenized once for both."""
+    from optimum_evo.data import calibration_window_starts, cut_windows, load_texts, tokenize_corpus, window_bos
 
     ids = tokenize_corpus(load_texts(source, "calibration"), tokenizer)
-    starts = calibration_window_starts(ids.numel(), num_samples, seq_len, seed)
-    free = [s for s in range(0, ids.numel() - seq_len, seq_len)
-            if all(s + seq_len <= c or c + seq_len <= s for c in starts)]
+    bos = window_bos(tokenizer)
+    span = seq_len - (bos is not None)  # text tokens per window, as calibration_windows cuts them
+    starts = calibration_window_starts(ids.numel(), num_samples, span, seed)
+    free = [s for s in range(0, ids.numel() - span, span) if all(s + span <= c or c + span <= s for c in starts)]
     if len(free) < count:
         raise ValueError(f"{source!r} has only {len(free)} windows of {seq_len} tokens outside the calibration windows.")
-    return torch.stack([ids[free[i * len(free) // count]: free[i * len(free) // count] + seq_len] for i in range(count)])
+    held_out = [free[i * len(free) // count] for i in range(count)]
+    return cut_windows(ids, starts, span, bos), cut_windows(ids, held_out, span, bos)
 
 
 def score_sets(result: dict, eval_windows: int | None = None, texts=None, text_windows: int = 16,
                candidates=None) -> dict:
     """``{candidate name: {set name: mean per-token KL}}`` for the run's candidates (``candidates``:
     names among ``evopress`` and the run's starting points; default all)."""
-    from optimum_evo.data import BUILTIN_TEXTS, EVALUATION_ONLY, calibration_windows, evaluation_windows
+    from optimum_evo.data import BUILTIN_TEXTS, EVALUATION_ONLY, evaluation_windows
     from optimum_evo.fitness import TeacherCache, evaluate
     from optimum_evo.loading import load_model, load_tokenizer
     from optimum_evo.methods.registry import run_method
@@ -60,8 +65,8 @@ def score_sets(result: dict, eval_windows: int | None = None, texts=None, text_w
                  if text.packaged and t not in EVALUATION_ONLY and t != a["dataset"]]
     tok = load_tokenizer(result["model"])
     n, seq = a["num_samples"], a["seq_len"]
-    sets = {"calibration (searched)": calibration_windows(a["dataset"], tok, n, seq, a["seed"]),
-            "calibration text, held out": held_out_windows(a["dataset"], tok, n, seq, a["seed"], n)}
+    searched, held_out = searched_and_held_out_windows(a["dataset"], tok, n, seq, a["seed"], n)
+    sets = {"calibration (searched)": searched, "calibration text, held out": held_out}
     for t in texts:
         sets[t] = evaluation_windows(t, tok, seq, text_windows)
     sets["WikiText-2 test (evaluation)"] = evaluation_windows(a["eval_dataset"], tok, a["eval_seq_len"],
@@ -106,7 +111,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(ns.threads)
     result = json.loads(Path(ns.result).read_text())
     scores = score_sets(result, ns.eval_windows, ns.texts, ns.text_windows, ns.candidates)
-    text = markdown(scores, "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
+    text = markdown(scores, command_line(__file__, argv))
     print(text)
     if ns.output:
         Path(ns.output).write_text(text)

@@ -36,8 +36,8 @@ llama.cpp's ``llama-imatrix`` and ``llama-quantize``, built from its sources).
 
 Each is exported with ``export(model, dir, "gguf", dense_type="F32")``, loaded by llama-cpp-python
 (``Llama(model_path, n_ctx=512, logits_all=True)``), and every window is evaluated token by token
-from its first token (no BOS added, as in our evaluation). Results: ``OUTPUT/gguf.jsonl`` and a table
-in ``--doc`` between markers.
+from its first token: the ids of our evaluation, BOS first where the tokenizer adds it. Results:
+``OUTPUT/gguf.jsonl`` and a table in ``--doc`` between markers.
 
 Usage::
 
@@ -63,6 +63,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from doc_sections import command_line
 
 
 def llamacpp_perplexity(path: Path, windows: torch.Tensor, threads: int) -> dict:
@@ -109,7 +111,7 @@ def tokenizer_agrees(path: Path, tok, text: str) -> bool:
     tokenizer adds it, special tokens parsed)."""
     from llama_cpp import Llama
 
-    from optimum_evo.exporters.gguf import tokenizer_adds_bos
+    from optimum_evo.data import tokenizer_adds_bos
 
     llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
     same = llm.tokenize(text.encode(), add_bos=tokenizer_adds_bos(tok), special=True) == tok(text).input_ids
@@ -149,7 +151,7 @@ def llamacpp_imatrix_quantize(ns, dense_file: Path, target: Path, ftype: str, to
     if not matrix.exists():
         windows = calibration_windows("brown", tok, ns.num_samples, 512, 0)
         text = matrix.with_suffix(".txt")
-        text.write_text("\n\n".join(tok.decode(w) for w in windows.tolist()))
+        text.write_text("\n\n".join(tok.decode(w, skip_special_tokens=True) for w in windows.tolist()))
         subprocess.run([str(tools / "llama-imatrix"), "-m", str(dense_file), "-f", str(text), "-o", str(matrix),
                         "-c", "512", "-t", str(ns.threads), "--chunks", str(ns.num_samples)], check=True,
                        capture_output=True)
@@ -354,7 +356,7 @@ def main(argv=None) -> int:
                         "this process (run it on a quiet machine)")
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
-    from optimum_evo.data import calibration_windows, evaluation_windows, join_corpus, load_texts
+    from optimum_evo.data import calibration_windows, evaluation_windows, join_corpus, load_texts, window_bos
     from optimum_evo.embedded_models import resolve_model
     from optimum_evo.exporters import export
     from optimum_evo.fitness import evaluate
@@ -367,7 +369,7 @@ def main(argv=None) -> int:
     out = Path(ns.output)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(__file__, argv)
 
     def record(label: str, note: str, model, file: Path, types: dict, start: float) -> None:
         """One row: ``model`` evaluated by us and its GGUF ``file`` by llama.cpp, on the same windows;
@@ -454,7 +456,8 @@ def main(argv=None) -> int:
                  + "; ".join(f"`{c}`" for c in commands),
                  f"- Machine: {os.cpu_count()} cores, torch {torch.__version__}, llama-cpp-python "
                  f"{llama_cpp.__version__}; dates {', '.join(sorted({r.get('date') or '-' for r in rows} | old_dates))}.",
-                 f"- WikiText-2 test, first {ns.windows} x 512-token windows, no BOS.", "",
+                 f"- WikiText-2 test, first {ns.windows} x 512-token windows, "
+                 + ("each after BOS." if window_bos(tok) is not None else "no BOS (the tokenizer adds none)."), "",
                  "- Tokens: whether llama.cpp's tokenizer of the file gives transformers' ids on the first 20,000 "
                  "characters of the test text (- where not checked).", "",
                  "- Decode: llama.cpp's decode step after 128 tokens against the dense model's in `F16`, timed in the "

@@ -31,7 +31,6 @@ import gc
 import json
 import math
 import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ from optimum_evo.record import checkpoint_record  # noqa: E402
 from optimum_evo.settings import SearchArguments  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc_sections import write_section  # noqa: E402
+from doc_sections import command_line, write_section  # noqa: E402
 
 GPTQ = "GPTQ export of 3.0 bits, in gptqmodel"
 VARIANTS = ("dense", "quantization 3.0 bits", "quantization 2.5 bits", "3.0 bits + dequantized cache",
@@ -331,7 +330,7 @@ def main(argv=None):
                 del timed
                 gc.collect()
                 (out / "results.json").write_text(json.dumps(results, indent=1))
-    command = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(__file__, argv)
     text = markdown(results, command, skipped)
     print(text)
     if ns.doc:

@@ -46,6 +46,7 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parent))
 from depth_smollm2 import machine  # noqa: E402
+from doc_sections import command_line  # noqa: E402
 
 from optimum_evo.pipeline import SearchArguments, run_search  # noqa: E402
 
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
     ns = p.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(__file__, argv)
     levels = [int(x) for x in ns.levels.split(",")]
     table, notes, speed_folders = [], [], {}
     dense_ppl = None

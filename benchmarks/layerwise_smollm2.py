@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from depth_smollm2 import machine
+from doc_sections import command_line
 
 from optimum_evo.pipeline import SearchArguments, run_search
 
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(ns.threads)
-    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(__file__, argv)
     runs = [("quantization", t) for t in ns.bits] + [("sparsity", t) for t in ns.sparsity]
     for kind, target in runs:
         out = Path(ns.output) / f"{kind}-{target}"

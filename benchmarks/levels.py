@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from doc_sections import command_line
+
 
 def uniform_rows(ctx, bits_list, tag: str) -> list:
     """Evaluate the uniform ``b``-bit model at the database's group size (and every other group size
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     rows = uniform_rows(ctx, [int(b) for b in ns.levels.split(",")], tag)
     out = Path(ns.output)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(__file__, argv)
     with open(out / "levels.jsonl", "a") as f:
         for r in rows:
             r.update(model=ns.model, command=command, date=datetime.date.today().isoformat(),

@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from depth_smollm2 import machine  # noqa: E402
+from doc_sections import command_line  # noqa: E402
 
 from optimum_evo.compressors.calibrate import walk_blocks  # noqa: E402
 from optimum_evo.compressors.obs import sparsegpt  # noqa: E402
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
     ns = p.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(__file__, argv)
     out = Path(ns.output)
     if ns.doc_only:
         write_doc(out, ns.doc)

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from doc_sections import write_section  # noqa: E402
+from doc_sections import command_line, write_section  # noqa: E402
 
 MODES = ("baseline", "memory", "disk")
 
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
         print(f"{mode}: peak RSS {rows[-1]['peak_rss_bytes'] / 2**20:.0f} MB", flush=True)
     import torch
 
-    meta = {"command": "python benchmarks/offload_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = {"command": command_line(__file__, argv),
             "machine": f"{os.cpu_count()} cores, torch {torch.__version__}",
             "date": datetime.date.today().isoformat(), "model": ns.model, "levels": ns.levels,
             "num_samples": ns.num_samples, "seq_len": ns.seq_len, "threads": ns.threads}

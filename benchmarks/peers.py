@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from doc_sections import command_line
+
 REPO = Path(__file__).resolve().parents[1]
 AUTOROUND_DIR = REPO / ".venv" / "peers-autoround"
 GPTQMODEL_DIR = REPO / ".venv" / "gptqmodel-cpu"
@@ -612,7 +614,7 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown rows {sorted(unknown)}; choose from {ROW_KINDS}")
     bench = Bench(ns)
-    meta = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+    meta = {"command": command_line(__file__, argv),
             "machine": machine(), "threads": ns.threads, "date": datetime.date.today().isoformat(),
             "num_samples": ns.num_samples, "seq_len": ns.seq_len}
     (bench.root / "meta.json").write_text(json.dumps(meta, indent=1))

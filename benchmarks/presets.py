@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import shlex
 import sys
 import time
 from dataclasses import replace
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc_sections import write_section  # noqa: E402
+from doc_sections import command_line, write_section  # noqa: E402
 from depth_smollm2 import machine  # noqa: E402
 
 
@@ -206,7 +205,7 @@ def main(argv=None) -> int:
         ctx.eval_space.apply(ctx.model, cand)
         first = {"name": name, **evaluate_model(ctx.model, ctx.evaluation, eval_teacher, progress=False)}
         ctx.eval_space.restore(ctx.model)
-    command = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(__file__, argv)
     results = {name: run_schedule(ctx, name, offspring, st, ns.tokens, out, eval_teacher, command)
                for name, offspring, st in ns.schedules}
     # schedules finished by other runs into the same folder (e.g. one process per schedule) join the table

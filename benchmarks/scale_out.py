@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from doc_sections import write_section  # noqa: E402
+from doc_sections import command_line, write_section  # noqa: E402
 
 KIND_ARGS = {
     "depth": ["--compression", "depth", "--target", "0.25"],
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
                   f"{row['candidate_tokens_per_second']:.0f} candidate-tokens/s", flush=True)
     import torch
 
-    meta = {"command": "python benchmarks/scale_out.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = {"command": command_line(__file__, argv),
             "machine": f"{os.cpu_count()} cores, torch {torch.__version__}", "date": datetime.date.today().isoformat(),
             "model": ns.model, "num_samples": ns.num_samples, "seq_len": ns.seq_len, "generations": ns.generations}
     with open(out / "scale-out.jsonl", "a") as f:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from depth_smollm2 import machine
+from doc_sections import command_line
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_evo.compressors import dequantize_codes, find_params, gptq, quantize_codes
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-windows", type=int, default=20)
     p.add_argument("--doc", default="docs/benchmarks/value-hessian.md")
     ns = p.parse_args(argv)
-    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(__file__, argv)
     path = resolve_model(ns.model)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -257,8 +257,8 @@ def test_fitness_transfer_held_out_windows_share_no_token_with_the_calibration_w
     texts = load_texts("tinyshakespeare")[:400]
     ids = tokenize_corpus(texts, tok)
     calib = calibration_windows(texts, tok, num_samples=6, seq_len=64, seed=3)
-    held = transfer.held_out_windows(texts, tok, num_samples=6, seq_len=64, seed=3, count=5)
-    assert held.shape == (5, 64)
+    searched, held = transfer.searched_and_held_out_windows(texts, tok, num_samples=6, seq_len=64, seed=3, count=5)
+    assert torch.equal(searched, calib) and held.shape == (5, 64)
 
     def start(window):  # where the window sits in the tokenized text
         hits = [s for s in range(ids.numel() - 63) if torch.equal(ids[s:s + 64], window)]
@@ -271,4 +271,13 @@ def test_fitness_transfer_held_out_windows_share_no_token_with_the_calibration_w
     for h in held_starts:
         assert all(h + 64 <= c or c + 64 <= h for c in calib_starts), (h, calib_starts)
     with pytest.raises(ValueError, match="outside the calibration windows"):
-        transfer.held_out_windows(texts, tok, num_samples=6, seq_len=64, seed=3, count=10 ** 6)
+        transfer.searched_and_held_out_windows(texts, tok, num_samples=6, seq_len=64, seed=3, count=10 ** 6)
+
+
+def test_recorded_commands_read_back_as_typed():
+    import shlex
+
+    command = _benchmark("doc_sections").command_line("/somewhere/benchmarks/joint.py",
+                                                      ["--doc", "", "--calibration", "my texts/a b.txt"])
+    assert command.startswith("python benchmarks/joint.py ")
+    assert shlex.split(command)[2:] == ["--doc", "", "--calibration", "my texts/a b.txt"]

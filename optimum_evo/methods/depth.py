@@ -259,9 +259,8 @@ def shortgpt_candidate(space: DepthSpace, states: list, blocks: bool = False) ->
     orders = shortgpt_orders(states, space.num_layers)
     if blocks or space.mode == "block":
         return space.candidate(blocks=orders["blocks"][: space.num_drop])
-    att = [u // 2 for u in orders["sub-blocks"] if u % 2 == 0][: space.num_drop]
-    mlp = [u // 2 for u in orders["sub-blocks"] if u % 2 == 1][: space.num_drop]
-    return space.candidate(attention=att, mlp=mlp)
+    att, mlp = _layers_of(orders["sub-blocks"])
+    return space.candidate(attention=att[: space.num_drop], mlp=mlp[: space.num_drop])
 
 
 def sliding_window_cosine_candidate(space: DepthSpace, states: list, blocks: bool = False) -> tuple:
@@ -273,8 +272,14 @@ def sliding_window_cosine_candidate(space: DepthSpace, states: list, blocks: boo
         return space.candidate(blocks=range(best, best + k))
     width = 2 * k  # k attention + k MLP sub-blocks, whatever the start
     best = max(range(2 * n - width + 1), key=lambda s: _cosine(states[s], states[s + width]))
-    units = range(best, best + width)
-    return space.candidate(attention=[u // 2 for u in units if u % 2 == 0], mlp=[u // 2 for u in units if u % 2 == 1])
+    att, mlp = _layers_of(range(best, best + width))
+    return space.candidate(attention=att, mlp=mlp)
+
+
+def _layers_of(units) -> tuple:
+    """``(attention layers, MLP layers)`` of sub-block ``units`` (layer ``i``'s attention is ``2i``,
+    its MLP ``2i + 1``), each in the order of ``units``."""
+    return [u // 2 for u in units if u % 2 == 0], [u // 2 for u in units if u % 2 == 1]
 
 
 def _stages(*pairs) -> tuple:
