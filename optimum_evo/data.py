@@ -324,7 +324,7 @@ def calibration_window_starts(num_tokens: int, num_samples: int, span: int, seed
 
 
 def evaluation_windows(source, tokenizer, seq_len: int = 512, max_windows: int | None = None) -> torch.Tensor:
-    """Standard perplexity protocol: lines joined by ``"\n\n"``, tokenized once, cut into
+    """Standard perplexity protocol: lines joined by ``"\\n\\n"``, tokenized once, cut into
     non-overlapping windows of ``seq_len`` (the tail shorter than a window is dropped). For a tokenizer
     that adds BOS each window is BOS and the next ``seq_len - 1`` text tokens (as llama.cpp's
     ``perplexity`` does), so every text token is scored once and with the context the model expects."""
