@@ -32,11 +32,10 @@ def searched_and_held_out_windows(source, tokenizer, num_samples: int, seq_len: 
     """The windows `calibration_windows` draws with these arguments (those the search scored), and
     ``count`` windows of ``seq_len`` tokens of ``source`` spread evenly over the text, none of them
     sharing a token with the first ones; the text is tokenized once for both."""
-    from optimum_evo.data import calibration_window_starts, cut_windows, load_texts, tokenize_corpus, window_bos
+    from optimum_evo.data import calibration_window_starts, cut_windows, load_texts, tokenize_corpus, window_span
 
     ids = tokenize_corpus(load_texts(source, "calibration"), tokenizer)
-    bos = window_bos(tokenizer)
-    span = seq_len - (bos is not None)  # text tokens per window, as calibration_windows cuts them
+    bos, span = window_span(tokenizer, seq_len)
     starts = calibration_window_starts(ids.numel(), num_samples, span, seed)
     free = [s for s in range(0, ids.numel() - span, span) if all(s + span <= c or c + span <= s for c in starts)]
     if len(free) < count:

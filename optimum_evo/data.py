@@ -50,7 +50,7 @@ import torch
 
 __all__ = ["BUILTIN_TEXTS", "EVALUATION_ONLY", "BuiltinText", "TextUnavailableError", "builtin_text_path",
            "builtin_texts", "calibration_windows", "cut_windows", "data_dirs", "evaluation_windows", "join_corpus",
-           "load_texts", "text_cache_dir", "tokenize_corpus", "tokenizer_adds_bos", "window_bos"]
+           "load_texts", "text_cache_dir", "tokenize_corpus", "tokenizer_adds_bos", "window_bos", "window_span"]
 
 PACKAGED_DIR = Path(__file__).resolve().parent / "texts"
 
@@ -292,6 +292,13 @@ def window_bos(tokenizer) -> Optional[int]:
     return int(tokenizer.bos_token_id) if tokenizer_adds_bos(tokenizer) else None
 
 
+def window_span(tokenizer, seq_len: int) -> tuple:
+    """``(bos, span)`` of a window of ``seq_len`` tokens: the BOS it begins with (`window_bos`, or
+    None) and how many text tokens follow it."""
+    bos = window_bos(tokenizer)
+    return bos, seq_len - (bos is not None)
+
+
 def cut_windows(ids: torch.Tensor, starts: Sequence[int], span: int, bos: Optional[int]) -> torch.Tensor:
     """``[len(starts), span (+1)]``: the text slices ``ids[s : s + span]``, each after ``bos`` when given."""
     rows = torch.stack([ids[s : s + span] for s in starts])
@@ -306,8 +313,7 @@ def calibration_windows(source, tokenizer, num_samples: int = 128, seq_len: int 
     if num_samples < 1 or seq_len < 2:
         raise ValueError(f"num_samples must be >= 1 and seq_len >= 2 (got {num_samples}, {seq_len}).")
     ids = tokenize_corpus(load_texts(source, "calibration"), tokenizer)
-    bos = window_bos(tokenizer)
-    span = seq_len - (bos is not None)
+    bos, span = window_span(tokenizer, seq_len)
     if ids.numel() < span + 1:
         raise ValueError(
             f"The calibration text has only {ids.numel()} tokens, fewer than one window of {seq_len}; "
@@ -329,8 +335,7 @@ def evaluation_windows(source, tokenizer, seq_len: int = 512, max_windows: int |
     that adds BOS each window is BOS and the next ``seq_len - 1`` text tokens (as llama.cpp's
     ``perplexity`` does), so every text token is scored once and with the context the model expects."""
     ids = tokenize_corpus(load_texts(source, "evaluation"), tokenizer)
-    bos = window_bos(tokenizer)
-    span = seq_len - (bos is not None)
+    bos, span = window_span(tokenizer, seq_len)
     n = ids.numel() // span
     if max_windows is not None:
         n = min(n, max_windows)
