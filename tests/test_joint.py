@@ -152,6 +152,14 @@ def test_joint_size_budget_saves_what_it_accounted_reloads_and_exports(tiny_dir,
     # (the budget's slack may restore one of them)
     blocks = [k for k in report["results"] if k.startswith("blocks") and "%+" in k]
     assert blocks, list(report["results"])
+    # where the slack switched sub-blocks back on, the same drops with the slack unspent are a start too
+    results = report["results"]
+    unfilled = [k for k in results if k.endswith("-unfilled")]
+    assert unfilled, list(results)
+    for k in unfilled:
+        filled = results[k[: -len("-unfilled")]]
+        assert results[k]["dropped_sub_blocks"] > filled["dropped_sub_blocks"], k
+        assert results[k]["size_bytes"] < filled["size_bytes"] <= budget, k
     for name, row in report["results"].items():
         if name != "dense":
             assert row["size_bytes"] <= budget, name

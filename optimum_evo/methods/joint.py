@@ -760,7 +760,12 @@ class JointMethod(CompressionMethod):
                     for k in range(1, n + 1):
                         cand = _all_at(space, dropping(k), pick)
                         if ls.cost(cand) <= ls.budget:
-                            add(f"{prefix}{round(100 * k / n)}%+{label}", ls.fill(cand, rng))
+                            filled = ls.fill(cand, rng)
+                            add(f"{prefix}{round(100 * k / n)}%+{label}", filled)
+                            if filled[:space.num_blocks] != tuple(cand[:space.num_blocks]):
+                                # the slack switched sub-blocks back on at their cheapest levels, which
+                                # can cost more quality than it buys: the start with the slack unspent
+                                add(f"{prefix}{round(100 * k / n)}%+{label}-unfilled", cand)
                             break
         if not out:
             raise ValueError(f"No baseline fits the budget {ls.budget} (the cheapest level of every linear with no "
