@@ -71,6 +71,84 @@ def test_engine_finds_the_best_allocation_under_a_budget():
     assert result.best == (3, 1) and space.cost(result.best) == 10
 
 
+def layered_space(budget=70):
+    # 4 parents (sub-blocks, off / on costing 0 / 2), 4 leaves under each, 4 free leaves
+    costs = [(0, 2)] * 4 + [(1, 2, 4, 8)] * 20
+    parents = (-1,) * 4 + tuple(i // 4 for i in range(16)) + (-1,) * 4
+    return BudgetSpace(tuple(f"u{i}" for i in range(24)), tuple(costs), budget, parents)
+
+
+class LayeredObjective:
+    """Leaves lose ``(3 - level) * weight`` while active; each parent kept costs ``per_parent``."""
+    num_samples, tokens_per_sample = 8, 1
+
+    def __init__(self, space, per_parent):
+        self.space, self.per_parent = space, per_parent
+
+    def score(self, cands, ids):
+        return [sum((3 - c[i]) * (1 + i % 3) for i in range(4, 24) if self.space.active(c, i))
+                + self.per_parent * sum(c[:4]) for c in cands]
+
+
+def structure_rates(per_parent, seeds=range(6), generations=30):
+    out = []
+    for seed in seeds:
+        space = layered_space()
+        start = space.fill((1,) * 20 + (0,) * 4, random.Random(0))
+        cfg = SearchConfig(generations=generations, offspring=8, stages=(Stage(1, 2),), init_tokens=2, seed=seed)
+        result = EvolutionarySearch(space, LayeredObjective(space, per_parent), cfg, progress=False).run([start])
+        out.append([h["structure_rate"] for h in result.history])
+    return out
+
+
+def test_structural_moves_are_drawn_at_the_rate_asked():
+    space = layered_space()
+    start = space.fill((1,) * 20 + (0,) * 4, random.Random(0))
+    assert space.structure_share() == 4 / 24
+    for rate, lo, hi in ((0.0, 0, 0), (1.0, 300, 300), (0.5, 110, 190)):
+        rng = random.Random(1)
+        moved = sum(space.switch(start, rng, structure_rate=rate)[:4] != start[:4] for _ in range(300))
+        assert lo <= moved <= hi, (rate, moved)
+    assert BudgetSpace(("a", "b"), ((1, 2), (1, 2)), 3).structure_share() is None  # nothing to adapt
+
+
+def test_engine_spends_fewer_moves_on_sub_blocks_where_drops_do_not_pay():
+    share = 4 / 24
+    # every kept sub-block is needed: structural children lose, the rate falls below the uniform share
+    losing = structure_rates(per_parent=-100)
+    assert all(r[0] == share for r in losing)
+    late = [x for r in losing for x in r[10:]]
+    assert sum(late) / len(late) < 0.75 * share
+    assert min(late) == 1 / 24  # the floor: one unit's share, never zero
+    # sub-blocks are harmful: dropping them pays early on, and the rate rises above the share
+    paying = structure_rates(per_parent=10, generations=6)
+    assert sum(max(r) > share for r in paying) >= 4
+    assert max(x for r in paying for x in r) <= 0.5
+
+
+def test_killed_joint_search_resumes_with_its_structure_rate(tmp_path):
+    space = layered_space()
+    start = space.fill((1,) * 20 + (0,) * 4, random.Random(0))
+    cfg = SearchConfig(generations=16, offspring=6, stages=(Stage(1, 2),), init_tokens=2, seed=5)
+    full = EvolutionarySearch(space, LayeredObjective(space, -100), cfg, progress=False).run([start])
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_7(gen, _):
+        if gen == 7:
+            raise Killed
+
+    with pytest.raises(Killed):
+        EvolutionarySearch(space, LayeredObjective(space, -100), cfg, tmp_path, progress=False,
+                           callback=kill_at_7).run([start])
+    resumed = EvolutionarySearch(space, LayeredObjective(space, -100), cfg, tmp_path, progress=False).run([start])
+    assert resumed.resumed_from == 7
+    assert [h["structure_rate"] for h in resumed.history] == [h["structure_rate"] for h in full.history]
+    assert resumed.best == full.best
+    assert len({h["structure_rate"] for h in full.history}) > 1
+
+
 @pytest.mark.parametrize("text, expected", [
     ("60MB", ("bytes", 60_000_000)), ("57 MiB", ("bytes", 57 * 2 ** 20)), ("1.2GB", ("bytes", 1_200_000_000)),
     ("25%", ("fraction", 0.25)), (0.3, ("fraction", 0.3)), ("0.3", ("fraction", 0.3)), (123456, ("bytes", 123456)),
@@ -170,6 +248,9 @@ def test_joint_size_budget_saves_what_it_accounted_reloads_and_exports(tiny_dir,
     assert budget - stored < 32 * 64 * 4 // 8
     kinds = {u["kind"] for u in report["levels"].values()}
     assert {"depth", "quantization"} <= kinds
+    # the share of structural moves is adapted per generation and recorded
+    rates = [h["structure_rate"] for h in report["search"]["history"]]
+    assert len(rates) == report["search"]["generations"] and all(0 < r <= 0.5 for r in rates)
     # reload == the model rebuilt from result.json; exports compute the same outputs without the plugin
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
     qc = optimum_evo.check_evopress_model(reloaded)

@@ -15,6 +15,12 @@ it (the unspent rest is smaller than the cheapest step still possible). A switch
 proportional to their step's cost, so a freed step is taken by few units) until it is full;
 when no leaf can move up, a switched-off parent that fits is switched on.
 
+A space with parents offers two kinds of primary move: *structural* (a parent drops or restores its
+sub-tree, and the leaves refill the budget it freed or took) and *level* moves (one leaf up or
+down). By default the primary unit is drawn uniformly from the movable units, so structural moves
+come at `structure_share`; the engine may pass ``structure_rate`` to `mutate` instead, to spend
+its mutations on whichever kind of move has been paying (see `EvolutionarySearch`).
+
 Examples:
     >>> space = BudgetSpace(("a", "b", "c"), costs=((1, 2, 4), (1, 2, 4), (1, 2, 4)), budget=8)
     >>> space.cost((1, 1, 2))
@@ -118,12 +124,37 @@ class BudgetSpace:
             if self.cost(c) > self.budget:
                 raise ValueError(f"An initial candidate costs {self.cost(c)}, over the budget {self.budget}.")
 
-    def mutate(self, levels: Sequence[int], rng: random.Random, max_switches: int = 3) -> Candidate:
-        """``min(U{1..3}, U{1..3})`` budget-keeping switches (see the module docstring)."""
+    def mutate(self, levels: Sequence[int], rng: random.Random, max_switches: int = 3,
+               structure_rate: float | None = None) -> Candidate:
+        """``min(U{1..3}, U{1..3})`` budget-keeping switches (see the module docstring).
+
+        ``structure_rate``: the probability that a switch's primary unit is a parent (a structural
+        move) rather than a leaf; ``None`` draws the primary uniformly from all movable units.
+        """
         child = tuple(levels)
         for _ in range(num_switches(rng, max_switches)):
-            child = self.switch(child, rng)
+            child = self.switch(child, rng, structure_rate=structure_rate)
         return child
+
+    def structure_share(self) -> float | None:
+        """The share of parents among the movable units: how often a uniformly drawn switch is
+        structural. ``None`` when the space has no parents, or nothing but parents, to move (the
+        engine then has no choice of move to adapt).
+
+        Examples:
+            >>> space = BudgetSpace(("p", "a", "b", "c"), ((0, 1), (1, 2), (1, 2), (1, 2)), 7, (-1, 0, 0, -1))
+            >>> space.structure_share()
+            0.25
+            >>> BudgetSpace(("a", "b"), ((1, 2), (1, 2)), 3).structure_share() is None
+            True
+        """
+        parents, leaves = self._movable()
+        return len(parents) / (len(parents) + len(leaves)) if parents and leaves else None
+
+    def _movable(self) -> tuple:
+        """``(parents, leaves)``: the units with more than one level, by kind."""
+        movable = [i for i in range(self.num_units) if len(self.costs[i]) > 1]
+        return [i for i in movable if i in self._children], [i for i in movable if i not in self._children]
 
     def random_candidate(self, reference: Sequence[int], rng: random.Random, switches: int | None = None) -> Candidate:
         """A random feasible, full candidate: many switches away from ``reference``."""
@@ -215,13 +246,19 @@ class BudgetSpace:
             levels[i] += 1
             cost = self.cost(levels)
 
-    def switch(self, levels: Sequence[int], rng: random.Random, max_tries: int = 20) -> Candidate:
+    def switch(self, levels: Sequence[int], rng: random.Random, max_tries: int = 20,
+               structure_rate: float | None = None) -> Candidate:
         """One switch: a primary unit moves one level, leaves compensate (see the module
-        docstring); returns ``levels`` unchanged when no switch is found."""
+        docstring); returns ``levels`` unchanged when no switch is found. With ``structure_rate``,
+        the primary is a parent with that probability and a leaf otherwise."""
         levels = tuple(levels)
         movable = [i for i in range(self.num_units) if len(self.costs[i]) > 1]
+        parents, leaves = self._movable() if structure_rate is not None else ((), ())
         for _ in range(max_tries):
-            u = rng.choice(movable)
+            if parents and leaves:
+                u = rng.choice(parents if rng.random() < structure_rate else leaves)
+            else:
+                u = rng.choice(movable)
             if not self.active(levels, u):
                 continue
             direction = rng.choice((1, -1))

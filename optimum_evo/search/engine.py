@@ -12,6 +12,17 @@ object with
 * optionally ``set_parent(candidate)``: told the current parent, so it can reuse work shared by
   the parent and its children (e.g. activations of an unchanged prefix).
 
+A space whose ``structure_share()`` is not ``None`` (a `BudgetSpace` with sub-trees, such as the
+joint depth + bits space) has two kinds of move: structural ones (a sub-block dropped or restored)
+and level ones (a linear up or down a level). How many of each pay depends on the budget: at a
+loose one the optimum drops nothing and every structural child is wasted work; at a tight one the
+drops are the point. The engine therefore adapts the share of structural moves as it goes, with
+the two-rate scheme of the self-adjusting (1 + lambda) EA (Doerr, Giessen, Witt and Yang, 2017):
+half of a generation's offspring are drawn at half the current rate, half at twice it, and the rate
+moves to the one whose half produced the best child (or, with probability 1/2, to a random one of
+the two, so it cannot get stuck). It starts at the space's uniform share, stays within one unit's
+share and 1/2, and is part of the checkpoint. Spaces without sub-trees draw moves exactly as before.
+
 Examples:
     >>> space = LevelSpace(("a", "b", "c", "d"), (2, 2, 2, 2), (0, 0, 0, 0))
     >>> class Obj:
@@ -88,12 +99,13 @@ class SearchState:
     tokens: int = 0
     seconds: float = 0.0
     stale: int = 0  # generations since the parent last changed
+    structure_rate: float | None = None  # share of structural moves (spaces with sub-trees only)
 
     def to_json(self) -> dict:
         return {"generation": self.generation, "parent": list(self.parent), "fitness": self.fitness,
                 "rng_state": rng_state_to_json(self.rng.getstate()), "history": self.history,
                 "initial_scores": self.initial_scores, "tokens": self.tokens, "seconds": self.seconds,
-                "stale": self.stale}
+                "stale": self.stale, "structure_rate": self.structure_rate}
 
     @classmethod
     def from_json(cls, data: dict) -> "SearchState":
@@ -101,7 +113,7 @@ class SearchState:
         rng.setstate(rng_state_from_json(data["rng_state"]))
         return cls(parent=tuple(data["parent"]), fitness=data["fitness"], rng=rng, generation=data["generation"],
                    history=data["history"], initial_scores=data["initial_scores"], tokens=data["tokens"],
-                   seconds=data["seconds"], stale=data["stale"])
+                   seconds=data["seconds"], stale=data["stale"], structure_rate=data.get("structure_rate"))
 
 
 class EvolutionarySearch:
@@ -168,19 +180,43 @@ class EvolutionarySearch:
         if hook is not None:
             hook(parent)
 
-    def _make_offspring(self, parent: Candidate, rng: random.Random) -> list:
+    def _structure_share(self) -> float | None:
+        share = getattr(self.space, "structure_share", None)
+        return share() if share is not None else None
+
+    def _make_offspring(self, parent: Candidate, rng: random.Random, rate: float | None = None) -> tuple:
+        """``(children, halves)``: distinct children of ``parent``; with a structure ``rate``, the
+        first half drawn at ``rate / 2`` and the rest at ``2 * rate`` (``halves[i]``: 0 or 1)."""
         children: list = []
+        halves: list = []
         seen = {parent}
         attempts = 0
         max_attempts = 200 * self.config.offspring
         while len(children) < self.config.offspring and attempts < max_attempts:
             attempts += 1
-            child = self.space.mutate(parent, rng, self.config.max_switches)
+            half = int(len(children) >= self.config.offspring // 2)
+            if rate is None:
+                child = self.space.mutate(parent, rng, self.config.max_switches)
+            else:
+                child = self.space.mutate(parent, rng, self.config.max_switches,
+                                          structure_rate=min(1.0, rate * (2.0 if half else 0.5)))
             if child in seen:  # duplicates (and the parent itself) are rejected
                 continue
             seen.add(child)
             children.append(child)
-        return children
+            halves.append(half)
+        return children, halves
+
+    def _adapt_rate(self, rate: float, winner_half: int | None, rng: random.Random, share: float) -> float:
+        """The two-rate update: the winning half's rate, or (probability 1/2) a random one of the two;
+        within ``[1 / num_units, max(share, 1/2)]``."""
+        if winner_half is None:
+            return rate
+        if rng.random() < 0.5:
+            rate = rate * (2.0 if winner_half else 0.5)
+        else:
+            rate = rate * rng.choice((0.5, 2.0))
+        return min(max(share, 0.5), max(1.0 / self.space.num_units, rate))
 
     def _load_checkpoint(self) -> "SearchState | None":
         if self.checkpoint_path is None:
@@ -249,6 +285,9 @@ class EvolutionarySearch:
 
         seconds_before = state.seconds
         rng = state.rng
+        share = self._structure_share() if cfg.offspring >= 2 else None  # two halves to compare
+        if share is not None and state.structure_rate is None:
+            state.structure_rate = share
         self._set_parent(state.parent)
         start = time.perf_counter()
         bar = tqdm(total=cfg.generations, initial=state.generation, desc="EvoPress search", disable=not self.progress,
@@ -257,7 +296,8 @@ class EvolutionarySearch:
             bar.set_postfix(best=f"{state.fitness:.4f}")
         while state.generation < cfg.generations and (cfg.patience is None or state.stale < cfg.patience):
             parent = state.parent
-            candidates = self._make_offspring(parent, rng)
+            rate = state.structure_rate if share is not None else None
+            candidates, halves = self._make_offspring(parent, rng, rate)
             gen_tokens = 0
             parent_score = None
             for s_idx, stage in enumerate(cfg.stages):
@@ -274,6 +314,7 @@ class EvolutionarySearch:
                 order = sorted(range(len(candidates)), key=lambda i: (child_scores[i], i))
                 keep = order[: stage.survivors]
                 candidates = [candidates[i] for i in keep]
+                halves = [halves[i] for i in keep]
                 best_child_score = child_scores[keep[0]] if keep else math.inf
             changed = bool(candidates) and best_child_score < parent_score
             previous_score = parent_score  # the parent's score on the tokens that decided
@@ -283,6 +324,8 @@ class EvolutionarySearch:
                 gen_tokens += 2 * len(ids) * self.objective.tokens_per_sample
                 changed = best_child_score < parent_score
                 previous_score = parent_score
+            if rate is not None:
+                state.structure_rate = self._adapt_rate(rate, halves[0] if halves else None, rng, share)
             if changed:
                 state.parent, state.fitness, state.stale = candidates[0], best_child_score, 0
                 self._set_parent(state.parent)
@@ -300,6 +343,7 @@ class EvolutionarySearch:
                 "tokens": gen_tokens,
                 "total_tokens": state.tokens,
                 "seconds": round(state.seconds, 3),
+                **({"structure_rate": rate} if rate is not None else {}),
             })
             self._checkpoint(state)
             bar.update(1)
