@@ -149,6 +149,26 @@ def test_killed_joint_search_resumes_with_its_structure_rate(tmp_path):
     assert len({h["structure_rate"] for h in full.history}) > 1
 
 
+def test_uniform_structure_moves_is_a_setting_and_leaves_the_share_fixed():
+    space = layered_space()
+    start = space.fill((1,) * 20 + (0,) * 4, random.Random(0))
+    cfg = SearchConfig(generations=5, offspring=6, stages=(Stage(1, 2),), init_tokens=2, structure_moves="uniform")
+    result = EvolutionarySearch(space, LayeredObjective(space, -100), cfg, progress=False).run([start])
+    assert result.generations == 5 and all("structure_rate" not in h for h in result.history)
+    assert cfg.fingerprint() != SearchConfig(generations=5, offspring=6, stages=(Stage(1, 2),), init_tokens=2).fingerprint()
+    assert "structure_moves" not in SearchConfig().to_dict()  # fingerprints of earlier configs unchanged
+    with pytest.raises(ValueError, match="structure_moves"):
+        SearchConfig(structure_moves="often")
+    args = SearchArguments(model="smollm2", compression=["depth", "quantization"], target_size="60MB",
+                           structure_moves="uniform")
+    assert args.search_config().structure_moves == "uniform"
+    assert SearchArguments(model="smollm2", compression=["depth", "quantization"],
+                           target_size="60MB").search_config().structure_moves == "adaptive"
+    with pytest.raises(ValueError, match="structure_moves"):
+        SearchArguments(model="smollm2", compression=["depth", "quantization"], target_size="60MB",
+                        structure_moves="often")
+
+
 @pytest.mark.parametrize("text, expected", [
     ("60MB", ("bytes", 60_000_000)), ("57 MiB", ("bytes", 57 * 2 ** 20)), ("1.2GB", ("bytes", 1_200_000_000)),
     ("25%", ("fraction", 0.25)), (0.3, ("fraction", 0.3)), ("0.3", ("fraction", 0.3)), (123456, ("bytes", 123456)),

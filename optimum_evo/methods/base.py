@@ -133,7 +133,8 @@ class CompressionMethod(ABC):
         """The preset of ``args.preset`` with ``generations`` / ``offspring`` / ``confirm_tokens`` /
         ``seed`` overrides."""
         return SearchConfig.from_preset(args.preset, self.presets, generations=args.generations,
-                                        offspring=args.offspring, confirm_tokens=args.confirm_tokens, seed=args.seed)
+                                        offspring=args.offspring, confirm_tokens=args.confirm_tokens, seed=args.seed,
+                                        structure_moves=getattr(args, "structure_moves", None))
 
     # ------------------------------------------------------------------ the search
     def prepare(self, run: "RunContext") -> None:

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from ..decoder import find_decoder_layout
-from ..search import BudgetSpace, SearchConfig, Stage
+from ..search import BudgetSpace, Stage
 from ..utils import parse_size
 from .base import CompressionMethod
 from .registry import get_method, register_combiner
@@ -708,10 +708,6 @@ class JointMethod(CompressionMethod):
         if args.target_speedup is not None:
             return ("latency", float(args.target_speedup))
         return parse_size(args.target_size)
-
-    def search_config(self, args, space=None) -> SearchConfig:
-        return SearchConfig.from_preset(args.preset, self.presets, generations=args.generations,
-                                        offspring=args.offspring, confirm_tokens=args.confirm_tokens, seed=args.seed)
 
     def build_space(self, run, model) -> JointSpace:
         return JointSpace(model, self.kinds, run.database, run.costs)

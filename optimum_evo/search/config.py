@@ -49,6 +49,9 @@ class SearchConfig:
             on this many fresh tokens and replace the parent only if the child wins there too
             (``None`` = no confirmation). Near-ties are then decided on more tokens while the
             common case (no child beats the parent) costs nothing extra.
+        structure_moves: in spaces with sub-trees (joint depth + levels), how a switch's primary
+            unit is drawn: ``"adaptive"`` adapts the share of structural moves per generation (see
+            `EvolutionarySearch`), ``"uniform"`` draws it uniformly from the movable units.
     """
 
     generations: int | None = 100
@@ -59,6 +62,7 @@ class SearchConfig:
     patience: int | None = None
     seed: int = 0
     confirm_tokens: int | None = None
+    structure_moves: str = "adaptive"
 
     def __post_init__(self):
         stages = tuple(s if isinstance(s, Stage) else Stage(*s) for s in self.stages)
@@ -77,6 +81,8 @@ class SearchConfig:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience}.")
         if self.confirm_tokens is not None and self.confirm_tokens < 1:
             raise ValueError(f"confirm_tokens must be >= 1 or None, got {self.confirm_tokens}.")
+        if self.structure_moves not in ("adaptive", "uniform"):
+            raise ValueError(f"structure_moves must be 'adaptive' or 'uniform', got {self.structure_moves!r}.")
 
     @classmethod
     def from_preset(cls, preset: str, table: dict, **overrides) -> "SearchConfig":
@@ -100,6 +106,8 @@ class SearchConfig:
         d["stages"] = [[s.survivors, s.tokens] for s in self.stages]
         if d["confirm_tokens"] is None:  # keeps fingerprints of configs without it unchanged
             del d["confirm_tokens"]
+        if d["structure_moves"] == "adaptive":  # the same for configs of spaces without sub-trees
+            del d["structure_moves"]
         return d
 
     def fingerprint(self) -> str:

@@ -21,7 +21,8 @@ the two-rate scheme of the self-adjusting (1 + lambda) EA (Doerr, Giessen, Witt 
 half of a generation's offspring are drawn at half the current rate, half at twice it, and the rate
 moves to the one whose half produced the best child (or, with probability 1/2, to a random one of
 the two, so it cannot get stuck). It starts at the space's uniform share, stays within one unit's
-share and 1/2, and is part of the checkpoint. Spaces without sub-trees draw moves exactly as before.
+share and 1/2, and is part of the checkpoint. Spaces without sub-trees draw moves exactly as before, and so does
+every space with ``SearchConfig(structure_moves="uniform")``.
 
 Examples:
     >>> space = LevelSpace(("a", "b", "c", "d"), (2, 2, 2, 2), (0, 0, 0, 0))
@@ -285,7 +286,8 @@ class EvolutionarySearch:
 
         seconds_before = state.seconds
         rng = state.rng
-        share = self._structure_share() if cfg.offspring >= 2 else None  # two halves to compare
+        adaptive = cfg.structure_moves == "adaptive" and cfg.offspring >= 2  # two halves to compare
+        share = self._structure_share() if adaptive else None
         if share is not None and state.structure_rate is None:
             state.structure_rate = share
         self._set_parent(state.parent)
