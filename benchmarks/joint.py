@@ -104,7 +104,8 @@ def search(ns, name: str, **settings) -> dict:
         return json.loads((out / "result.json").read_text())
     args = SearchArguments(model=ns.model, preset=ns.preset, generations=ns.generations, num_samples=ns.num_samples,
                            seq_len=ns.seq_len, eval_windows=ns.eval_windows, output_dir=str(out),
-                           compare_baselines=True, random_candidates=ns.random_candidates, **settings)
+                           compare_baselines=True, random_candidates=ns.random_candidates,
+                           structure_moves=ns.structure_moves, **settings)
     print(f"== {name}", flush=True)
     return run_search(args)
 
@@ -173,6 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--output", default="outputs/bench-joint")
     p.add_argument("--doc", default="docs/benchmarks/joint.md")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 when other jobs share the cores)")
+    p.add_argument("--structure-moves", choices=("adaptive", "uniform"), default="adaptive",
+                   help="how the joint searches draw structural moves (the setting of the same name)")
     p.add_argument("--no-controls", dest="controls", action="store_false",
                    help="skip the seeded joint search and its control (the single-kind search continued)")
     ns = p.parse_args(argv)

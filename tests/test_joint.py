@@ -271,6 +271,8 @@ def test_joint_size_budget_saves_what_it_accounted_reloads_and_exports(tiny_dir,
     # the share of structural moves is adapted per generation and recorded
     rates = [h["structure_rate"] for h in report["search"]["history"]]
     assert len(rates) == report["search"]["generations"] and all(0 < r <= 0.5 for r in rates)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("structural moves")]
+    assert line and f"{rates[0]:.0%} of primary moves at the start, {rates[-1]:.0%} at the end" in line[0]
     # reload == the model rebuilt from result.json; exports compute the same outputs without the plugin
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
     qc = optimum_evo.check_evopress_model(reloaded)

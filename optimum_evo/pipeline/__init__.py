@@ -126,6 +126,10 @@ def format_table(report: dict) -> str:
         + f", total {times.get('total_seconds', 0):.0f} s"
     )
     extra = method.summary_lines(report["profile"])
+    rates = [h["structure_rate"] for h in report["search"].get("history", []) if "structure_rate" in h]
+    if rates:  # a space with sub-trees: how the share of structural moves went
+        extra = [*extra, ("structural moves", f"{rates[0]:.0%} of primary moves at the start, {rates[-1]:.0%} at the "
+                                               f"end (mean {sum(rates) / len(rates):.0%})")]
     width = max([19] + [len(key) + 1 for key, _ in extra])
     for key, value in extra:
         lines.append(f"{key:<{width}}{value}")
