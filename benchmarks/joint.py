@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", default="outputs/bench-joint")
     p.add_argument("--doc", default="docs/benchmarks/joint.md")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 when other jobs share the cores)")
-    p.add_argument("--structure-moves", choices=("adaptive", "uniform"), default="adaptive",
+    p.add_argument("--structure-moves", choices=("uniform", "adaptive"), default="uniform",
                    help="how the joint searches draw structural moves (the setting of the same name)")
     p.add_argument("--no-controls", dest="controls", action="store_false",
                    help="skip the seeded joint search and its control (the single-kind search continued)")

@@ -210,9 +210,9 @@ class SearchArguments:
     offspring: Annotated[Optional[int], Option("search")] = _setting(None, "override the preset's offspring")
     confirm_tokens: Annotated[Optional[int], Option("search")] = _setting(
         None, "re-score a child that beat the parent on this many fresh tokens before accepting it")
-    structure_moves: Annotated[Literal["adaptive", "uniform"], Option("search", choices=("adaptive", "uniform"))] = (
-        _setting("adaptive", "joint search: share of mutations that drop or restore sub-blocks, adapted to what "
-                             "pays per generation (adaptive) or that of sub-blocks among the units (uniform)"))
+    structure_moves: Annotated[Literal["uniform", "adaptive"], Option("search", choices=("uniform", "adaptive"))] = (
+        _setting("uniform", "joint search: share of mutations that drop or restore sub-blocks: that of the "
+                            "sub-blocks among the units (uniform) or adapted per generation (adaptive)"))
     init: Annotated[Literal["baselines", "random"], Option("search", choices=("baselines", "random"))] = _setting(
         "baselines", "initial parent: the best baseline by KL, or the best of random candidates (the paper)")
     init_from: Annotated[Optional[str], Option("search", metavar="RESULT", record=False)] = _setting(
@@ -353,7 +353,7 @@ class SearchArguments:
                 raise ValueError(f"database_device={self.database_device!r} but torch sees no CUDA device here; "
                                  "leave database_device unset to build on the model's device.")
         for name, allowed in (("fitness", ("topk", "full")), ("init", ("baselines", "random")),
-                              ("structure_moves", ("adaptive", "uniform")),
+                              ("structure_moves", ("uniform", "adaptive")),
                               ("mode", ("separate", "block")), ("search_dtype", ("auto", "float32", "bfloat16")),
                               ("eval_dtype", ("float32", "bfloat16"))):
             if getattr(self, name) not in allowed:

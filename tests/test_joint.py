@@ -95,7 +95,8 @@ def structure_rates(per_parent, seeds=range(6), generations=30):
     for seed in seeds:
         space = layered_space()
         start = space.fill((1,) * 20 + (0,) * 4, random.Random(0))
-        cfg = SearchConfig(generations=generations, offspring=8, stages=(Stage(1, 2),), init_tokens=2, seed=seed)
+        cfg = SearchConfig(generations=generations, offspring=8, stages=(Stage(1, 2),), init_tokens=2, seed=seed,
+                           structure_moves="adaptive")
         result = EvolutionarySearch(space, LayeredObjective(space, per_parent), cfg, progress=False).run([start])
         out.append([h["structure_rate"] for h in result.history])
     return out
@@ -129,7 +130,8 @@ def test_engine_spends_fewer_moves_on_sub_blocks_where_drops_do_not_pay():
 def test_killed_joint_search_resumes_with_its_structure_rate(tmp_path):
     space = layered_space()
     start = space.fill((1,) * 20 + (0,) * 4, random.Random(0))
-    cfg = SearchConfig(generations=16, offspring=6, stages=(Stage(1, 2),), init_tokens=2, seed=5)
+    cfg = SearchConfig(generations=16, offspring=6, stages=(Stage(1, 2),), init_tokens=2, seed=5,
+                       structure_moves="adaptive")
     full = EvolutionarySearch(space, LayeredObjective(space, -100), cfg, progress=False).run([start])
 
     class Killed(Exception):
@@ -149,21 +151,23 @@ def test_killed_joint_search_resumes_with_its_structure_rate(tmp_path):
     assert len({h["structure_rate"] for h in full.history}) > 1
 
 
-def test_uniform_structure_moves_is_a_setting_and_leaves_the_share_fixed():
+def test_adaptive_structure_moves_is_a_setting_and_uniform_leaves_the_share_fixed():
     space = layered_space()
     start = space.fill((1,) * 20 + (0,) * 4, random.Random(0))
-    cfg = SearchConfig(generations=5, offspring=6, stages=(Stage(1, 2),), init_tokens=2, structure_moves="uniform")
+    cfg = SearchConfig(generations=5, offspring=6, stages=(Stage(1, 2),), init_tokens=2)
+    assert cfg.structure_moves == "uniform"
     result = EvolutionarySearch(space, LayeredObjective(space, -100), cfg, progress=False).run([start])
     assert result.generations == 5 and all("structure_rate" not in h for h in result.history)
-    assert cfg.fingerprint() != SearchConfig(generations=5, offspring=6, stages=(Stage(1, 2),), init_tokens=2).fingerprint()
-    assert "structure_moves" not in SearchConfig().to_dict()  # fingerprints of earlier configs unchanged
+    adaptive = SearchConfig(generations=5, offspring=6, stages=(Stage(1, 2),), init_tokens=2, structure_moves="adaptive")
+    assert cfg.fingerprint() != adaptive.fingerprint()
+    assert "structure_moves" not in cfg.to_dict()  # fingerprints of earlier configs unchanged
     with pytest.raises(ValueError, match="structure_moves"):
         SearchConfig(structure_moves="often")
     args = SearchArguments(model="smollm2", compression=["depth", "quantization"], target_size="60MB",
-                           structure_moves="uniform")
-    assert args.search_config().structure_moves == "uniform"
+                           structure_moves="adaptive")
+    assert args.search_config().structure_moves == "adaptive"
     assert SearchArguments(model="smollm2", compression=["depth", "quantization"],
-                           target_size="60MB").search_config().structure_moves == "adaptive"
+                           target_size="60MB").search_config().structure_moves == "uniform"
     with pytest.raises(ValueError, match="structure_moves"):
         SearchArguments(model="smollm2", compression=["depth", "quantization"], target_size="60MB",
                         structure_moves="often")
@@ -233,7 +237,7 @@ def test_joint_size_budget_saves_what_it_accounted_reloads_and_exports(tiny_dir,
     out = tmp_path / "out"
     proc = run_cli(*common(tiny_dir, out, "--compression", "depth,quantization", "--target-size", 0.97,
                            "--compare-baselines", "--random-candidates", 3, "--export", "dense",
-                           "--export", "compressed-tensors"))
+                           "--export", "compressed-tensors", "--structure-moves", "adaptive"))
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "result.json").read_text())
     assert report["compression"] == "depth+quantization"
@@ -268,7 +272,7 @@ def test_joint_size_budget_saves_what_it_accounted_reloads_and_exports(tiny_dir,
     assert budget - stored < 32 * 64 * 4 // 8
     kinds = {u["kind"] for u in report["levels"].values()}
     assert {"depth", "quantization"} <= kinds
-    # the share of structural moves is adapted per generation and recorded
+    # asked for, the share of structural moves is adapted per generation and recorded
     rates = [h["structure_rate"] for h in report["search"]["history"]]
     assert len(rates) == report["search"]["generations"] and all(0 < r <= 0.5 for r in rates)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("structural moves")]

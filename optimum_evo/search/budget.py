@@ -18,8 +18,9 @@ when no leaf can move up, a switched-off parent that fits is switched on.
 A space with parents offers two kinds of primary move: *structural* (a parent drops or restores its
 sub-tree, and the leaves refill the budget it freed or took) and *level* moves (one leaf up or
 down). By default the primary unit is drawn uniformly from the movable units, so structural moves
-come at `structure_share`; the engine may pass ``structure_rate`` to `mutate` instead, to spend
-its mutations on whichever kind of move has been paying (see `EvolutionarySearch`).
+come at `structure_share`; with ``structure_moves="adaptive"`` the engine passes ``structure_rate``
+to `mutate` instead, to spend its mutations on whichever kind of move has been paying (see
+`EvolutionarySearch`).
 
 Examples:
     >>> space = BudgetSpace(("a", "b", "c"), costs=((1, 2, 4), (1, 2, 4), (1, 2, 4)), budget=8)

@@ -50,8 +50,8 @@ class SearchConfig:
             (``None`` = no confirmation). Near-ties are then decided on more tokens while the
             common case (no child beats the parent) costs nothing extra.
         structure_moves: in spaces with sub-trees (joint depth + levels), how a switch's primary
-            unit is drawn: ``"adaptive"`` adapts the share of structural moves per generation (see
-            `EvolutionarySearch`), ``"uniform"`` draws it uniformly from the movable units.
+            unit is drawn: ``"uniform"`` uniformly from the movable units, ``"adaptive"`` with a
+            share of structural moves adapted per generation (see `EvolutionarySearch`).
     """
 
     generations: int | None = 100
@@ -62,7 +62,7 @@ class SearchConfig:
     patience: int | None = None
     seed: int = 0
     confirm_tokens: int | None = None
-    structure_moves: str = "adaptive"
+    structure_moves: str = "uniform"
 
     def __post_init__(self):
         stages = tuple(s if isinstance(s, Stage) else Stage(*s) for s in self.stages)
@@ -106,7 +106,7 @@ class SearchConfig:
         d["stages"] = [[s.survivors, s.tokens] for s in self.stages]
         if d["confirm_tokens"] is None:  # keeps fingerprints of configs without it unchanged
             del d["confirm_tokens"]
-        if d["structure_moves"] == "adaptive":  # the same for configs of spaces without sub-trees
+        if d["structure_moves"] == "uniform":  # keeps fingerprints of configs without it unchanged
             del d["structure_moves"]
         return d
 

@@ -14,15 +14,14 @@ object with
 
 A space whose ``structure_share()`` is not ``None`` (a `BudgetSpace` with sub-trees, such as the
 joint depth + bits space) has two kinds of move: structural ones (a sub-block dropped or restored)
-and level ones (a linear up or down a level). How many of each pay depends on the budget: at a
-loose one the optimum drops nothing and every structural child is wasted work; at a tight one the
-drops are the point. The engine therefore adapts the share of structural moves as it goes, with
+and level ones (a linear up or down a level). By default a switch's primary unit is drawn
+uniformly, so structural moves come at the share of sub-blocks among the units. With
+``SearchConfig(structure_moves="adaptive")`` the engine adapts that share as it goes, with
 the two-rate scheme of the self-adjusting (1 + lambda) EA (Doerr, Giessen, Witt and Yang, 2017):
 half of a generation's offspring are drawn at half the current rate, half at twice it, and the rate
 moves to the one whose half produced the best child (or, with probability 1/2, to a random one of
 the two, so it cannot get stuck). It starts at the space's uniform share, stays within one unit's
-share and 1/2, and is part of the checkpoint. Spaces without sub-trees draw moves exactly as before, and so does
-every space with ``SearchConfig(structure_moves="uniform")``.
+share and 1/2, and is part of the checkpoint. Spaces without sub-trees draw their moves the same way either way.
 
 Examples:
     >>> space = LevelSpace(("a", "b", "c", "d"), (2, 2, 2, 2), (0, 0, 0, 0))
