@@ -30,9 +30,9 @@ $(VENV)/.installed: pyproject.toml setup.py Makefile
 	# llama.cpp itself, for the GGUF export's round trip (built from source: minutes on 2 cores). Optional:
 	# when the build fails the llama.cpp tests skip. A portable AVX2 build, not -march=native: on CPUs with
 	# AMX (Sapphire Rapids and later) a native build repacks weights for ggml's AMX backend, which
-	# segfaults in its matmul (ggml-org/llama.cpp#20824).
+	# segfaults in its matmul (ggml-org/llama.cpp#20824). No wheel cache: a cached native build would be reused.
 	-CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
-		$(BIN)/pip install -q --no-deps llama-cpp-python==0.3.36 diskcache==5.6.3
+		$(BIN)/pip install -q --no-deps --no-cache-dir llama-cpp-python==0.3.36 diskcache==5.6.3
 	touch $@
 
 demo: setup
