@@ -149,13 +149,16 @@ class BudgetSpace:
             >>> BudgetSpace(("a", "b"), ((1, 2), (1, 2)), 3).structure_share() is None
             True
         """
-        parents, leaves = self._movable()
+        parents, leaves = self._by_kind(self._movable())
         return len(parents) / (len(parents) + len(leaves)) if parents and leaves else None
 
-    def _movable(self) -> tuple:
-        """``(parents, leaves)``: the units with more than one level, by kind."""
-        movable = [i for i in range(self.num_units) if len(self.costs[i]) > 1]
-        return [i for i in movable if i in self._children], [i for i in movable if i not in self._children]
+    def _movable(self) -> list:
+        """The units with more than one level."""
+        return [i for i in range(self.num_units) if len(self.costs[i]) > 1]
+
+    def _by_kind(self, units: list) -> tuple:
+        """``(parents, leaves)`` of ``units``."""
+        return [i for i in units if i in self._children], [i for i in units if i not in self._children]
 
     def random_candidate(self, reference: Sequence[int], rng: random.Random, switches: int | None = None) -> Candidate:
         """A random feasible, full candidate: many switches away from ``reference``."""
@@ -253,8 +256,8 @@ class BudgetSpace:
         docstring); returns ``levels`` unchanged when no switch is found. With ``structure_rate``,
         the primary is a parent with that probability and a leaf otherwise."""
         levels = tuple(levels)
-        movable = [i for i in range(self.num_units) if len(self.costs[i]) > 1]
-        parents, leaves = self._movable() if structure_rate is not None else ((), ())
+        movable = self._movable()
+        parents, leaves = self._by_kind(movable) if structure_rate is not None else ((), ())
         for _ in range(max_tries):
             if parents and leaves:
                 u = rng.choice(parents if rng.random() < structure_rate else leaves)
