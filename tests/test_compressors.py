@@ -99,3 +99,26 @@ def test_sparsegpt_beats_magnitude_with_exact_sparsity(real_layer):
         mag = magnitude_prune(w, sparsity)
         assert int((sp == 0).sum()) == round(sparsity * w.numel())
         assert rel_err(w, sp, x) < 0.8 * rel_err(w, mag, x)
+
+
+def test_gptq_with_a_mask_keeps_pruned_weights_at_zero_and_compensates_them(real_layer):
+    w, x = real_layer
+    H = hessian(x)
+    mask = sparsegpt(w, H, 0.5) != 0
+    for act_order, sym in ((False, False), (True, True)):
+        q = gptq(w, H, bits=4, group_size=128, mask=mask, act_order=act_order, sym=sym)
+        d = q.dequantize()
+        assert torch.all(d[~mask] == 0)  # the zero-point code of every pruned weight reads back as 0
+        assert int((d == 0).sum()) >= int((~mask).sum())
+    masked = rel_err(w, gptq(w, H, bits=4, group_size=128, mask=mask).dequantize(), x)
+    # GPTQ of the pruned weights without the mask's compensation: quantize SparseGPT's output
+    # with plain rounding on the same grid, keeping its zeros
+    sp = sparsegpt(w, H, 0.5)
+    groups = sp.view(sp.shape[0], -1, 128)
+    rtn = []
+    for g in range(groups.shape[1]):
+        s, z = find_params(groups[:, g], 4)
+        rtn.append(dequantize_codes(quantize_codes(groups[:, g], s, z, 4), s, z) * (groups[:, g] != 0))
+    assert masked < rel_err(w, torch.cat(rtn, dim=1), x)
+    with pytest.raises(ValueError, match="mask shape"):
+        gptq(w, H, bits=4, mask=mask[:, :-1])

@@ -84,7 +84,8 @@ def _row_groups(weight: torch.Tensor, H: torch.Tensor) -> list:
 
 @torch.no_grad()
 def gptq(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = 128, sym: bool = False,
-         mse: float = 0.0, act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> QuantizedWeight:
+         mse: float = 0.0, act_order: bool = False, damp: float = 0.01, block_size: int = 128,
+         mask: torch.Tensor | None = None) -> QuantizedWeight:
     """Quantize ``weight`` ([out, in]) to ``bits`` bits with GPTQ (Frantar et al. 2023).
 
     ``group_size=None`` (or <= 0) uses one group per row. ``mse``: the p of the p-norm rounding
@@ -94,13 +95,17 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | Non
     each column's group. ``H`` may be a ``[groups, in, in]`` stack: the rows are split into
     ``groups`` equal slices, each quantized with its own Hessian (attention-aware value
     projections, one Hessian per key/value head; act-order then follows the summed diagonal).
+    ``mask``: a boolean ``[out, in]`` tensor of the weights to keep (e.g. SparseGPT's); the others
+    get their group's zero-point code, so they dequantize to exactly 0, and their error is
+    compensated like a rounding error (sparse + quantized levels).
     """
-    return gptq_levels(weight, H, [bits], group_size, sym, mse, act_order, damp, block_size)[0]
+    return gptq_levels(weight, H, [bits], group_size, sym, mse, act_order, damp, block_size, mask)[0]
 
 
 @torch.no_grad()
 def gptq_levels(weight: torch.Tensor, H: torch.Tensor, bits: list, group_size: int | None = 128, sym: bool = False,
-                mse: float = 0.0, act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> list:
+                mse: float = 0.0, act_order: bool = False, damp: float = 0.01, block_size: int = 128,
+                mask: torch.Tensor | None = None) -> list:
     """`gptq` at several bit widths in one pass: GPTQ treats rows independently given the
     inverse Hessian, so the copies of ``weight`` for every width are stacked and share one column
     sweep (the same result as separate calls, several times faster on CPU). Returns one
@@ -115,8 +120,11 @@ def gptq_levels(weight: torch.Tensor, H: torch.Tensor, bits: list, group_size: i
     hessians = H if H.dim() == 3 else H[None]
     rows = weight[slices[0]].shape[0]
     per_row_bits = torch.tensor([int(b) for b in bits], device=weight.device).repeat_interleave(rows)[:, None]
+    if mask is not None and tuple(mask.shape) != tuple(weight.shape):
+        raise ValueError(f"mask shape {tuple(mask.shape)} differs from the weight's {tuple(weight.shape)}.")
     parts = [_gptq(torch.cat([weight[sl]] * len(bits)), hessians[g], per_row_bits, group_size, sym, mse, perm, damp,
-                   block_size) for g, sl in enumerate(slices)]
+                   block_size, None if mask is None else torch.cat([mask[sl].bool()] * len(bits)))
+             for g, sl in enumerate(slices)]
     out = []
     for j, b in enumerate(bits):
         own = slice(j * rows, (j + 1) * rows)
@@ -125,7 +133,7 @@ def gptq_levels(weight: torch.Tensor, H: torch.Tensor, bits: list, group_size: i
     return out
 
 
-def _gptq(weight, H, bits, group_size, sym, mse, perm, damp, block_size) -> tuple:
+def _gptq(weight, H, bits, group_size, sym, mse, perm, damp, block_size, mask=None) -> tuple:
     # Column-major working copy: the per-column rank-1 updates then touch contiguous memory
     # (measured 2x faster single-threaded than the row-major update of the reference code).
     W = weight.detach().float().clone()
@@ -135,7 +143,9 @@ def _gptq(weight, H, bits, group_size, sym, mse, perm, damp, block_size) -> tupl
     act_order = perm is not None
     if act_order:
         W, H = W[:, perm], H[perm][:, perm]
+        mask = None if mask is None else mask[:, perm]
     WT = W.t().contiguous()  # [cols, rows]
+    MT = None if mask is None else mask.t().contiguous()
     Hinv, _ = _inverse_hessian_cholesky(H, damp)
     n_groups = math.ceil(cols / gs)
     scales = W.new_zeros(rows, n_groups)
@@ -153,10 +163,14 @@ def _gptq(weight, H, bits, group_size, sym, mse, perm, damp, block_size) -> tupl
                 g = col // gs
                 # group statistics from the error-compensated weights of the group
                 block = torch.cat([W1[i:], WT[i2:]])[:gs] if col + gs > i2 else W1[i : i + gs]
+                if MT is not None:  # the range of the kept weights (0 is on every grid)
+                    block = block * MT[col:col + block.shape[0]]
                 scale, zero = find_params(block.t(), bits, sym=sym, mse=bool(mse), norm=2.4 if mse is True else mse)
                 scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
             w = W1[i]
             q = quantize_codes(w.unsqueeze(1), scale, zero, bits)[:, 0]
+            if MT is not None:  # pruned: the zero-point code, which reads back as exactly 0
+                q = torch.where(MT[col], q, zero[:, 0])
             QT[col] = q
             err = (w - dequantize_codes(q.unsqueeze(1), scale, zero)[:, 0]) / Hinv1[i, i]
             W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
