@@ -32,7 +32,13 @@ the file holds exactly the bytes the search scored.
 
 Rows ``TYPE+imatrix`` are llama.cpp's file type made with an importance matrix computed by
 ``llama-imatrix`` on the text of the same calibration windows (``--llama-cpp-bin``: the folder of
-llama.cpp's ``llama-imatrix`` and ``llama-quantize``, built from its sources).
+llama.cpp's ``llama-imatrix`` and ``llama-quantize``, built from its sources). Build them portable,
+as ``make setup`` builds llama-cpp-python: on CPUs with AMX (Intel Sapphire Rapids and later) the
+default native build enables ggml's AMX backend, whose matrix product crashes::
+
+    cmake -B build -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
+    cmake --build build --target llama-imatrix llama-quantize -j 2
 
 Each is exported with ``export(model, dir, "gguf", dense_type="F32")``, loaded by llama-cpp-python
 (``Llama(model_path, n_ctx=512, logits_all=True)``), and every window is evaluated token by token
@@ -145,8 +151,9 @@ def llamacpp_imatrix_quantize(ns, dense_file: Path, target: Path, ftype: str, to
     tools = Path(ns.llama_cpp_bin or "")
     if not (tools / "llama-imatrix").exists() or not (tools / "llama-quantize").exists():
         raise SystemExit(f"{ftype}+imatrix needs llama.cpp's llama-imatrix and llama-quantize in --llama-cpp-bin "
-                         "(cmake -B build && cmake --build build --target llama-imatrix llama-quantize in a "
-                         "llama.cpp checkout: the folder is build/bin).")
+                         "(in a llama.cpp checkout: cmake -B build -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON "
+                         "-DGGML_F16C=ON, then cmake --build build --target llama-imatrix llama-quantize; the folder is "
+                         "build/bin. GGML_NATIVE=OFF: on AMX CPUs the native build's AMX matrix product crashes).")
     matrix = dense_file.parent.parent / f"imatrix-{ns.num_samples}.gguf"
     if not matrix.exists():
         windows = calibration_windows("brown", tok, ns.num_samples, 512, 0)
