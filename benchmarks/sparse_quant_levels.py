@@ -13,10 +13,17 @@ quantized level beats the dense level of the same cost, and the WikiText-2 perpl
 the model with every searched linear at that level. Results go to ``OUTPUT/levels.json`` and, with
 ``--doc``, to a table in the docs.
 
+``--builder signround`` makes the levels with SignRound instead (block-output tuning of rounding and
+clipping, ``--iters`` iterations, each level on the stream of the model quantized at that level
+below it: the quantization database's ``signround`` builder), the sparse ones with SparseGPT's mask
+taken on that stream's inputs and kept through the tuning.
+
 Usage::
 
     python benchmarks/sparse_quant_levels.py --model smollm2 --eval-windows 40 --threads 1 \\
         --output outputs/bench-sparse-quant --doc docs/benchmarks/joint.md
+    python benchmarks/sparse_quant_levels.py --model smollm2 --builder signround --iters 50 \\
+        --levels "3 bits,50% + 4 bits" --threads 1 --output outputs/bench-sparse-quant-signround
 """
 
 from __future__ import annotations
@@ -46,6 +53,39 @@ def stored_bits(sparsity: float, bits: int) -> float:
     16-bit scale and one ``bits``-bit zero per group of 128 columns."""
     codes = (1 - sparsity) * bits + (1.0 if sparsity else 0.0)
     return codes + (16 + bits) / GROUP
+
+
+def build_signround_levels(model, windows, levels: list, iters: int, progress=True) -> tuple:
+    """As `build_levels`, with SignRound on per-level streams (see the module docstring)."""
+    from optimum_evo.compressors.builders import _propagate
+    from optimum_evo.compressors.calibrate import walk_blocks
+    from optimum_evo.compressors.database import relative_error
+    from optimum_evo.compressors.obs import sparsegpt
+    from optimum_evo.compressors.signround import signround_block
+
+    weights = {name: {} for name, _, _ in levels}
+    errors = {name: {} for name, _, _ in levels}
+    walk = walk_blocks(model, windows, progress=progress, desc="Building levels", attention_aware=True, streams=True)
+    for block in walk:
+        linears = block.linears()
+        names = list(linears)
+        dense_h = block.hessians(names)
+        targets = block.dense_outputs()
+        for name, s, b in levels:
+            inputs = block.stream_inputs(name)
+            masks = None
+            if s:
+                H = block.hessians(names, inputs=inputs)
+                masks = {n: sparsegpt(linears[n].weight.detach().float(), H[n], s) != 0 for n in names}
+            results = signround_block(block.module, inputs, targets, block.kwargs, linears, b, GROUP, iters=iters,
+                                      seed=block.index, mask_of=masks)
+            for n, q in results.items():
+                w = q.dequantize()
+                weights[name][f"{block.prefix}.{n}"] = w
+                errors[name][f"{block.prefix}.{n}"] = relative_error(linears[n].weight.detach().float(), w, dense_h[n])
+            _propagate(block, name, linears, results)
+        block.advance()
+    return weights, errors
 
 
 def build_levels(model, windows, progress=True) -> tuple:
@@ -85,6 +125,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--builder", choices=("gptq", "signround"), default="gptq")
+    p.add_argument("--iters", type=int, default=50, help="SignRound iterations (--builder signround)")
+    p.add_argument("--levels", default=None, help="comma-separated level names to build (default: all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", default="outputs/bench-sparse-quant")
     p.add_argument("--doc", default="", help="markdown file to put the table in (a section keyed "
@@ -104,14 +147,20 @@ def main(argv=None) -> int:
     stages.calibrate(ctx)
     model = ctx.model
     t = time.perf_counter()
-    weights, errors = build_levels(model, ctx.calibration)
+    levels = LEVELS if not ns.levels else [lv for lv in LEVELS if lv[0] in ns.levels.split(",")]
+    if not levels:
+        raise SystemExit(f"--levels names none of {[name for name, _, _ in LEVELS]}.")
+    if ns.builder == "signround":
+        weights, errors = build_signround_levels(model, ctx.calibration, levels, ns.iters)
+    else:
+        weights, errors = build_levels(model, ctx.calibration)
     build_seconds = time.perf_counter() - t
     teacher = TeacherCache.build(model, ctx.evaluation, "topk", args.top_k, progress=False)
     modules = dict(model.named_modules())
     rows = [dict(level="dense", bits=16.0, **{k: v for k, v in evaluate(model, ctx.evaluation, teacher,
                                                                           progress=False).items()
                                               if k in ("perplexity", "kl")})]
-    for name, s, b in LEVELS:
+    for name, s, b in levels:
         dense = {m: modules[m].weight.detach().clone() for m in weights[name]}
         with torch.no_grad():
             for m, w in weights[name].items():
@@ -123,7 +172,7 @@ def main(argv=None) -> int:
         errs = list(errors[name].values())
         row = dict(level=name, bits=stored_bits(s, b), perplexity=r["perplexity"], kl=r["kl"],
                    mean_error=sum(errs) / len(errs))
-        if name in SAME_COST:
+        if name in SAME_COST and SAME_COST[name] in errors:
             other = errors[SAME_COST[name]]
             row["wins"] = sum(errors[name][m] < other[m] for m in other)
             row["linears"] = len(other)
@@ -133,18 +182,23 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = command_line(__file__, argv)
     report = dict(model=ns.model, command=command, machine=machine(), date=datetime.date.today().isoformat(),
-                  build_seconds=round(build_seconds, 1), eval_windows=ns.eval_windows, rows=rows)
+                  build_seconds=round(build_seconds, 1), eval_windows=ns.eval_windows, builder=ns.builder,
+                  iters=ns.iters if ns.builder == "signround" else None, rows=rows)
     (out / "levels.json").write_text(json.dumps(report, indent=1))
     text = markdown(report)
     print(text)
     if ns.doc:
-        write_section(Path(ns.doc), f"sparse-quant-{ns.model}", text)
+        suffix = "" if ns.builder == "gptq" else f"-{ns.builder}"
+        write_section(Path(ns.doc), f"sparse-quant-{ns.model}{suffix}", text)
     return 0
 
 
 def markdown(report: dict) -> str:
     lines = [f"`{report['command']}`", "",
-             f"{report['machine']}; {report['date']}; levels built in {report['build_seconds']:.0f} s; "
+             f"{report['machine']}; {report['date']}; "
+             + (f"SignRound levels, {report['iters']} iterations, per-level streams; " if report.get("iters") else
+                "GPTQ levels; ")
+             + f"levels built in {report['build_seconds']:.0f} s; "
              f"WikiText-2, {report['eval_windows']} windows of 512 tokens; every searched linear at the level.", "",
              "| level | stored bits per weight | mean relative output error per linear | WikiText-2 ppl | KL |",
              "|---|---|---|---|---|"]

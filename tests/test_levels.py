@@ -92,6 +92,24 @@ def test_signround_lowers_the_block_output_error_of_round_to_nearest(model):
     assert all(isinstance(m, nn.Linear) for m in block.linears().values())
 
 
+def test_signround_with_a_mask_keeps_pruned_weights_at_zero_even_where_a_whole_group_is_pruned(model):
+    block = next(iter(walk_blocks(model, WINDOWS, progress=False)))
+    linears = block.linears()
+    gen = torch.Generator().manual_seed(1)
+    masks = {n: torch.rand(m.weight.shape, generator=gen) > 0.5 for n, m in linears.items()}
+    masks["mlp.down_proj"][:4] = False  # rows with every weight pruned: groups with nothing to range
+    tuned = signround_block(block.module, block.inputs, block.dense_outputs(), block.kwargs, linears, bits=4,
+                            group_size=32, iters=10, batch_size=4, autocast=False, mask_of=masks)
+    for n, q in tuned.items():
+        w = q.dequantize()
+        assert torch.isfinite(w).all() and torch.isfinite(q.scales).all() and bool((q.scales > 0).all()), n
+        assert torch.all(w[~masks[n]] == 0), n  # pruned weights hold their group's zero-point code
+        assert int((w[masks[n]] != 0).sum()) > 0.5 * int(masks[n].sum()), n
+    with pytest.raises(ValueError, match="mask shape"):
+        signround_block(block.module, block.inputs, block.dense_outputs(), block.kwargs, linears, bits=4,
+                        group_size=32, iters=0, mask_of={"mlp.down_proj": masks["mlp.down_proj"][:, :-1]})
+
+
 @pytest.mark.parametrize("builder", ["gptq-sequential", "quantease", "signround"])
 def test_every_builder_fills_a_database_that_records_it(model, builder, tmp_path):
     db = LevelDatabase.build(model, WINDOWS, "quantization", [2, 3, "3g32"], tmp_path / "db",

@@ -19,6 +19,10 @@ The block's inputs may be the outputs of the already-quantized previous blocks (
 propagation) while the target stays the dense block's output on dense inputs: the tuning then also
 corrects the error that arrives from below.
 
+``mask`` (per linear: ``mask_of``) keeps only some weights, e.g. SparseGPT's: the others take
+their group's zero-point code, so they read back as exactly 0 in every iteration, and the groups
+are ranged on the kept weights (sparse + quantized levels).
+
 ``init`` may start the rounding from another solution (e.g. GPTQ's) instead of round-to-nearest:
 ``v`` is set so that the rounding reproduces that solution's weights on the tuned grid, within one
 step either way (the range of ``v`` is widened to ``[-1, 1]``).
@@ -53,7 +57,7 @@ class SignRoundLinear(nn.Module):
     docstring). ``forward`` computes ``x @ Q(W)^T + b``; `quantized` returns the codes."""
 
     def __init__(self, linear: nn.Linear, bits: int, group_size: int, sym: bool = False,
-                 init_codes: QuantizedWeight | None = None):
+                 init_codes: QuantizedWeight | None = None, mask: torch.Tensor | None = None):
         super().__init__()
         w = linear.weight.detach().float()
         rows, cols = w.shape
@@ -64,8 +68,21 @@ class SignRoundLinear(nn.Module):
         wg = F.pad(w, (0, pad)).view(rows, self.groups, self.group_size)
         self.register_buffer("w", wg)
         self.register_buffer("valid", F.pad(w.new_ones(cols), (0, pad)).view(1, self.groups, self.group_size) > 0)
-        lo = torch.where(self.valid, wg, torch.zeros(())).amin(-1).clamp(max=0)
-        hi = torch.where(self.valid, wg, torch.zeros(())).amax(-1).clamp(min=0)
+        if mask is not None:
+            if tuple(mask.shape) != (rows, cols):
+                raise ValueError(f"mask shape {tuple(mask.shape)} differs from the weight's {(rows, cols)}.")
+            keep = F.pad(mask.to(device=w.device, dtype=torch.bool), (0, pad)).view(rows, self.groups, self.group_size)
+        else:
+            keep = None
+        self.register_buffer("keep", keep)
+        ranged = self.valid if keep is None else self.valid & keep
+        lo = torch.where(ranged, wg, torch.zeros(())).amin(-1).clamp(max=0)
+        hi = torch.where(ranged, wg, torch.zeros(())).amax(-1).clamp(min=0)
+        # a group with nothing but zeros (e.g. every weight pruned) gets the range [-1, 1], as on
+        # GPTQ's grid (`find_params`): a zero range would make a zero float16 scale, and w / 0 NaN
+        # gradients for the whole layer
+        same = (lo == 0) & (hi == 0)
+        lo, hi = torch.where(same, -torch.ones(()), lo), torch.where(same, torch.ones(()), hi)
         self.register_buffer("wmin", lo)
         self.register_buffer("wmax", hi)
         self.bias = linear.bias
@@ -98,6 +115,8 @@ class SignRoundLinear(nn.Module):
     def weight_q(self) -> torch.Tensor:
         scale, zero = self._grid()
         q = torch.clamp(_round_ste(self.w / scale + self.v) + zero, 0, self.maxq)
+        if self.keep is not None:
+            q = torch.where(self.keep, q, zero)
         w = (scale * (q - zero)).view(self.rows, -1)
         return w[:, : self.cols]
 
@@ -124,6 +143,8 @@ class SignRoundLinear(nn.Module):
     def quantized(self) -> QuantizedWeight:
         scale, zero = self._grid()
         codes = torch.clamp(torch.round(self.w / scale + self.v) + zero, 0, self.maxq)
+        if self.keep is not None:
+            codes = torch.where(self.keep, codes, zero.expand_as(codes))
         codes = codes.view(self.rows, -1)[:, : self.cols]
         g_idx = (torch.arange(self.cols, device=codes.device) // self.group_size).to(torch.int32)
         return QuantizedWeight(codes.to(torch.uint8).contiguous(), scale[..., 0].to(torch.float16).float(),
@@ -162,7 +183,8 @@ def _call(block, x, kwargs):
 def signround_block(block: nn.Module, inputs: list, targets: list, kwargs: dict, linears: dict, bits: int,
                     group_size: int, iters: int = 200, lr: float | None = None, batch_size: int = 8,
                     sym: bool = False, seed: int = 0, init: dict | None = None, autocast: bool = True,
-                    bits_of: dict | None = None, loss: str = "mse", group_of: dict | None = None) -> dict:
+                    bits_of: dict | None = None, loss: str = "mse", group_of: dict | None = None,
+                    mask_of: dict | None = None) -> dict:
     """Tune the rounding and clipping of ``linears`` (``{relative name: nn.Linear}`` of ``block``)
     so that ``block(inputs[i])`` matches ``targets[i]`` (see the module docstring).
 
@@ -171,6 +193,8 @@ def signround_block(block: nn.Module, inputs: list, targets: list, kwargs: dict,
         kwargs: the keyword arguments the block is called with (masks, position embeddings).
         bits, group_size: the grid; ``bits_of`` / ``group_of`` optionally give another width / group
             size per linear name (a mixed-level block).
+        mask_of: optionally ``{name: bool [out, in] tensor}`` of the weights each linear keeps (the
+            others read back as exactly 0; sparse + quantized levels).
         iters, lr, batch_size: signed gradient descent (``lr`` defaults to ``1 / iters``).
         init: optional ``{name: QuantizedWeight}`` starting codes (e.g. GPTQ's) per linear.
         autocast: run the block's matmuls in bfloat16 (the parameters and grids stay float32).
@@ -180,9 +204,10 @@ def signround_block(block: nn.Module, inputs: list, targets: list, kwargs: dict,
 
     Returns ``{name: QuantizedWeight}``; ``block`` itself is left unchanged.
     """
-    bits_of, group_of = bits_of or {}, group_of or {}
+    bits_of, group_of, mask_of = bits_of or {}, group_of or {}, mask_of or {}
     init = init or {}
-    wrapped = {n: SignRoundLinear(m, bits_of.get(n, bits), group_of.get(n, group_size), sym, init.get(n))
+    wrapped = {n: SignRoundLinear(m, bits_of.get(n, bits), group_of.get(n, group_size), sym, init.get(n),
+                                  mask_of.get(n))
                for n, m in linears.items()}
     if iters <= 0:
         return {n: w.quantized() for n, w in wrapped.items()}
