@@ -21,7 +21,9 @@ For each budget, in one run of this script:
 Every search uses the same calibration, fitness, preset and generations; the size-budget
 quantization-only searches give every linear its own width (``fused_groups=False``), as the joint
 search does; the speed-budget one keeps the default, one width per fused group (q/k/v, gate/up),
-which only narrows its own space. ``--no-controls`` skips the seeded searches and their controls. Writes
+which only narrows its own space. ``--no-controls`` skips the seeded searches and their controls.
+``--kinds`` names the kinds of the size budgets' joint searches (e.g. adding ``sparse-quantization``);
+the depth + quantization joint search then joins the table. Writes
 ``docs/benchmarks/joint.md`` (a section per model; finished runs are reused when the script runs
 again with the same output folder).
 
@@ -176,6 +178,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 when other jobs share the cores)")
     p.add_argument("--structure-moves", choices=("uniform", "adaptive"), default="uniform",
                    help="how the joint searches draw structural moves (the setting of the same name)")
+    p.add_argument("--kinds", default="depth,quantization",
+                   help="the kinds of the joint searches of the size budgets, comma-separated (e.g. "
+                        "depth,quantization,sparse-quantization); other than the default, the table also shows the "
+                        "default joint search (depth + quantization) and the section is named after the kinds")
     p.add_argument("--no-controls", dest="controls", action="store_false",
                    help="skip the seeded joint search and its control (the single-kind search continued)")
     ns = p.parse_args(argv)
@@ -183,6 +189,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(ns.threads)
     command = command_line(__file__, argv)
     levels = [int(x) for x in ns.levels.split(",")]
+    kinds = [k.strip() for k in ns.kinds.split(",") if k.strip()]
+    default_kinds = kinds == ["depth", "quantization"]
+    tag = "" if default_kinds else "+".join(kinds) + "-"
     table, notes, speed_folders = [], [], {}
     dense_ppl = None
     for budget in ns.budgets:
@@ -195,16 +204,20 @@ def main(argv=None) -> int:
             # the larger of the quantization-only result's stored bytes and the uniform model's: both fit
             size = max(tensor_bytes(Path(quant["saved_model"]["path"]) / "model.safetensors"),
                        uniform_bytes(ns.model, quant, bits) if bits in levels else 0)
-            joint = search(ns, f"joint-{bits}bits", compression=["depth", "quantization"], target_size=size,
-                           levels=levels)
+            joint = search(ns, f"joint-{tag}{bits}bits", compression=kinds, target_size=size, levels=levels)
+            plain = None if default_kinds else search(ns, f"joint-{bits}bits", compression=["depth", "quantization"],
+                                                     target_size=size, levels=levels)
             if ns.controls:
-                seeded = search(ns, f"joint-{bits}bits-seeded", compression=["depth", "quantization"],
-                                target_size=size, levels=levels, init_from=quant_dir)
+                seeded = search(ns, f"joint-{tag}{bits}bits-seeded", compression=kinds, target_size=size,
+                                levels=levels, init_from=quant_dir)
                 continued = search(ns, f"quantization-{bits}-continued", compression="quantization", target=bits,
                                    levels=levels, fused_groups=False, init_from=quant_dir)
             dense_ppl = quant["results"]["dense"]["perplexity"]
             label = f"{bits:g} bits = {size / 1e6:.2f} MB"
             table += rows(joint, label, True)
+            if plain is not None:
+                table += [(label, f"depth+quantization {n}", ppl, kl, b) for _, n, ppl, kl, b in rows(plain, label, True)
+                          if n == "evopress"]
             if ns.controls:
                 table += [(label, f"seeded {n}", ppl, kl, b) for _, n, ppl, kl, b in rows(seeded, label, True)
                           if n in ("evopress", "init_from")]
@@ -270,7 +283,8 @@ def write_doc(doc: Path, ns, command: str, table: list, speeds: dict, dense_ppl,
     for label, model, ppl, kl, b in table:
         best[label] = min(best.get(label, math.inf), ppl)
     written = {}
-    for title, is_speed in ((f"## {name}", False), (f"## {name}, speed budgets", True)):
+    kinds = "" if ns.kinds == "depth,quantization" else ", " + " + ".join(ns.kinds.split(","))
+    for title, is_speed in ((f"## {name}{kinds}", False), (f"## {name}, speed budgets", True)):
         part = [row for row in table if row[0].endswith(" decode") == is_speed]
         if not part:
             continue

@@ -2,8 +2,9 @@
 
 Is a level such as "50% sparse + 4 bits" worth adding to a search? Stored as a bitmap of the kept
 weights (1 bit per weight) plus 4-bit codes of the kept half, with the same scales and zeros per
-group of 128 columns as a dense level, it costs 0.5 * 4 + 1 = 3 bits per weight: exactly a 3-bit
-level. This script builds, for every searched linear of the model, the dense levels (GPTQ at 2, 3
+group of 128 columns as a dense level, it costs 0.5 * 4 + 1 = 3 bits per weight: a 3-bit level's
+codes (the script reports the exact stored bits of each level: scales, zero-points, ragged groups,
+and no code for a kept weight that rounds to 0). These levels are the ``sparse-quantization`` kind. This script builds, for every searched linear of the model, the dense levels (GPTQ at 2, 3
 and 4 bits) and the sparse + quantized levels (SparseGPT's mask, then GPTQ that keeps the pruned
 weights at 0 and compensates their error like a rounding error), all on the same calibration
 windows and Hessians (attention-aware value Hessians, group size 128, asymmetric: the quantization
@@ -42,17 +43,28 @@ from depth_smollm2 import machine  # noqa: E402
 from doc_sections import command_line, write_section  # noqa: E402
 
 GROUP = 128
-# (name, sparsity, bits): bits None = 16-bit values (the sparsity kind's level)
+# (name, sparsity, bits)
 LEVELS = [("2 bits", 0.0, 2), ("3 bits", 0.0, 3), ("4 bits", 0.0, 4),
           ("50% + 3 bits", 0.5, 3), ("60% + 4 bits", 0.6, 4), ("50% + 4 bits", 0.5, 4)]
 SAME_COST = {"50% + 4 bits": "3 bits"}  # equal stored bits, compared linear by linear
 
 
-def stored_bits(sparsity: float, bits: int) -> float:
-    """Bits per weight as stored: codes of the kept weights, a 1-bit mask when sparse, and one
-    16-bit scale and one ``bits``-bit zero per group of 128 columns."""
-    codes = (1 - sparsity) * bits + (1.0 if sparsity else 0.0)
-    return codes + (16 + bits) / GROUP
+def stored_bits(weights: dict, sparsity: float, bits: int) -> float:
+    """Bits per weight the level stores over the linears ``weights`` (``{name: dequantized weight}``),
+    as the level database and a checkpoint store them (`optimum_evo.compressors.codecs`): the codes,
+    one float16 scale and one ``bits``-bit zero-point per row and group of 128 columns (the last
+    group of a row shorter where 128 does not divide it), and when sparse a 1-bit mask with codes
+    for the weights that do not read back as 0 only."""
+    from optimum_evo.compressors.codecs import stored_bits as level_bits
+
+    total = numel = 0
+    for w in weights.values():
+        n = w.numel()
+        total += level_bits(bits, GROUP, tuple(w.shape))
+        if sparsity:
+            total += n - (n - int(w.count_nonzero())) * bits  # the mask; no code where the weight is 0
+        numel += n
+    return total / numel
 
 
 def build_signround_levels(model, windows, levels: list, iters: int, progress=True) -> tuple:
@@ -88,34 +100,35 @@ def build_signround_levels(model, windows, levels: list, iters: int, progress=Tr
     return weights, errors
 
 
-def build_levels(model, windows, progress=True) -> tuple:
-    """``({level name: {module: dequantized weight}}, {level name: {module: relative error}})``."""
+def build_levels(model, windows, levels: list, progress=True) -> tuple:
+    """``({level name: {module: dequantized weight}}, {level name: {module: relative error}})`` for
+    ``levels`` (entries of `LEVELS`): GPTQ for the plain bit widths (one sweep), SparseGPT's mask
+    then masked GPTQ for the sparse ones (one sweep per sparsity)."""
     from optimum_evo.compressors.calibrate import walk_blocks
     from optimum_evo.compressors.database import relative_error
     from optimum_evo.compressors.obs import gptq_levels, sparsegpt_levels
 
-    weights = {name: {} for name, _, _ in LEVELS}
-    errors = {name: {} for name, _, _ in LEVELS}
+    weights = {name: {} for name, _, _ in levels}
+    errors = {name: {} for name, _, _ in levels}
+    plain = [(name, b) for name, s, b in levels if not s]
+    sparsities = sorted({s for _, s, _ in levels if s})
     walk = walk_blocks(model, windows, progress=progress, desc="Building levels", attention_aware=True)
     for block in walk:
         hessians = block.hessians()
         for n, linear in block.linears().items():
             W, H = linear.weight.detach().float(), hessians[n]
-            full = f"{block.prefix}.{n}"
             made = {}
-            dense = gptq_levels(W, H, [2, 3, 4], group_size=GROUP)
-            for (name, s, b) in LEVELS:
-                if not s:
-                    made[name] = dense[[2, 3, 4].index(b)].dequantize()
-            sparsities = sorted({s for _, s, _ in LEVELS if s})
-            for s, pruned in zip(sparsities, sparsegpt_levels(W, H, sparsities)):
-                mask = pruned != 0
-                bits = [b for _, s2, b in LEVELS if s2 == s]
-                for b, q in zip(bits, gptq_levels(W, H, bits, group_size=GROUP, mask=mask)):
-                    made[f"{s:.0%} + {b} bits"] = q.dequantize()
+            if plain:
+                for (name, _), q in zip(plain, gptq_levels(W, H, [b for _, b in plain], group_size=GROUP)):
+                    made[name] = q.dequantize()
+            for s, pruned in zip(sparsities, sparsegpt_levels(W, H, sparsities) if sparsities else []):
+                of_s = [(name, b) for name, s2, b in levels if s2 == s]
+                for (name, _), q in zip(of_s, gptq_levels(W, H, [b for _, b in of_s], group_size=GROUP,
+                                                          mask=pruned != 0)):
+                    made[name] = q.dequantize()
             for name, w in made.items():
-                weights[name][full] = w
-                errors[name][full] = relative_error(W, w, H)
+                weights[name][f"{block.prefix}.{n}"] = w
+                errors[name][f"{block.prefix}.{n}"] = relative_error(W, w, H)
         block.advance()
     return weights, errors
 
@@ -153,7 +166,7 @@ def main(argv=None) -> int:
     if ns.builder == "signround":
         weights, errors = build_signround_levels(model, ctx.calibration, levels, ns.iters)
     else:
-        weights, errors = build_levels(model, ctx.calibration)
+        weights, errors = build_levels(model, ctx.calibration, levels)
     build_seconds = time.perf_counter() - t
     teacher = TeacherCache.build(model, ctx.evaluation, "topk", args.top_k, progress=False)
     modules = dict(model.named_modules())
@@ -170,7 +183,7 @@ def main(argv=None) -> int:
             for m, w in dense.items():
                 modules[m].weight.copy_(w)
         errs = list(errors[name].values())
-        row = dict(level=name, bits=stored_bits(s, b), perplexity=r["perplexity"], kl=r["kl"],
+        row = dict(level=name, bits=stored_bits(weights[name], s, b), perplexity=r["perplexity"], kl=r["kl"],
                    mean_error=sum(errs) / len(errs))
         if name in SAME_COST and SAME_COST[name] in errors:
             other = errors[SAME_COST[name]]

@@ -151,6 +151,11 @@ class SearchArguments:
     gguf_types: Annotated[Optional[list[str]], Option("compression", parse=_str_list, metavar="TYPES")] = _setting(
         None, "gguf: the GGUF tensor types to choose from, comma-separated (default Q2_K,Q3_K,IQ4_NL,Q4_K,Q5_K,Q6_K,"
               "Q8_0)")
+    sparse_quant_levels: Annotated[Optional[list[str]], Option("compression", parse=_str_list,
+                                                               metavar="LEVELS")] = _setting(
+        None, "sparse-quantization: the sparse + quantized levels to choose from, comma-separated, each the percent "
+              "of weights pruned, a percent sign, '+' and the bits of the rest (default: half pruned + 3 bits, 60 "
+              "percent + 4, half + 4); a SparseGPT mask, then GPTQ of the kept weights at the group_size")
     group_size: Annotated[int, Option("compression")] = _setting(
         128, "quantization: input columns per scale / zero-point group (0 = one group per row)")
     sym: Annotated[bool, Option("compression")] = _setting(

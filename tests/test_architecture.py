@@ -135,7 +135,7 @@ def test_hub_does_not_import_the_quantizer():
     assert not any("quantizer" in d for d in import_graph()["optimum_evo.integrations.hub"])
 
 
-KIND_NAMES = ("depth", "sparsity", "quantization", "gguf")
+KIND_NAMES = ("depth", "sparsity", "quantization", "gguf", "sparse-quantization")
 
 
 def test_no_code_outside_the_methods_package_compares_a_kind_name():
@@ -381,6 +381,7 @@ HOST_ON_PURPOSE = {
     ("optimum_evo.methods.sparsity", "owl_candidate"): "per-layer outlier scores, a few numbers",
     ("optimum_evo.methods.joint", "_decode_ns_each"): "latency tables time the CPU kernels of the target machine",
     ("optimum_evo.methods.joint", "_linear_runner"): "latency tables time the CPU kernels of the target machine",
+    ("optimum_evo.methods.sparse_quantization", "timing_module"): "latency tables time the CPU kernels",
     ("optimum_evo.pipeline.stages", "fastest_dtype"): "it times the CPU's matrix products",
     ("optimum_evo.compressors.packed_linear", "from_linear"): "round-to-nearest on the host, then the layer moves",
     ("optimum_evo.exporters.compressed_tensors", "export_compressed_tensors"): "the shape tensor is file metadata",

@@ -122,3 +122,57 @@ def test_gptq_with_a_mask_keeps_pruned_weights_at_zero_and_compensates_them(real
     assert masked < rel_err(w, torch.cat(rtn, dim=1), x)
     with pytest.raises(ValueError, match="mask shape"):
         gptq(w, H, bits=4, mask=mask[:, :-1])
+
+
+def test_sparse_quantized_levels_store_a_mask_and_the_kept_codes_and_reload_bit_identically(real_layer):
+    from optimum_evo.compressors.codecs import (decode_quantized, encode_quantized, get_codec, sparse_quant_level,
+                                                stored_bits)
+    from optimum_evo.compressors.packed_linear import EvoPressQuantLinear
+    from optimum_evo.compressors.packing import packed_bytes
+    from optimum_evo.compressors.sparse_quant_linear import EvoPressSparseQuantLinear, compact_tensors, kept_count
+
+    w, x = real_layer
+    H = hessian(x)
+    codec = get_codec("sparse-quantization")
+    settings = codec.full_settings({"group_size": 128})
+    levels = codec.sort_levels(["50%+4", "60%+4", (0.5, 3)])
+    assert levels == ["50%+3", "60%+4", "50%+4"]  # by stored bits: 2.5, 2.6, 3 (+ scales)
+    made = codec.compress(w, H, levels, settings)
+    errors = []
+    for level, q in zip(levels, made):
+        sparsity, bits = sparse_quant_level(level)
+        t = codec.encode(q)
+        d = codec.decode(t, w.shape, level, settings)
+        # the same weight as the quantized level's, read from the mask and the kept codes only
+        assert torch.equal(d, decode_quantized(encode_quantized(q), w.shape, bits, 128))
+        assert (d == 0).float().mean() >= sparsity
+        kept = kept_count(t["mask"], w.shape)
+        assert kept == int((d != 0).sum())  # a kept weight rounding to its zero-point is stored as pruned
+        assert t["codes"].numel() == packed_bytes(kept, bits)
+        nbytes = sum(v.numel() * v.element_size() for v in t.values())
+        assert nbytes == packed_bytes(w.numel(), 1) + packed_bytes(kept, bits) + \
+            (stored_bits(bits, 128, w.shape) - w.numel() * bits) // 8
+        errors.append(rel_err(w, d, x))
+    assert errors[2] < errors[0] and errors[2] < errors[1]  # 50% + 4 bits is the best of the three
+    # the packed layer: in memory every code, in a checkpoint the mask and the kept codes
+    q = made[2]
+    layer = EvoPressQuantLinear.from_quantized(q, dtype=torch.float32)
+    compact = compact_tensors(layer)
+    assert torch.equal(compact["qweight_mask"], codec.encode(q)["mask"])
+    skeleton = EvoPressSparseQuantLinear(w.shape[1], w.shape[0], 4, 128, kept=kept_count(compact["qweight_mask"],
+                                                                                          w.shape))
+    assert "qweight" not in skeleton.state_dict()
+    skeleton.load_state_dict({**compact, "scales": layer.scales, "qzeros": layer.qzeros})
+    with pytest.raises(RuntimeError, match="expand"):
+        skeleton(x[:1])
+    skeleton.expand()
+    assert torch.equal(skeleton.qweight, layer.qweight)
+    assert torch.equal(skeleton(x[:2]), layer(x[:2]))
+    corrupt = EvoPressSparseQuantLinear(w.shape[1], w.shape[0], 4, 128, kept=skeleton.kept + 1)
+    corrupt.load_state_dict({"qweight_mask": compact["qweight_mask"], "scales": layer.scales, "qzeros": layer.qzeros,
+                             "qweight_kept": torch.zeros(packed_bytes(skeleton.kept + 1, 4), dtype=torch.uint8)})
+    with pytest.raises(ValueError, match="corrupt"):
+        corrupt.expand()
+    for bad in ("50+4", "50%+9", "0%+4", (1.0, 4)):
+        with pytest.raises(ValueError, match="sparse \\+ quantized level"):
+            sparse_quant_level(bad)

@@ -384,17 +384,24 @@ def test_latency_entries_are_timed_in_interleaved_rounds_so_a_passing_load_hits_
     assert max(times.values()) / min(times.values()) < 1.5
 
 
-def test_single_kind_under_a_size_budget_saves_that_kinds_checkpoint(tiny_dir, tmp_path):
+def single_kind_under_budget(tiny_dir, out, *extra):
+    """A single-kind search under 0.97 of the dense size: ``(report, reloaded model, its quantization
+    config)``, after checking the checkpoint stores exactly the accounted bytes, within the budget."""
     import optimum_evo
 
-    out = tmp_path / "out"
-    proc = run_cli(*common(tiny_dir, out, "--compression", "quantization", "--target-size", 0.97))
+    proc = run_cli(*common(tiny_dir, out, *extra, "--target-size", 0.97))
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "result.json").read_text())
     stored = tensor_bytes(out / "model" / "model.safetensors")
     assert stored == report["profile"]["size_bytes"] <= int(0.97 * tensor_bytes(tiny_dir / "model.safetensors"))
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
-    qc = optimum_evo.check_evopress_model(reloaded)
+    return report, reloaded, optimum_evo.check_evopress_model(reloaded)
+
+
+def test_single_kind_under_a_size_budget_saves_that_kinds_checkpoint(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    report, _, qc = single_kind_under_budget(tiny_dir, out, "--compression", "quantization")
+    stored = report["profile"]["size_bytes"]
     assert qc.compression == "quantization" and qc.profile["modules"]
     # its result seeds a joint search under the same budget: its units carry their kind already
     joint = tmp_path / "joint"
@@ -483,3 +490,55 @@ def test_init_from_continues_a_search_and_refuses_what_does_not_fit(tiny_dir, tm
     assert depth.returncode != 0 and "init_from" in depth.stderr and "'quantization'" in depth.stderr
     missing = run_cli(*common(tiny_dir, tmp_path / "z", "--compression", "quantization", "--target", 3, "--init-from", tmp_path / "nothing"))
     assert missing.returncode != 0 and "init_from must be the result.json" in missing.stderr
+
+
+def test_levels_of_different_kinds_are_not_ranked_by_their_errors():
+    from optimum_evo.methods.joint import DENSE, _worth_their_cost
+
+    # (kind, level, bytes, error): 50%+4 costs about a 3-bit level and has the higher database error
+    options = [(DENSE, DENSE, 100, 0.0), ("q", 2, 20, 0.9), ("q", 3, 30, 0.1), ("q", 4, 40, 0.02),
+               ("sq", "50%+4", 31, 0.15), ("sq", "60%+4", 27, 0.3), ("sq", "50%+3", 26, 0.35),
+               ("q", "3g64", 33, 0.12), ("sq", "70%+4", 26, 0.5), ("q", 8, 110, 0.001)]
+    kept = _worth_their_cost(options, 2)
+    names = [o[1] for o in kept]
+    # kept across kinds; dropped: 3g64 (3 bits cost less and do better), 8 bits (dense costs less),
+    # 70%+4 (50%+3 costs the same with a lower error)
+    assert names == [2, "50%+3", "60%+4", 3, "50%+4", 4, DENSE]
+    assert all(a[2] < b[2] for a, b in zip(kept, kept[1:]))  # costs rise strictly
+    # one kind: the Pareto front of cost and error, as before
+    assert [o[1] for o in _worth_their_cost([o for o in options if o[0] in (DENSE, "q")], 2)] == [2, 3, 4, DENSE]
+
+
+def test_sparse_quantized_levels_under_a_size_budget_save_what_they_accounted_reload_and_export(tiny_dir, tmp_path):
+    from optimum_evo.exporters.from_result import compressed_model_from_result
+
+    out = tmp_path / "sq"
+    report, reloaded, qc = single_kind_under_budget(tiny_dir, out, "--compression", "sparse-quantization",
+                                                    "--sparse-quant-levels", "50%+4,50%+3", "--export", "dense",
+                                                    "--export", "compressed-tensors")
+    assert qc.compression == "sparse-quantization" and set(qc.profile["modules"].values()) <= {"50%+4", "50%+3"}
+    name = next(iter(qc.profile["modules"]))
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {f"{name}.qweight_mask", f"{name}.qweight_kept"} <= keys and f"{name}.qweight" not in keys
+    weight = reloaded.get_submodule(name).dequantize_weight(torch.float32)
+    assert (weight == 0).float().mean() >= 0.5
+    rebuilt, _ = compressed_model_from_result(report)
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = reloaded(ids).logits
+        assert torch.equal(expected, rebuilt(ids).logits)
+        for fmt, tolerance in (("dense", 1e-4), ("compressed-tensors", 3e-2)):  # exported as plain bit widths
+            plain = AutoModelForCausalLM.from_pretrained(out / f"export-{fmt}", dtype=torch.float32)
+            assert (plain(ids).logits - expected).abs().max() < tolerance * expected.abs().max(), fmt
+    # searched with bit widths: both kinds' levels on offer, the uniform sparse + quantized mixes among the baselines
+    joint = tmp_path / "joint"
+    proc = run_cli(*common(tiny_dir, joint, "--compression", "quantization,sparse-quantization",
+                           "--sparse-quant-levels", "50%+4", "--target-size", 0.97, "--compare-baselines",
+                           "--random-candidates", 2, "--eval-windows", 0))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((joint / "result.json").read_text())
+    assert {"uniform", "dp", "sparse-quantization:50%+4"} <= set(report["initial_candidates"])
+    assert {u["kind"] for u in report["levels"].values()} <= {"quantization", "sparse-quantization", "dense"}
+    stored = tensor_bytes(joint / "model" / "model.safetensors")
+    assert stored == report["profile"]["size_bytes"] <= report["baseline_settings"]["budget"]["value"]

@@ -9,6 +9,7 @@ A codec turns ``(weight, Hessian, levels)`` into one compressed result per level
 |---|---|---|
 | ``b``-bit, group ``g`` | ``b/8 + (16 + b) / (8 g)`` | 3 bit, g=128: 0.393 |
 | sparsity ``s`` | ``1/8 + 2 (1 - s)`` | 70 %: 0.725 |
+| sparsity ``s`` + ``b`` bits, group ``g`` | ``1/8 + (1 - s) b/8 + (16 + b) / (8 g)`` | 50 % + 4 bit: 0.395 |
 | dense fp16 (reference) | 2 | 2 |
 
 * `QuantizedLevelCodec` (GPTQ, all bit widths in one column sweep): ``codes`` (uint8
@@ -16,6 +17,11 @@ A codec turns ``(weight, Hessian, levels)`` into one compressed result per level
   like the codes) and, with act-order, ``g_idx``.
 * `SparseLevelCodec` (SparseGPT, all sparsities in one sweep): ``mask`` (1 bit per weight)
   and ``values`` (float16, the kept weights in row-major order).
+* `SparseQuantizedLevelCodec` (sparse + quantized levels such as ``"50%+4"``: a SparseGPT mask,
+  then GPTQ of the kept weights, the pruned ones compensated): ``mask`` (1 bit per weight: the
+  weight's code differs from its group's zero-point), ``codes`` (the kept weights' codes,
+  bit-packed in row-major order), ``scales``, ``zeros`` and ``g_idx`` as quantized levels. A
+  pruned weight is its group's zero-point code, so it reads back as exactly 0.
 
 Examples:
     >>> codec = get_codec("quantization")
@@ -35,9 +41,10 @@ from .grid import dequantize_codes
 from .obs import QuantizedWeight, gptq_levels, sparsegpt_levels
 from .packing import pack_codes, unpack_codes
 
-__all__ = ["GGUFLevelCodec", "LevelCodec", "QuantizedLevelCodec", "SparseLevelCodec", "decode_quantized", "decode_sparse",
-           "encode_quantized", "encode_sparse", "get_codec", "level_key", "quant_level", "quant_level_name",
-           "register_codec", "stored_bits"]
+__all__ = ["GGUFLevelCodec", "LevelCodec", "QuantizedLevelCodec", "SparseLevelCodec", "SparseQuantizedLevelCodec",
+           "decode_quantized", "decode_sparse", "decode_sparse_quantized", "encode_quantized", "encode_sparse",
+           "encode_sparse_quantized", "expand_sparse_quantized", "get_codec", "level_key", "quant_level",
+           "quant_level_name", "register_codec", "sparse_quant_level", "sparse_quant_level_name", "stored_bits"]
 
 
 def level_key(level) -> str:
@@ -74,6 +81,35 @@ def quant_level_name(bits: int, group_size: int, default_group_size: int | None 
     """The level value of ``(bits, group_size)``: the bit width itself at the default group size (so
     databases of one group size keep integer levels), else ``"BITSgGROUP"``."""
     return int(bits) if int(group_size) == int(default_group_size or 0) else f"{int(bits)}g{int(group_size)}"
+
+
+_SPARSE_QUANT_LEVEL = re.compile(r"^(\d+(?:\.\d+)?)%\+(\d)$")
+
+
+def sparse_quant_level(level) -> tuple:
+    """``(sparsity, bits)`` of a sparse + quantized level written ``"50%+4"`` (50% of the weights
+    pruned, the rest at 4 bits) or given as a pair ``(0.5, 4)``.
+
+    Examples:
+        >>> sparse_quant_level("50%+4"), sparse_quant_level((0.6, 3))
+        ((0.5, 4), (0.6, 3))
+    """
+    if isinstance(level, (list, tuple)) and len(level) == 2:
+        sparsity, bits = float(level[0]), level[1]
+    else:
+        m = _SPARSE_QUANT_LEVEL.match(str(level).strip())
+        if m is None:
+            raise ValueError(f"A sparse + quantized level is 'PERCENT%+BITS' (e.g. '50%+4': half the weights pruned, "
+                             f"the rest at 4 bits) or a pair (0.5, 4); got {level!r}.")
+        sparsity, bits = float(m.group(1)) / 100, m.group(2)
+    if not 0 < sparsity < 1 or isinstance(bits, bool) or not float(bits).is_integer() or not 1 <= int(bits) <= 8:
+        raise ValueError(f"A sparse + quantized level needs a sparsity in (0%, 100%) and 1..8 bits; got {level!r}.")
+    return round(sparsity, 6), int(bits)
+
+
+def sparse_quant_level_name(sparsity: float, bits: int) -> str:
+    """The level value of ``(sparsity, bits)``: ``"50%+4"``."""
+    return f"{100 * float(sparsity):g}%+{int(bits)}"
 
 
 def stored_bits(bits: int, group_size: int, shape) -> int:
@@ -171,6 +207,43 @@ def decode_sparse(t: dict, shape) -> torch.Tensor:
     return w
 
 
+def encode_sparse_quantized(q: QuantizedWeight) -> dict:
+    """Packed tensors of a `QuantizedWeight` whose pruned weights hold their group's zero-point code:
+    a 1-bit mask of the other codes, their packed codes, and the quantized level's scales and zeros
+    (and ``g_idx``). A kept weight that rounds to the zero-point code is stored as pruned: it reads
+    back as 0 either way."""
+    g = q.g_idx.long()
+    zero_codes = q.zeros.round().to(torch.uint8)[:, g]
+    mask = q.codes != zero_codes
+    dense = encode_quantized(q)
+    return {"mask": pack_codes(mask.to(torch.uint8), 1), "codes": pack_codes(q.codes[mask], q.bits),
+            "scales": dense["scales"], "zeros": dense["zeros"], **({"g_idx": dense["g_idx"]} if "g_idx" in dense else {})}
+
+
+def expand_sparse_quantized(t: dict, shape, bits: int, group_size: int) -> dict:
+    """`encode_sparse_quantized`'s tensors as a quantized level's (`encode_quantized`'s format:
+    every weight's code, the pruned ones at their group's zero-point), e.g. for
+    `EvoPressQuantLinear.from_packed`."""
+    rows, cols = (int(x) for x in shape)
+    mask = unpack_codes(t["mask"], 1, (rows, cols)).bool()
+    n_groups = t["scales"].shape[1]
+    zeros = unpack_codes(t["zeros"], bits, (rows, n_groups))
+    g = t["g_idx"].long() if "g_idx" in t else torch.arange(cols, device=mask.device) // (group_size or cols)
+    codes = zeros[:, g].clone()
+    kept = int(mask.sum())
+    codes[mask] = unpack_codes(t["codes"], bits, (kept,))
+    out = {"codes": pack_codes(codes, bits), "scales": t["scales"], "zeros": t["zeros"]}
+    if "g_idx" in t:
+        out["g_idx"] = t["g_idx"]
+    return out
+
+
+def decode_sparse_quantized(t: dict, shape, bits: int, group_size: int) -> torch.Tensor:
+    """The dense weight of `encode_sparse_quantized`'s tensors."""
+    return decode_quantized(expand_sparse_quantized(t, shape, bits, group_size), tuple(shape), bits,
+                            group_size or shape[1])
+
+
 class QuantizedLevelCodec(LevelCodec):
     """Quantized levels: a level is a bit width at the ``group_size`` setting (``3``) or a
     ``(bits, group size)`` pair written ``"3g64"`` (`quant_level`). How the codes are chosen
@@ -235,6 +308,46 @@ class SparseLevelCodec(LevelCodec):
         return decode_sparse(tensors, tuple(shape))
 
 
+class SparseQuantizedLevelCodec(LevelCodec):
+    """Sparse + quantized levels (``"50%+4"``, `sparse_quant_level`): SparseGPT chooses the mask at
+    each sparsity (all sparsities in one sweep), then GPTQ quantizes the kept weights with the pruned
+    ones compensated like rounding errors (all bit widths of a sparsity in one sweep; groups ranged
+    on the kept weights, `optimum_evo.compressors.obs.gptq_levels` with ``mask``)."""
+
+    kind = "sparse-quantization"
+    default_settings = dict(group_size=128, sym=False, act_order=False, damp=0.01, attention_aware=True)
+
+    def sort_levels(self, levels) -> list:
+        def stored(lv):
+            s, b = sparse_quant_level(lv)
+            return ((1 - s) * b + 1, b)
+
+        return [sparse_quant_level_name(*sparse_quant_level(lv)) for lv in sorted(levels, key=stored)]
+
+    def builder_name(self, settings) -> str:
+        return "sparsegpt+gptq"
+
+    def compress(self, weight, H, levels, settings):
+        pairs = [sparse_quant_level(lv) for lv in levels]
+        sparsities = sorted({s for s, _ in pairs})
+        out = [None] * len(pairs)
+        for s, pruned in zip(sparsities, sparsegpt_levels(weight, H, sparsities, damp=settings["damp"])):
+            idx = [i for i, (s2, _) in enumerate(pairs) if s2 == s]
+            made = gptq_levels(weight, H, [pairs[i][1] for i in idx], group_size=settings["group_size"],
+                               sym=settings["sym"], act_order=settings["act_order"], damp=settings["damp"],
+                               mask=pruned != 0)
+            for i, q in zip(idx, made):
+                out[i] = q
+        return out
+
+    def encode(self, result):
+        return encode_sparse_quantized(result)
+
+    def decode(self, tensors, shape, level, settings):
+        _, bits = sparse_quant_level(level)
+        return decode_sparse_quantized(tensors, tuple(shape), bits, settings["group_size"] or shape[1])
+
+
 class GGUFLevelCodec(LevelCodec):
     """Levels that are GGUF tensor types (``"Q3_K"``, ``"IQ4_NL"``, ...; `optimum_evo.compressors.ggml_types`),
     made by GPTQ on each type's grid (all types of a linear in one sweep; ``fit_iters`` rounds of
@@ -291,3 +404,4 @@ def get_codec(kind) -> LevelCodec:
 register_codec(QuantizedLevelCodec())
 register_codec(SparseLevelCodec())
 register_codec(GGUFLevelCodec())
+register_codec(SparseQuantizedLevelCodec())

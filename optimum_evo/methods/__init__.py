@@ -2,7 +2,8 @@
 
 A method (see `CompressionMethod`) owns everything specific to
 one kind of compression; it is found by its name everywhere else. The built-in methods are
-``depth``, ``sparsity``, ``quantization`` and ``gguf`` (llama.cpp's tensor types), and several of them searched together
+``depth``, ``sparsity``, ``quantization``, ``gguf`` (llama.cpp's tensor types) and
+``sparse-quantization`` (a mask and a bit width on one linear), and several of them searched together
 (``compression=["depth", "quantization"]``, `optimum_evo.methods.joint`); a new one is registered with
 `register_method` and is then accepted by ``SearchArguments(compression=...)``,
 ``EvoPressConfig``, the command line and checkpoint reloading.
@@ -10,7 +11,7 @@ one kind of compression; it is found by its name everywhere else. The built-in m
 Examples:
     >>> from optimum_evo.methods import available_methods, get_method
     >>> available_methods()
-    ['depth', 'sparsity', 'quantization', 'gguf']
+    ['depth', 'sparsity', 'quantization', 'gguf', 'sparse-quantization']
     >>> get_method("quantization").packs_weights
     True
 """
@@ -28,7 +29,7 @@ __all__ = [
 def _register_builtins() -> None:
     import importlib
 
-    for name in ("depth", "sparsity", "quantization", "gguf"):  # each module registers its method, in this order
+    for name in ("depth", "sparsity", "quantization", "gguf", "sparse_quantization"):  # each module registers its method, in this order
         importlib.import_module(f"{__name__}.{name}")
     importlib.import_module(f"{__name__}.joint")  # several kinds searched together
 

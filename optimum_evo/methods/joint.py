@@ -13,10 +13,13 @@ levels of its linears irrelevant: they cost nothing and do nothing. The budget i
   measured once on this machine with the deployed runtime.
 
 Each linear keeps only its levels that are worth their cost: a level is dropped when another
-level of the unit costs no more and has a lower reconstruction error (from the databases), so
-levels cost strictly more as they get better. The engine's `BudgetSpace` keeps every
+level of its kind, or the dense linear, costs no more and has a lower reconstruction error (from
+the databases); levels of different kinds are not ranked by their errors (the fitness does), and
+of levels of equal cost the one with the lower error stays, so costs rise strictly along a
+unit's levels. The engine's `BudgetSpace` keeps every
 candidate within the budget and full (nothing more fits). Baselines at the same budget: uniform
-levels (the two bit widths that bracket what the budget allows, spread over depth), the
+levels (the two bit widths that bracket what the budget allows, spread over depth), every
+level of the other linear kinds that fits on every linear (e.g. all at 50% + 4 bits), the
 dynamic-programming allocation of the database errors, ShortGPT-ranked drops of 10/20/30% of the
 sub-blocks with uniform levels on the rest, for each level of the linears (dense included) the
 fewest ShortGPT-ranked drops with which every kept linear at that level fits (``dense``: the
@@ -104,7 +107,7 @@ class JointSpace:
         self.layout = find_decoder_layout(model)
         self.names = list(costs.linear_names)
         self.modules = [model.get_submodule(n) for n in self.names]
-        self.options = costs.options  # per linear: [(kind, level), ...] in quality order
+        self.options = costs.options  # per linear: [(kind, level), ...] in cost order
         self.primary_kind = _linear_methods(kinds)[0].name  # the uniform baselines' levels
         self.num_layers = n_layers = len(self.layout)
         self.num_blocks = 2 * n_layers if self.depth is not None else 0
@@ -250,7 +253,7 @@ class CostModel:
         else:
             self.block_bytes, self.shell_bytes = [], []
             self.fixed_bytes = self.dense_bytes - sum(dense_linear.values())
-        # per linear: the options worth their cost, in quality order
+        # per linear: the options worth their cost, in cost order
         by_method = {m.name: m for m in methods}
         self.options, self.option_bytes, self.option_ns, self.option_errors = [], [], [], []
         self.stand_ins = []  # per linear: {(kind, level): index of the kept option standing in for it}
@@ -349,14 +352,20 @@ class CostModel:
 
 
 def _worth_their_cost(options: list, key: int) -> list:
-    """The options (tuples, cost at ``key``, error last) that no other option beats on both cost
-    and error, ordered by increasing cost (and decreasing error)."""
-    ordered = sorted(options, key=lambda o: (o[key], o[-1]))
+    """The options (tuples: kind first, cost at ``key``, error last) worth their cost, ordered by
+    increasing cost: an option is dropped when an option of its own kind, or the dense one, costs
+    no more and has a lower error. Options of different kinds are not compared by their errors
+    (per-linear errors do not rank them: a 50% + 4-bit level has the higher error than a 3-bit one
+    in most linears and makes the better model); of options of equal cost, the one with the lower
+    error stays, so costs rise strictly along the levels."""
+    def beats(r, o):
+        return r is not o and (r[0] == o[0] or r[0] == DENSE) and r[key] <= o[key] and \
+            (r[-1] < o[-1] or (r[-1] == o[-1] and r[key] < o[key]))
+
+    front = sorted((o for o in options if not any(beats(r, o) for r in options)), key=lambda o: (o[key], o[-1]))
     kept = []
-    for o in ordered:
-        if not kept or o[-1] < kept[-1][-1]:
-            if kept and o[key] == kept[-1][key]:
-                continue
+    for o in front:
+        if not kept or o[key] != kept[-1][key]:
             kept.append(o)
     return kept
 
@@ -533,6 +542,24 @@ def _uniform(space: JointSpace, cand: list, rng: random.Random):
             if ls.cost(up) <= ls.budget:
                 trial = up
     return tuple(ls.fill(trial, rng))  # a full candidate comes back as it is
+
+
+def _other_uniforms(space: JointSpace, cand: list, rng: random.Random) -> list:
+    """``(label, candidate)`` for every level of the other linear kinds that every linear offers
+    (e.g. ``sparse-quantization:50%+4``): ``cand`` (depth part set) with every active linear at it
+    (or at the best option no costlier, where its own space dropped it), filled, when it fits."""
+    ls = space.level_space
+    skip = (DENSE, space.primary_kind)
+    common = None
+    for keys in space.costs.stand_ins:
+        mine = {k for k in keys if k[0] not in skip}
+        common = mine if common is None else common & mine
+    out = []
+    for kind, level in sorted(common or []):
+        trial = _all_at(space, cand, lambda j, k=(kind, level): space.costs.stand_ins[j][k])
+        if ls.cost(trial) <= ls.budget:
+            out.append((f"{kind}:{level}", tuple(ls.fill(trial, rng))))
+    return out
 
 
 def _level_picks(space: JointSpace) -> list:
@@ -722,6 +749,8 @@ class JointMethod(CompressionMethod):
             cand = make(space, keep_all, rng)
             if cand is not None:
                 out[name] = cand
+        for label, cand in _other_uniforms(space, keep_all, rng):
+            out.setdefault(label, cand)
         block = _block_method(self.kinds)
         if block is not None:
             n = space.num_layers

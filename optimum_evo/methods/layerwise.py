@@ -338,6 +338,11 @@ class DatabaseMethod(CompressionMethod):
         extra manifest entries that make a database stale when they change."""
         raise NotImplementedError
 
+    def cache_levels(self, args) -> str:
+        """The levels' part of the shared database cache's folder name (its other parts: the model,
+        calibration and settings), so requests for other levels get their own folder."""
+        return str(args.levels)
+
     def make_space(self, run, model):
         """The space over ``run.database`` bound to ``model``."""
         raise NotImplementedError
@@ -382,7 +387,7 @@ class DatabaseMethod(CompressionMethod):
             identity["modules_to_not_convert"] = list(args.modules_to_not_convert)
         codec = LevelDatabase.codec_for(self.codec)
         root = Path(args.database_dir) if args.database_dir else default_database_root(self.name, {
-            **identity, "kind": codec.kind, "levels": str(args.levels), "settings": codec.full_settings(settings)})
+            **identity, "kind": codec.kind, "levels": self.cache_levels(args), "settings": codec.full_settings(settings)})
         start = time.perf_counter()
         db = LevelDatabase.open_or_build(root, model, run.calibration, codec, levels, settings, identity,
                                          modules=self.selected(args), progress=args.progress,
@@ -422,8 +427,12 @@ class DatabaseMethod(CompressionMethod):
         for level in modules.values():
             level = round(level, 4) if isinstance(level, float) else level
             counts[level] = counts.get(level, 0) + 1
-        return {self.budget_key: profile.get(self.budget_key), "modules per level": dict(sorted(counts.items())),
+        return {self.budget_key: profile.get(self.budget_key), "modules per level": self.sorted_counts(counts),
                 "modules": len(modules)}
+
+    def sorted_counts(self, counts: dict) -> dict:
+        """``{level: number of modules}`` in the order of the levels (summaries)."""
+        return dict(sorted(counts.items()))
 
     def plot_profile(self, report: dict, path) -> None:
         from ..plotting import plot_layer_levels
