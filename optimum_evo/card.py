@@ -288,6 +288,16 @@ def _citation_lines() -> list:
             "```bibtex", CITATION, "```"]
 
 
+def target_text(record: dict, method) -> str:
+    """What a run aimed at: its budget (``target_size`` / ``target_speedup``) when it searched under
+    one, else ``target`` with what it means for ``method``."""
+    if record.get("target_size") is not None:
+        return f"{record['target_size']} (target_size: the weights' bytes as stored, or a fraction of the dense size)"
+    if record.get("target_speedup") is not None:
+        return f"{record['target_speedup']} (target_speedup: decode speed-up over the dense model)"
+    return f"{record.get('target')} ({method.target_help})"
+
+
 def _compression_lines(record: dict, method, base: str | None) -> list:
     metrics = record.get("metrics") or {}
     search = metrics.get("search") or {}
@@ -295,7 +305,7 @@ def _compression_lines(record: dict, method, base: str | None) -> list:
     lines = [
         "## Compression", "", "| setting | value |", "|---|---|",
         f"| method | {method.description} |",
-        f"| target | {record.get('target')} ({method.target_help}) |",
+        f"| target | {target_text(record, method)} |",
         f"| base model | {base or '-'} |",
         f"| calibration | {public_text_name(record.get('dataset'))}, {record.get('num_samples')} x "
         f"{record.get('seq_len')} tokens |",

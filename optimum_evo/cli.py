@@ -315,7 +315,7 @@ def _mb(n: int) -> str:
 def checkpoint_summary(path) -> dict:
     """What ``path`` holds (`show`): kind, compression method, target, profile summary, sizes,
     metrics and how to load it. Reads only its files (no model is loaded)."""
-    from .card import public_model_name, public_text_name
+    from .card import public_model_name, public_text_name, target_text
     from .correction.peft_io import ADAPTER_SUBFOLDER
 
     folder = _checkpoint_folder(str(path))
@@ -340,7 +340,7 @@ def checkpoint_summary(path) -> dict:
     out.update({
         "kind": f"EvoPress checkpoint (format {record.get('format_version')})",
         "compression": method.name, "description": method.description,
-        "target": f"{record.get('target')} ({method.target_help})",
+        "target": target_text(record, method),
         "base_model": public_model_name(metrics.get("model")),
         "calibration": f"{public_text_name(record.get('dataset'))}, {record.get('num_samples')} x "
                        f"{record.get('seq_len')}",

@@ -517,6 +517,10 @@ def test_sparse_quantized_levels_under_a_size_budget_save_what_they_accounted_re
                                                     "--sparse-quant-levels", "50%+4,50%+3", "--export", "dense",
                                                     "--export", "compressed-tensors")
     assert qc.compression == "sparse-quantization" and set(qc.profile["modules"].values()) <= {"50%+4", "50%+3"}
+    # show and the model card state the budget the search met (not the unused target)
+    shown = run_cli("show", out / "model")
+    assert "target 0.97 (target_size:" in shown.stdout and "'50%+" in shown.stdout, shown.stdout
+    assert "| target | 0.97 (target_size:" in (out / "model" / "README.md").read_text()
     name = next(iter(qc.profile["modules"]))
     with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
