@@ -131,8 +131,9 @@ class SearchArguments:
 
     # -- what to compress
     compression: Annotated[str, Option("compression", metavar="KIND[,KIND]")] = _setting(
-        "depth", "compression method: depth, sparsity, quantization or gguf (see optimum_evo.methods); several, "
-                 "comma-separated (a list in Python), are searched together under target_size or target_speedup")
+        "depth", "compression method: depth, sparsity, quantization, gguf or sparse-quantization (see "
+                 "optimum_evo.methods); several, comma-separated (a list in Python), are searched together under "
+                 "target_size or target_speedup")
     target: Annotated[float, Option("compression")] = _setting(
         0.25, "depth: fraction of sub-blocks to drop; sparsity: fraction of weights to prune; quantization: "
               "average bits over the searched linears")
