@@ -182,6 +182,8 @@ def main(argv=None) -> int:
                    help="the kinds of the joint searches of the size budgets, comma-separated (e.g. "
                         "depth,quantization,sparse-quantization); other than the default, the table also shows the "
                         "default joint search (depth + quantization) and the section is named after the kinds")
+    p.add_argument("--no-plain", dest="plain", action="store_false",
+                   help="with --kinds: skip the depth + quantization joint search in the table")
     p.add_argument("--no-controls", dest="controls", action="store_false",
                    help="skip the seeded joint search and its control (the single-kind search continued)")
     ns = p.parse_args(argv)
@@ -205,8 +207,8 @@ def main(argv=None) -> int:
             size = max(tensor_bytes(Path(quant["saved_model"]["path"]) / "model.safetensors"),
                        uniform_bytes(ns.model, quant, bits) if bits in levels else 0)
             joint = search(ns, f"joint-{tag}{bits}bits", compression=kinds, target_size=size, levels=levels)
-            plain = None if default_kinds else search(ns, f"joint-{bits}bits", compression=["depth", "quantization"],
-                                                     target_size=size, levels=levels)
+            plain = None if default_kinds or not ns.plain else search(
+                ns, f"joint-{bits}bits", compression=["depth", "quantization"], target_size=size, levels=levels)
             if ns.controls:
                 seeded = search(ns, f"joint-{tag}{bits}bits-seeded", compression=kinds, target_size=size,
                                 levels=levels, init_from=quant_dir)
